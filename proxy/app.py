@@ -1,0 +1,189 @@
+"""The proxy's ASGI application: lifespan, dispatch on (method, path), and the one place errors become
+responses and every request becomes a metadata record.
+
+Pools, clients and background tasks are created on lifespan start-up and hang off `ProxyState`; nothing is
+done at import time. A request's journey continues in `proxy.relay`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+
+import asyncpg
+import orjson
+from redis.asyncio import Redis
+
+from proxy.auth import Authenticator
+from proxy.errors import MethodNotAllowed, NotFound, ProxyError, error_body
+from proxy.events import EventListener
+from proxy.http import ClientAddress, Receive, RequestHeaders, Scope, Send, send_response
+from proxy.records import RequestLogWriter, RequestRecord
+from proxy.relay import is_model_path, relay
+from proxy.routing import Catalogue, load_catalogue
+from proxy.upstream import UpstreamClient
+from shared.crypto import box_from_settings
+from shared.redis_keys import RedisKeys
+from shared.settings import Settings, load_settings
+
+__all__ = ["ProxyApp", "ProxyState", "create_app"]
+
+log = logging.getLogger("rocket_relay.proxy")
+
+_ALLOWED = {path: b"POST" for path in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")}
+_ALLOWED["/v1/models"] = b"GET"
+
+
+class ProxyState:
+    """Everything a request needs, built once per worker process on start-up."""
+
+    def __init__(self, settings: Settings, pool: asyncpg.Pool, redis: Redis) -> None:
+        self.settings = settings
+        self.pool = pool
+        self.redis = redis
+        self.keys = RedisKeys(settings.redis_prefix)
+        self.box = box_from_settings(settings.master_key_bytes, settings.master_key_id)
+        self.auth = Authenticator(
+            pool, redis, self.keys, settings.key_pepper.encode(), ttl_s=settings.key_cache_ttl_s,
+            negative_ttl_s=settings.key_negative_cache_ttl_s, redis_ttl_s=settings.redis_key_cache_ttl_s,
+        )
+        self.catalogue = Catalogue({})
+        self.upstream = UpstreamClient(pool_size=settings.upstream_pool_size,
+                                       max_connect_timeout_s=settings.upstream_connect_timeout_s,
+                                       max_read_timeout_s=settings.upstream_read_timeout_s)
+        self.log_writer = RequestLogWriter(pool, batch_size=settings.log_batch_size,
+                                           interval_s=settings.log_flush_interval_ms / 1000,
+                                           buffer_max=settings.log_buffer_max)
+        self.client_address = ClientAddress(settings.trusted_proxy_header, settings.trusted_proxies)
+        self.events = EventListener(redis, self.keys, self.auth, self.reload_catalogue,
+                                    refresh_interval_s=settings.config_refresh_interval_s)
+
+    async def reload_catalogue(self) -> None:
+        self.catalogue = await load_catalogue(self.pool, self.box)
+
+    async def start(self) -> None:
+        await self.reload_catalogue()
+        await self.upstream.start()
+        self.log_writer.start()
+        self.events.start()
+
+    async def close(self) -> None:
+        await self.events.close()
+        await self.log_writer.close()
+        await self.upstream.close()
+        await self.redis.aclose()
+        await self.pool.close()
+
+
+class ProxyApp:
+    """ASGI entry point. `state` exists between lifespan start-up and shutdown."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.state: ProxyState | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            await self._serve(scope, receive, send)
+        elif kind == "lifespan":
+            await self._lifespan(receive, send)
+
+    async def _serve(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope["path"]
+        if path == "/healthz":
+            return await send_response(send, 200, b'{"status":"ok"}', [])
+        if path == "/readyz":
+            return await self._ready(send)
+        state = self.state
+        assert state is not None, "lifespan start-up has not run"
+        headers = RequestHeaders(scope["headers"], state.client_address.header)
+        request_id = os.urandom(12).hex()
+        rec = RequestRecord(request_id, headers.request_id, path, scope["method"],
+                            state.client_address.resolve(scope, headers.forwarded), headers.user_agent)
+        out_headers = [(b"x-request-id", (headers.request_id or request_id).encode())]
+        try:
+            allowed = _ALLOWED.get(path)
+            if allowed is None:
+                raise NotFound(f"Unknown path {path}.", code="unknown_url")
+            if scope["method"].encode() != allowed:
+                raise MethodNotAllowed(f"Use {allowed.decode()} for {path}.",
+                                       headers=[(b"allow", allowed)])
+            if is_model_path(path):
+                await relay(state, path, scope, receive, send, headers, rec, out_headers)
+            else:
+                await self._models(state, headers, rec, send, out_headers)
+        except ProxyError as exc:
+            rec.status_code = exc.status
+            rec.error_code = exc.code
+            await send_response(send, exc.status, error_body(exc), [*out_headers, *exc.headers])
+        except Exception:
+            log.exception("unhandled error in request %s", request_id)
+            rec.status_code = 500
+            rec.error_code = "internal_error"
+            err = ProxyError("The relay failed to handle this request.")
+            try:
+                await send_response(send, 500, error_body(err), out_headers)
+            except Exception:  # the response had already started
+                pass
+        finally:
+            state.log_writer.add(rec)
+
+    async def _models(self, state: ProxyState, headers: RequestHeaders, rec: RequestRecord, send: Send,
+                      out_headers: list[tuple[bytes, bytes]]) -> None:
+        key = await state.auth.authenticate(headers.api_key)
+        rec.org_id, rec.api_key_id = key.org_id, key.key_id
+        data = [{"id": m.name, "object": "model", "created": m.created, "owned_by": m.owned_by}
+                for m in state.catalogue.visible_models(key)]
+        rec.status_code = 200
+        await send_response(send, 200, orjson.dumps({"object": "list", "data": data}), out_headers)
+
+    async def _ready(self, send: Send) -> None:
+        state = self.state
+        checks = {"postgres": False, "redis": False}
+        if state is not None:
+            try:
+                checks["postgres"] = await asyncio.wait_for(state.pool.fetchval("select true"), 2.0)
+            except Exception:
+                pass
+            try:
+                checks["redis"] = bool(await asyncio.wait_for(state.redis.ping(), 2.0))
+            except Exception:
+                pass
+        ok = all(checks.values())
+        body = orjson.dumps({"status": "ready" if ok else "unavailable", "checks": checks})
+        await send_response(send, 200 if ok else 503, body, [])
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    self.state = await _start_state(self.settings)
+                except Exception as exc:
+                    log.exception("proxy start-up failed")
+                    await send({"type": "lifespan.startup.failed", "message": type(exc).__name__})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                if self.state is not None:
+                    await self.state.close()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+
+async def _start_state(settings: Settings) -> ProxyState:
+    started = time.perf_counter()
+    pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=4, command_timeout=30)
+    redis = Redis.from_url(settings.redis_url, socket_connect_timeout=5, health_check_interval=30)
+    state = ProxyState(settings, pool, redis)
+    await state.start()
+    log.info("proxy worker ready in %.0f ms", (time.perf_counter() - started) * 1000)
+    return state
+
+
+def create_app() -> ProxyApp:
+    """Factory for granian (`--factory`): each worker builds its app from the environment."""
+    return ProxyApp(load_settings())

@@ -1,0 +1,34 @@
+"""`rr-proxy`: run the proxy on granian (ASGI, uvloop) with the configured number of workers."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from shared.settings import SettingsError, load_settings
+
+
+def main() -> None:
+    try:
+        settings = load_settings()  # validate once here, so a bad setting prints one line, not one per worker
+    except SettingsError as exc:
+        print(f"rr-proxy: {exc}", file=sys.stderr)
+        sys.exit(2)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    from granian import Granian
+    from granian.constants import Interfaces, Loops
+
+    Granian(
+        "proxy.app:create_app",
+        address=settings.proxy_host,
+        port=settings.proxy_port,
+        interface=Interfaces.ASGI,
+        loop=Loops.uvloop,
+        workers=settings.proxy_workers,
+        factory=True,
+        log_access=False,
+    ).serve()
+
+
+if __name__ == "__main__":
+    main()

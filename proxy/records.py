@@ -1,0 +1,185 @@
+"""Request metadata: one `RequestRecord` per request, written to `request_logs` in batches with COPY.
+
+The hot path only appends a tuple to an in-memory list. A background task copies the list in batches into
+a per-connection temporary staging table and moves it with `insert … on conflict do nothing`, so a batch
+retried after an ambiguous failure (committed, but the connection broke before we heard) changes nothing.
+While PostgreSQL is down the buffer holds the rows (up to `log_buffer_max`, oldest dropped past that, with
+a count) and retries. Bodies are never part of a record: there is no field that could hold one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from datetime import UTC, datetime
+
+import asyncpg
+
+__all__ = ["COLUMNS", "RequestLogWriter", "RequestRecord"]
+
+log = logging.getLogger("rocket_relay.records")
+
+COLUMNS = (
+    "created_at", "request_id", "client_request_id", "org_id", "api_key_id", "model", "provider",
+    "route_id", "upstream_model", "reported_model", "path", "method", "status_code", "error_code",
+    "stream", "latency_ms", "ttfb_ms", "prompt_tokens", "completion_tokens", "total_tokens", "attempts",
+    "cost_micros", "client_ip", "user_agent",
+)
+
+
+class RequestRecord:
+    """Everything we keep about one request. Filled in as the request moves along."""
+
+    __slots__ = (
+        "api_key_id", "attempts", "client_ip", "client_request_id", "completion_tokens", "cost_micros",
+        "created_at", "error_code", "method", "model", "org_id", "path", "prompt_tokens", "provider",
+        "reported_model", "request_id", "route_id", "started", "status_code", "stream", "ttfb_ms",
+        "upstream_model", "user_agent",
+    )
+
+    def __init__(self, request_id: str, client_request_id: str | None, path: str, method: str,
+                 client_ip: str | None, user_agent: str | None) -> None:
+        self.started = time.perf_counter()
+        self.created_at = datetime.now(UTC)
+        self.request_id = request_id
+        self.client_request_id = client_request_id
+        self.path = path
+        self.method = method
+        self.client_ip = client_ip
+        self.user_agent = user_agent
+        self.org_id: int | None = None
+        self.api_key_id: int | None = None
+        self.model: str | None = None
+        self.provider: str | None = None
+        self.route_id: int | None = None
+        self.upstream_model: str | None = None
+        self.reported_model: str | None = None
+        self.status_code = 0
+        self.error_code: str | None = None
+        self.stream = False
+        self.ttfb_ms: int | None = None
+        self.prompt_tokens: int | None = None
+        self.completion_tokens: int | None = None
+        self.attempts = 0
+        self.cost_micros: int | None = None
+
+    def mark_first_byte(self) -> None:
+        if self.ttfb_ms is None:
+            self.ttfb_ms = int((time.perf_counter() - self.started) * 1000)
+
+    def as_row(self) -> tuple:
+        total = None
+        if self.prompt_tokens is not None or self.completion_tokens is not None:
+            total = (self.prompt_tokens or 0) + (self.completion_tokens or 0)
+        return (
+            self.created_at, self.request_id, self.client_request_id, self.org_id, self.api_key_id,
+            self.model, self.provider, self.route_id, self.upstream_model, self.reported_model, self.path,
+            self.method, self.status_code, self.error_code, self.stream,
+            int((time.perf_counter() - self.started) * 1000), self.ttfb_ms, self.prompt_tokens,
+            self.completion_tokens, total, self.attempts, self.cost_micros, self.client_ip,
+            (self.user_agent or None) and self.user_agent[:512],
+        )
+
+
+_STAGE_DDL = (
+    "create temp table if not exists request_logs_stage "
+    "(like request_logs including defaults) on commit delete rows"
+)
+_MOVE_SQL = f"insert into request_logs ({', '.join(COLUMNS)}) select {', '.join(COLUMNS)} " \
+            "from request_logs_stage on conflict do nothing"
+
+
+class RequestLogWriter:
+    """Buffers request rows and COPYs them into PostgreSQL from one background task."""
+
+    def __init__(self, pool: asyncpg.Pool, *, batch_size: int, interval_s: float, buffer_max: int) -> None:
+        if batch_size <= 0 or interval_s <= 0 or buffer_max < batch_size:
+            raise ValueError("batch_size and interval_s must be positive and buffer_max >= batch_size")
+        self._pool = pool
+        self._batch_size = batch_size
+        self._interval = interval_s
+        self._buffer_max = buffer_max
+        self._rows: list[tuple] = []
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self._closing = False
+        self.dropped = 0
+        self.written = 0
+
+    def add(self, record: RequestRecord) -> None:
+        """Queue one record; called on the hot path, so it only appends."""
+        rows = self._rows
+        rows.append(record.as_row())
+        if len(rows) >= self._batch_size:
+            self._wake.set()
+            if len(rows) > self._buffer_max:
+                self._trim()
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="request-log-writer")
+
+    async def close(self, timeout_s: float = 10.0) -> None:
+        """Stop the task after writing what is buffered (tries until `timeout_s`)."""
+        self._closing = True
+        self._wake.set()
+        if self._task is not None:
+            try:
+                await asyncio.wait_for(self._task, timeout_s)
+            except TimeoutError:
+                log.error("request log writer: %d rows not written at shutdown", len(self._rows))
+
+    async def _run(self) -> None:
+        backoff = self._interval
+        while True:
+            if not self._rows and not self._closing:
+                try:
+                    await asyncio.wait_for(self._wake.wait(), self._interval)
+                except TimeoutError:
+                    pass
+                self._wake.clear()
+            if not self._rows:
+                if self._closing:
+                    return
+                continue
+            batch = self._rows[: self._batch_size]
+            del self._rows[: len(batch)]
+            try:
+                await self._write(batch)
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+                self._rows[:0] = batch  # put it back in front, in order, and try again later
+                self._trim()
+                log.warning("request log writer: batch of %d failed (%s); retrying", len(batch),
+                            type(exc).__name__)
+                if self._closing and backoff >= 5.0:
+                    return
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+                continue
+            backoff = self._interval
+            self.written += len(batch)
+
+    def _trim(self) -> None:
+        excess = len(self._rows) - self._buffer_max
+        if excess > 0:
+            del self._rows[:excess]
+            self.dropped += excess
+            log.error("request log writer: buffer full, dropped %d oldest rows", excess)
+
+    async def _write(self, batch: list[tuple]) -> None:
+        async with self._pool.acquire() as conn:
+            for attempt in (1, 2):
+                try:
+                    async with conn.transaction():
+                        await conn.execute(_STAGE_DDL)
+                        await conn.copy_records_to_table("request_logs_stage", records=batch, columns=COLUMNS)
+                        await conn.execute(_MOVE_SQL)
+                    return
+                except asyncpg.CheckViolationError:
+                    raise
+                except asyncpg.PostgresError as exc:
+                    # A row for a month without a partition (the partition manager is late): create it.
+                    if attempt == 1 and "no partition" in str(exc):
+                        await conn.execute("select rr_ensure_month_partitions('request_logs', 2)")
+                        continue
+                    raise

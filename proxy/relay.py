@@ -1,0 +1,204 @@
+"""One model request's journey: parse → authenticate → route → forward (with failover) → answer → record.
+
+Everything here runs per request, so it is written to be read top to bottom and to do no avoidable work:
+the body is decoded once into a typed struct (decoding is validation), re-encoded only when the upstream
+needs something changed, and passed through as bytes otherwise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Annotated
+
+import msgspec
+import orjson
+
+from proxy.errors import InvalidRequest, ProxyError, UpstreamError
+from proxy.http import Receive, RequestHeaders, Scope, Send, read_body, send_response
+from proxy.records import RequestRecord
+from proxy.routing import Route
+from proxy.stream import StreamMeter, sse_error_event
+from proxy.upstream import UpstreamResponse
+
+if TYPE_CHECKING:
+    from proxy.app import ProxyState
+
+__all__ = ["relay"]
+
+MAX_ATTEMPTS = 3
+PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
+
+
+class StreamOptions(msgspec.Struct):
+    include_usage: bool = False
+
+
+class ChatBody(msgspec.Struct):
+    model: str
+    messages: Annotated[list[msgspec.Raw], msgspec.Meta(min_length=1)]
+    stream: bool = False
+    max_tokens: PositiveInt | None = None
+    max_completion_tokens: PositiveInt | None = None
+    stream_options: StreamOptions | None = None
+
+
+class CompletionBody(msgspec.Struct):
+    model: str
+    prompt: msgspec.Raw
+    stream: bool = False
+    max_tokens: PositiveInt | None = None
+    stream_options: StreamOptions | None = None
+
+
+class EmbeddingBody(msgspec.Struct):
+    model: str
+    input: str | list[msgspec.Raw]
+
+
+_DECODERS = {
+    "/v1/chat/completions": msgspec.json.Decoder(ChatBody),
+    "/v1/completions": msgspec.json.Decoder(CompletionBody),
+    "/v1/embeddings": msgspec.json.Decoder(EmbeddingBody),
+}
+_SSE_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"),
+                (b"x-accel-buffering", b"no")]
+
+
+def _decode(path: str, body: bytes) -> ChatBody | CompletionBody | EmbeddingBody:
+    try:
+        return _DECODERS[path].decode(body)
+    except msgspec.ValidationError as exc:
+        message = str(exc)
+        param = message.split("`$.", 1)[1].split("`")[0].split("[")[0] if "`$." in message else None
+        raise InvalidRequest(f"Invalid request body: {message}", param=param) from None
+    except msgspec.DecodeError:
+        raise InvalidRequest("The request body is not valid JSON.", code="invalid_json") from None
+
+
+async def relay(state: ProxyState, path: str, scope: Scope, receive: Receive, send: Send,
+                headers: RequestHeaders, rec: RequestRecord, out_headers: list[tuple[bytes, bytes]]) -> None:
+    """Serve one POST to a model endpoint; raises ProxyError for anything answered with an error."""
+    key = await state.auth.authenticate(headers.api_key)
+    rec.org_id = key.org_id
+    rec.api_key_id = key.key_id
+    body = await read_body(receive, state.settings.max_body_bytes, headers.content_length)
+    request = _decode(path, body)
+    rec.model = request.model
+    stream = getattr(request, "stream", False)
+    rec.stream = stream
+    routes = state.catalogue.routes_for(request.model, path, key)
+
+    # Streams: ask the upstream for usage even when the client did not, and hide that chunk from it.
+    client_wants_usage = stream and request.stream_options is not None and request.stream_options.include_usage
+    inject_usage = stream and not client_wants_usage
+    upstream_path = path[3:]  # "/v1/chat/completions" -> "/chat/completions"; base URLs end in /v1
+    _route, resp = await _open_upstream(state, routes, upstream_path, body, request.model, inject_usage, rec)
+
+    if resp.status != 200 or not stream:
+        answer = await resp.read()
+        rec.mark_first_byte()
+        if resp.status == 200:
+            _meter_json(answer, rec)
+        else:
+            rec.error_code = "upstream_rejected_request"
+        rec.status_code = resp.status
+        await send_response(send, resp.status, answer, out_headers, resp.content_type.encode())
+        return
+    rec.status_code = 200
+    await _relay_stream(resp, receive, send, rec, out_headers, StreamMeter(drop_usage_chunk=inject_usage))
+
+
+async def _open_upstream(state: ProxyState, routes: tuple[Route, ...], path: str, body: bytes, model: str,
+                         inject_usage: bool, rec: RequestRecord) -> tuple[Route, UpstreamResponse]:
+    """Try routes in order until one answers; only failures before any byte reaches the client retry."""
+    parsed: dict | None = None
+    last_error: UpstreamError | None = None
+    for route in routes[:MAX_ATTEMPTS]:
+        rec.attempts += 1
+        rec.provider, rec.route_id, rec.upstream_model = route.provider, route.id, route.upstream_model
+        payload = body
+        if inject_usage or route.upstream_model != model:
+            if parsed is None:
+                parsed = orjson.loads(body)
+            parsed["model"] = route.upstream_model
+            if inject_usage:
+                parsed["stream_options"] = {**(parsed.get("stream_options") or {}), "include_usage": True}
+            payload = orjson.dumps(parsed)
+        try:
+            return route, await state.upstream.send(route, path, payload)
+        except UpstreamError as exc:
+            last_error = exc
+            if not exc.retryable:
+                raise
+    assert last_error is not None
+    raise last_error
+
+
+def _meter_json(answer: bytes, rec: RequestRecord) -> None:
+    try:
+        obj = orjson.loads(answer)
+    except orjson.JSONDecodeError:
+        return
+    if isinstance(obj, dict):
+        model = obj.get("model")
+        rec.reported_model = model if isinstance(model, str) else None
+        _take_usage(obj.get("usage"), rec)
+
+
+def _take_usage(usage: object, rec: RequestRecord) -> None:
+    if isinstance(usage, dict):
+        prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+        rec.prompt_tokens = prompt if isinstance(prompt, int) else None
+        rec.completion_tokens = completion if isinstance(completion, int) else 0
+
+
+async def _relay_stream(resp: UpstreamResponse, receive: Receive, send: Send, rec: RequestRecord,
+                        out_headers: list[tuple[bytes, bytes]], meter: StreamMeter) -> None:
+    await send({"type": "http.response.start", "status": 200, "headers": [*_SSE_HEADERS, *out_headers]})
+    pump = asyncio.ensure_future(_pump(resp, send, rec, meter))
+    watcher = asyncio.ensure_future(_wait_for_disconnect(receive))
+    try:
+        await asyncio.wait((pump, watcher), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not pump.done():
+            # The client went away: stop reading upstream now, so the provider stops generating.
+            pump.cancel()
+            rec.status_code = 499
+            rec.error_code = "client_cancelled"
+        watcher.cancel()
+        resp.close()
+        rec.reported_model = meter.model
+        _take_usage(meter.usage, rec)
+    if not pump.cancelled() and pump.exception() is not None:
+        raise pump.exception()  # an unexpected bug: let the app's error handler log it
+
+
+async def _pump(resp: UpstreamResponse, send: Send, rec: RequestRecord, meter: StreamMeter) -> None:
+    try:
+        async for chunk in resp.chunks():
+            out = meter.feed(chunk)
+            if out:
+                rec.mark_first_byte()
+                await send({"type": "http.response.body", "body": out, "more_body": True})
+        tail = meter.finish()
+    except UpstreamError as exc:
+        # Bytes are already out, so the status can't change: end with an SSE error event instead.
+        rec.error_code = "upstream_stream_broken"
+        rec.status_code = exc.status
+        tail = meter.finish() + sse_error_event(exc.message, exc.code or "upstream_error")
+    except OSError:
+        rec.status_code, rec.error_code = 499, "client_cancelled"
+        return
+    await send({"type": "http.response.body", "body": tail, "more_body": False})
+
+
+async def _wait_for_disconnect(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+def is_model_path(path: str) -> bool:
+    return path in _DECODERS
+
+
+__all__ += ["ProxyError", "is_model_path"]

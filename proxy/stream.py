@@ -1,0 +1,91 @@
+"""Server-sent-event pass-through with metering.
+
+Chunks are forwarded as soon as they hold a complete event; only the bytes after the last event boundary
+wait for the next chunk. The meter reads the `usage` and `model` of the stream without re-encoding
+anything, and drops the usage-only chunk that we asked the upstream for when the client did not.
+"""
+
+from __future__ import annotations
+
+import orjson
+
+__all__ = ["StreamMeter", "sse_error_event"]
+
+
+def _last_boundary(buf: bytes) -> int:
+    """End offset of the last complete event in `buf` (0 if none)."""
+    lf = buf.rfind(b"\n\n")
+    crlf = buf.rfind(b"\r\n\r\n")
+    return max(lf + 2 if lf >= 0 else 0, crlf + 4 if crlf >= 0 else 0)
+
+
+class StreamMeter:
+    __slots__ = ("_tail", "drop_usage_chunk", "events", "model", "usage")
+
+    def __init__(self, *, drop_usage_chunk: bool) -> None:
+        self._tail = b""
+        self.drop_usage_chunk = drop_usage_chunk
+        self.events = 0
+        self.model: str | None = None
+        self.usage: dict | None = None
+
+    def feed(self, chunk: bytes) -> bytes:
+        """Take an upstream chunk; return the bytes to forward now (possibly empty)."""
+        buf = self._tail + chunk if self._tail else chunk
+        end = _last_boundary(buf)
+        if end == 0:
+            self._tail = buf
+            return b""
+        complete, self._tail = buf[:end], buf[end:]
+        self.events += complete.count(b"data:")
+        if self.model is None or b'"usage"' in complete:
+            return self._inspect(complete)
+        return complete
+
+    def finish(self) -> bytes:
+        """Whatever is left after the upstream closed (an unterminated last event)."""
+        tail, self._tail = self._tail, b""
+        return self._inspect(tail + b"\n\n")[:-2] if tail.strip() else tail
+
+    def _inspect(self, complete: bytes) -> bytes:
+        kept = []
+        dropped = False
+        for event in complete.replace(b"\r\n", b"\n").split(b"\n\n"):
+            payload = _data_of(event)
+            if payload is None or payload == b"[DONE]":
+                kept.append(event)
+                continue
+            try:
+                obj = orjson.loads(payload)
+            except orjson.JSONDecodeError:
+                kept.append(event)
+                continue
+            if not isinstance(obj, dict):
+                kept.append(event)
+                continue
+            if self.model is None and isinstance(obj.get("model"), str):
+                self.model = obj["model"]
+            usage = obj.get("usage")
+            if isinstance(usage, dict):
+                self.usage = usage
+                if self.drop_usage_chunk and obj.get("choices") == []:
+                    dropped = True
+                    continue
+            kept.append(event)
+        if not dropped and b"\r\n" not in complete:
+            return complete  # unchanged: forward the original bytes
+        return b"\n\n".join(kept)
+
+
+def _data_of(event: bytes) -> bytes | None:
+    """The joined `data:` lines of one event, or None if it has none."""
+    if b"data:" not in event:
+        return None
+    lines = [line[5:].lstrip(b" ") for line in event.split(b"\n") if line.startswith(b"data:")]
+    return b"\n".join(lines) if lines else None
+
+
+def sse_error_event(message: str, code: str) -> bytes:
+    """The event sent when a stream fails after bytes were already forwarded (status is already 200)."""
+    body = orjson.dumps({"error": {"message": message, "type": "upstream_error", "code": code, "param": None}})
+    return b"data: " + body + b"\n\n"

@@ -1,0 +1,123 @@
+"""Process settings: read once from the environment into one frozen, typed object.
+
+Every process (proxy, workers, control plane, CLI commands) calls `load_settings()` at start-up and passes
+the result down explicitly; nothing reads `os.environ` after that. A missing or malformed setting raises
+`SettingsError` with one line naming the environment variable, which entry points print before exiting.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import os
+import re
+from collections.abc import Mapping
+
+import msgspec
+import msgspec.structs
+
+__all__ = ["ENV_NAMES", "Settings", "SettingsError", "load_settings"]
+
+
+class SettingsError(Exception):
+    """A setting is missing or malformed; the message names the environment variable."""
+
+
+class Settings(msgspec.Struct, frozen=True, kw_only=True):
+    database_url: str
+    redis_url: str
+    # Server-side secret mixed into API key hashes (HMAC-SHA256); rotating it invalidates every key.
+    key_pepper: str
+    # Base64 of 32 bytes: wraps the data keys of encrypted secrets (BYOK credentials, webhook secrets).
+    master_key: str
+    master_key_id: str = "k1"
+    # Every Redis key and channel starts with this, so test runs and tenants of one Redis don't collide.
+    redis_prefix: str = "rr:"
+
+    proxy_host: str = "127.0.0.1"
+    proxy_port: int = 8080
+    proxy_workers: int = 1
+    max_body_bytes: int = 4 * 1024 * 1024
+
+    upstream_connect_timeout_s: float = 5.0
+    upstream_read_timeout_s: float = 120.0
+    upstream_pool_size: int = 1000
+
+    key_cache_ttl_s: float = 5.0
+    key_negative_cache_ttl_s: float = 2.0
+    redis_key_cache_ttl_s: int = 300
+    config_refresh_interval_s: float = 30.0
+
+    log_batch_size: int = 1000
+    log_flush_interval_ms: int = 200
+    log_buffer_max: int = 100_000
+
+    # Only when the direct peer is one of `trusted_proxies` is the client address taken from this header.
+    trusted_proxy_header: str = ""
+    trusted_proxies: str = "127.0.0.1/32,::1/128"
+
+    def __post_init__(self) -> None:
+        _check_positive(self, "proxy_port", "proxy_workers", "max_body_bytes", "upstream_pool_size",
+                        "log_batch_size", "log_flush_interval_ms", "log_buffer_max")
+        _check_positive(self, "upstream_connect_timeout_s", "upstream_read_timeout_s", "key_cache_ttl_s")
+        if len(self.key_pepper) < 16:
+            raise SettingsError(f"{ENV_NAMES['key_pepper']} must be at least 16 characters")
+        try:
+            raw = base64.b64decode(self.master_key, validate=True)
+        except (binascii.Error, ValueError):
+            raw = b""
+        if len(raw) != 32:
+            raise SettingsError(f"{ENV_NAMES['master_key']} must be base64 of exactly 32 bytes")
+        if not re.fullmatch(r"[A-Za-z0-9_.:-]{0,64}", self.redis_prefix):
+            raise SettingsError(f"{ENV_NAMES['redis_prefix']} may only hold letters, digits and _.:-")
+        for scheme, field in (("postgres", "database_url"), ("redis", "redis_url")):
+            if not getattr(self, field).startswith((scheme, "unix")):
+                raise SettingsError(f"{ENV_NAMES[field]} must be a {scheme} URL")
+
+    def __repr__(self) -> str:
+        # Settings end up in tracebacks and debug prints: never show the secrets.
+        shown = ", ".join(
+            f"{f}={'***' if f in _SECRET_FIELDS else repr(getattr(self, f))}" for f in self.__struct_fields__
+        )
+        return f"Settings({shown})"
+
+    @property
+    def master_key_bytes(self) -> bytes:
+        return base64.b64decode(self.master_key)
+
+
+def _check_positive(settings: Settings, *fields: str) -> None:
+    for field in fields:
+        if getattr(settings, field) <= 0:
+            raise SettingsError(f"{ENV_NAMES[field]} must be greater than zero")
+
+
+_SECRET_FIELDS = frozenset({"key_pepper", "master_key", "database_url", "redis_url"})
+
+ENV_NAMES: dict[str, str] = {
+    name: (name.upper() if name in ("database_url", "redis_url") else f"RR_{name.upper()}")
+    for name in Settings.__struct_fields__
+}
+
+
+def load_settings(env: Mapping[str, str] | None = None, **overrides: object) -> Settings:
+    """Build `Settings` from environment variables (`DATABASE_URL`, `REDIS_URL`, `RR_*`)."""
+    env = os.environ if env is None else env
+    raw: dict[str, object] = {
+        field: env[var] for field, var in ENV_NAMES.items() if env.get(var, "") != ""
+    }
+    raw.update(overrides)
+    for field in msgspec.structs.fields(Settings):
+        if field.required and field.name not in raw:
+            raise SettingsError(f"{ENV_NAMES[field.name]} is required but not set")
+    try:
+        return msgspec.convert(raw, Settings, strict=False)
+    except msgspec.ValidationError as exc:
+        field = _field_of(str(exc))
+        name = ENV_NAMES.get(field, field)
+        raise SettingsError(f"{name} is malformed: {str(exc).split(' - at ')[0]}") from None
+
+
+def _field_of(message: str) -> str:
+    match = re.search(r"\$\.(\w+)", message)
+    return match.group(1) if match else "?"
