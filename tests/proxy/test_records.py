@@ -1,0 +1,136 @@
+"""Request metadata: one row per request (failed ones too), written in COPY batches, never a body."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+
+import httpx
+
+from tests.conftest import Server, Tenant, start_proxy, wait_for_rows
+from tests.proxy.test_endpoints import CHAT, configure_mock
+
+_ROW_SQL = "select * from request_logs where client_request_id = $1"
+
+
+async def _row(db, trace: str) -> dict:
+    rows = await wait_for_rows(db, _ROW_SQL, trace)
+    assert len(rows) == 1, f"expected one request_logs row for {trace}, got {len(rows)}"
+    return dict(rows[0])
+
+
+async def test_successful_request_record_has_every_field(
+    client: httpx.AsyncClient, proxy: Server, tenant: Tenant, db
+) -> None:
+    trace = f"t-{secrets.token_hex(6)}"
+    resp = await client.post(proxy.url + "/v1/chat/completions",
+                             headers={**tenant.auth, "x-request-id": trace, "user-agent": "records-test/1.0"},
+                             json={"model": tenant.model, **CHAT, "max_tokens": 4})
+    assert resp.status_code == 200
+    row = await _row(db, trace)
+    # error_code is empty on success; cost_micros is filled by billing (settlement), not by this path yet.
+    empty = [k for k, v in row.items() if v is None and k not in ("error_code", "cost_micros")]
+    assert empty == [], f"unfilled fields: {empty}"
+    assert row["org_id"] == tenant.org_id and row["api_key_id"] == tenant.key_id
+    assert row["model"] == tenant.model and row["upstream_model"] == tenant.model
+    assert row["reported_model"] == tenant.model
+    assert row["path"] == "/v1/chat/completions" and row["method"] == "POST"
+    assert row["status_code"] == 200 and row["error_code"] is None
+    assert row["prompt_tokens"] == resp.json()["usage"]["prompt_tokens"]
+    assert row["completion_tokens"] == resp.json()["usage"]["completion_tokens"] <= 4
+    assert row["total_tokens"] == row["prompt_tokens"] + row["completion_tokens"]
+    assert row["attempts"] == 1 and row["stream"] is False
+    assert str(row["client_ip"]) == "127.0.0.1"
+    assert row["user_agent"] == "records-test/1.0"
+    assert row["latency_ms"] >= 0 and row["ttfb_ms"] >= 0
+    assert len(row["request_id"]) == 24 and row["request_id"] != trace
+
+
+async def test_streamed_request_records_usage_from_the_hidden_chunk(
+    client: httpx.AsyncClient, proxy: Server, tenant: Tenant, db
+) -> None:
+    trace = f"t-{secrets.token_hex(6)}"
+    resp = await client.post(proxy.url + "/v1/chat/completions", headers={**tenant.auth, "x-request-id": trace},
+                             json={"model": tenant.model, **CHAT, "stream": True})
+    assert resp.status_code == 200
+    row = await _row(db, trace)
+    assert row["stream"] is True
+    assert row["prompt_tokens"] > 0 and row["completion_tokens"] == 8  # the mock's default chunk count
+    assert row["reported_model"] == tenant.model
+    assert row["ttfb_ms"] is not None
+
+
+async def test_failed_requests_are_recorded_too(
+    client: httpx.AsyncClient, proxy: Server, mock_upstream: Server, tenant: Tenant, db
+) -> None:
+    url = proxy.url + "/v1/chat/completions"
+    cases = {
+        "unauth": ({}, {"model": tenant.model, **CHAT}, 401, "missing_api_key"),
+        "badjson": (tenant.auth, None, 400, "invalid_json"),
+        "nomodel": (tenant.auth, {"model": "nope", **CHAT}, 404, "model_not_found"),
+        "upstream": (tenant.auth, {"model": tenant.model, **CHAT}, 502, "upstream_error"),
+    }
+    await configure_mock(mock_upstream, {tenant.model: {"status": 503}})
+    traces = {}
+    for name, (headers, body, status, _) in cases.items():
+        traces[name] = f"t-{name}-{secrets.token_hex(4)}"
+        kwargs = {"json": body} if body is not None else {"content": b"{oops"}
+        resp = await client.post(url, headers={**headers, "x-request-id": traces[name]}, **kwargs)
+        assert resp.status_code == status
+    for name, (_, _, status, code) in cases.items():
+        row = await _row(db, traces[name])
+        assert (row["status_code"], row["error_code"]) == (status, code)
+        assert row["latency_ms"] is not None and row["client_ip"] is not None
+    assert (await _row(db, traces["unauth"]))["org_id"] is None
+    upstream_row = await _row(db, traces["upstream"])
+    assert upstream_row["org_id"] == tenant.org_id and upstream_row["attempts"] == 1
+    assert upstream_row["provider"] is not None
+
+
+async def test_rows_are_written_in_batches_not_one_insert_per_request(
+    client: httpx.AsyncClient, proxy: Server, tenant: Tenant, db
+) -> None:
+    prefix = f"batch-{secrets.token_hex(4)}"
+    await asyncio.gather(*(
+        client.post(proxy.url + "/v1/chat/completions", headers={**tenant.auth, "x-request-id": f"{prefix}-{i}"},
+                    json={"model": tenant.model, **CHAT})
+        for i in range(30)
+    ))
+    rows = await wait_for_rows(db, "select xmin::text as tx from request_logs where client_request_id like $1",
+                               f"{prefix}-%", count=30)
+    assert len(rows) == 30
+    transactions = {r["tx"] for r in rows}
+    # Rows moved by one `insert … select` from the COPY staging table share a transaction id.
+    assert len(transactions) < 10, f"{len(transactions)} transactions for 30 rows: not batched"
+
+
+async def test_trusted_proxy_header_is_honoured_only_when_configured(
+    client: httpx.AsyncClient, proxy: Server, tenant: Tenant, db, settings
+) -> None:
+    behind = start_proxy(settings, trusted_proxy_header="X-Forwarded-For")
+    try:
+        await asyncio.sleep(0)
+        headers = {**tenant.auth, "x-forwarded-for": "198.51.100.9, 203.0.113.7"}
+        for server, expected in ((behind, "203.0.113.7"), (proxy, "127.0.0.1")):
+            trace = f"t-{secrets.token_hex(6)}"
+            resp = await client.post(server.url + "/v1/chat/completions", headers={**headers, "x-request-id": trace},
+                                     json={"model": tenant.model, **CHAT})
+            assert resp.status_code == 200, resp.text
+            assert str((await _row(db, trace))["client_ip"]) == expected
+    finally:
+        behind.stop()
+
+
+async def test_untrusted_peer_cannot_spoof_its_address(client: httpx.AsyncClient, tenant: Tenant, db,
+                                                       settings) -> None:
+    # The header is configured, but the peer (127.0.0.1) is not among the trusted proxies.
+    strict = start_proxy(settings, trusted_proxy_header="X-Forwarded-For", trusted_proxies="10.0.0.0/8")
+    try:
+        trace = f"t-{secrets.token_hex(6)}"
+        resp = await client.post(strict.url + "/v1/chat/completions",
+                                 headers={**tenant.auth, "x-forwarded-for": "203.0.113.7", "x-request-id": trace},
+                                 json={"model": tenant.model, **CHAT})
+        assert resp.status_code == 200
+        assert str((await _row(db, trace))["client_ip"]) == "127.0.0.1"
+    finally:
+        strict.stop()

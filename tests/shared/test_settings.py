@@ -1,0 +1,53 @@
+"""Settings: one frozen, typed object; a bad setting is named in one line; secrets never printed."""
+
+from __future__ import annotations
+
+import base64
+
+import pytest
+
+from shared.settings import Settings, SettingsError, load_settings
+
+BASE = {
+    "DATABASE_URL": "postgresql://u:dbpass@127.0.0.1/db",
+    "REDIS_URL": "redis://127.0.0.1:6379/0",
+    "RR_KEY_PEPPER": "pepper-pepper-pepper",
+    "RR_MASTER_KEY": base64.b64encode(b"k" * 32).decode(),
+}
+
+
+def test_defaults_and_types() -> None:
+    settings = load_settings({**BASE, "RR_PROXY_WORKERS": "3", "RR_UPSTREAM_READ_TIMEOUT_S": "2.5"})
+    assert settings.proxy_workers == 3
+    assert settings.upstream_read_timeout_s == 2.5
+    assert settings.max_body_bytes == 4 * 1024 * 1024
+    assert settings.master_key_bytes == b"k" * 32
+    with pytest.raises(AttributeError):
+        settings.proxy_port = 1  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"REDIS_URL": ""}, "REDIS_URL is required but not set"),
+        ({"RR_LOG_BATCH_SIZE": "many"}, "RR_LOG_BATCH_SIZE is malformed"),
+        ({"RR_MAX_BODY_BYTES": "-1"}, "RR_MAX_BODY_BYTES must be greater than zero"),
+        ({"RR_KEY_PEPPER": "short"}, "RR_KEY_PEPPER must be at least 16 characters"),
+        ({"RR_MASTER_KEY": "!!notbase64!!"}, "RR_MASTER_KEY must be base64 of exactly 32 bytes"),
+        ({"DATABASE_URL": "mysql://x"}, "DATABASE_URL must be a postgres URL"),
+        ({"RR_REDIS_PREFIX": "a b"}, "RR_REDIS_PREFIX may only hold"),
+    ],
+)
+def test_bad_settings_are_named(change: dict, message: str) -> None:
+    with pytest.raises(SettingsError) as info:
+        load_settings({**BASE, **change})
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_repr_hides_secrets() -> None:
+    text = repr(load_settings(BASE))
+    for secret in ("dbpass", "pepper-pepper-pepper", BASE["RR_MASTER_KEY"]):
+        assert secret not in text
+    assert "proxy_port=8080" in text
+    assert isinstance(load_settings(BASE), Settings)
