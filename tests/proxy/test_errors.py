@@ -107,7 +107,8 @@ async def test_unknown_path_is_404(client: httpx.AsyncClient, proxy: Server, ten
 async def test_upstream_5xx_is_502(client: httpx.AsyncClient, proxy: Server, mock_upstream: Server,
                                    tenant: Tenant) -> None:
     await configure_mock(mock_upstream, {tenant.model: {"status": 500}})
-    resp = await client.post(proxy.url + "/v1/chat/completions", headers=tenant.auth, json={"model": tenant.model, **CHAT})
+    resp = await client.post(proxy.url + "/v1/chat/completions", headers=tenant.auth,
+                             json={"model": tenant.model, **CHAT})
     error = assert_error(resp, 502, "upstream_error")
     assert "mock error" not in error["message"]  # the upstream's own message is not relayed
 
@@ -139,14 +140,16 @@ async def test_upstream_rejecting_our_credential_is_502_without_details(
     client: httpx.AsyncClient, proxy: Server, mock_upstream: Server, tenant: Tenant
 ) -> None:
     await configure_mock(mock_upstream, {tenant.model: {"status": 401}})
-    resp = await client.post(proxy.url + "/v1/chat/completions", headers=tenant.auth, json={"model": tenant.model, **CHAT})
+    resp = await client.post(proxy.url + "/v1/chat/completions", headers=tenant.auth,
+                             json={"model": tenant.model, **CHAT})
     assert_error(resp, 502, "upstream_auth_failed")
 
 
 async def test_upstream_400_passes_through(client: httpx.AsyncClient, proxy: Server, mock_upstream: Server,
                                            tenant: Tenant) -> None:
     await configure_mock(mock_upstream, {tenant.model: {"status": 400}})
-    resp = await client.post(proxy.url + "/v1/chat/completions", headers=tenant.auth, json={"model": tenant.model, **CHAT})
+    resp = await client.post(proxy.url + "/v1/chat/completions", headers=tenant.auth,
+                             json={"model": tenant.model, **CHAT})
     assert resp.status_code == 400
     assert resp.json()["error"]["message"] == "mock error"
 

@@ -25,7 +25,8 @@ async def test_sigterm_finishes_in_flight_requests_and_flushes_records(
     await configure_mock(mock_upstream, {tenant.model: {"latency_ms": 1500}})
     trace = f"shutdown-{secrets.token_hex(4)}"
     async with httpx.AsyncClient(timeout=20) as http:
-        quick = await http.post(server.url + "/v1/chat/completions", headers={**tenant.auth, "x-request-id": trace + "-a"},
+        quick = await http.post(server.url + "/v1/chat/completions",
+                                headers={**tenant.auth, "x-request-id": trace + "-a"},
                                 json={"model": tenant.model, "messages": [{"content": "x"}], "max_tokens": 1})
         assert quick.status_code == 200  # slow (1.5 s), but finished before the signal
         slow = asyncio.create_task(http.post(

@@ -95,5 +95,5 @@ async def test_a_failing_migration_leaves_nothing_half_applied(empty_db: str, tm
 
 def test_misnamed_migration_file_is_refused(tmp_path: Path) -> None:
     (tmp_path / "first.sql").write_text("select 1;")
-    with pytest.raises(MigrationError, match="NNNN_name.sql"):
+    with pytest.raises(MigrationError, match=r"NNNN_name\.sql"):
         load_migrations(tmp_path)
