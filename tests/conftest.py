@@ -166,7 +166,7 @@ def start_server(args: list[str], env: dict[str, str], port: int, ready_path: st
 def start_mock_upstream(name: str = "mock") -> Server:
     port = free_port()
     return start_server([sys.executable, "-m", "bench.mock_upstream", "--port", str(port)],
-                        dict(os.environ), port, "/v1/models", name)
+                        dict(os.environ), port, "/_mock/health", name)
 
 
 def start_proxy(settings: Settings, **overrides: object) -> Server:

@@ -1,0 +1,655 @@
+"""Mock upstream LLM provider (OpenAI- and Anthropic-compatible) for tests and benchmarks.
+
+A raw ASGI app served by granian::
+
+    python -m bench.mock_upstream --host 127.0.0.1 --port 9100 --workers 1 [--chunks 8 ...]
+    MOCK_UPSTREAM_CONFIG='{"chunks": 8}' granian --interface asgi --loop uvloop bench.mock_upstream:app
+
+(granian waits for in-flight requests on shutdown: ``main()`` passes ``--kill-timeout`` seconds, default 2,
+as granian's workers_kill_timeout so that hanging requests cannot block a stop.)
+
+API: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``POST /v1/embeddings``, ``GET /v1/models``
+and Anthropic's ``POST /v1/messages``.  Control: ``GET /_mock/health``, ``GET|POST /_mock/config``,
+``POST /_mock/reset``, ``GET /_mock/requests`` (the last 1000 API requests, oldest first).
+
+Knobs, at three levels, later overriding earlier:
+  1. defaults: env ``MOCK_UPSTREAM_CONFIG`` (a JSON object); ``main()`` builds it from that env var,
+     ``--config JSON`` and the knob flags (``--latency-ms 50`` ...), in that order;
+  2. runtime: ``POST /_mock/config`` with a JSON object replaces the runtime layer, whose top-level keys
+     override the defaults (a runtime ``models`` replaces the default one); ``POST /_mock/reset`` drops it
+     and clears the recorded requests; ``GET /_mock/config`` returns the merged config;
+  3. per model: ``"models": {"<model>": {<fields>}}`` applies to requests whose body ``model`` matches.
+
+  latency_ms        delay before the response headers (so of the whole answer when not streaming)
+  ttft_ms           further delay, after the headers, before the first stream chunk
+  chunk_delay_ms    delay between stream content chunks
+  chunks            content pieces to generate ("tok1 ", "tok2 ", ...; one piece = one token), default 8
+  status            answer this HTTP status with an error body (OpenAI-style, Anthropic-style on /v1/messages)
+  error_rate        0..1 probability of answering ``error_status`` (default 500) instead
+  fail_after_chunks stream: break the connection after this many content chunks (no [DONE] / message_stop)
+  hang              never answer; wait until the client goes away (timeout tests)
+  omit_usage        no usage anywhere: no usage chunk even if asked, no ``usage`` key in JSON answers
+  require_api_key   if set, ``Authorization: Bearer <k>`` or ``x-api-key: <k>`` must match it, else 401
+
+Usage numbers: prompt tokens = ceil(characters / 4), at least 1, over all message / prompt / input
+texts; completion tokens = pieces generated = min(chunks, max_tokens); when ``max_tokens`` cuts the
+answer, finish_reason is "length" (Anthropic stop_reason "max_tokens").  Runtime config and recorded
+requests are per worker process: with ``--workers > 1`` configure through the defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import os
+import random
+import struct
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import orjson
+
+CONFIG_ENV = "MOCK_UPSTREAM_CONFIG"
+MAX_RECORDED = 1000
+HANG_SECONDS = 3600.0
+EMBEDDING_DIM = 8
+DEFAULT_MODEL_IDS = ("gpt-4o-mini", "gpt-4o", "text-embedding-3-small", "claude-3-5-haiku-latest")
+RECORD_KEYS = ("time", "method", "path", "authorization", "x_api_key", "anthropic_version", "model",
+               "stream", "stream_options", "max_tokens", "max_completion_tokens")
+
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+JSON_HEADERS = [(b"content-type", b"application/json")]
+SSE_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
+OK = b'{"ok":true}'
+DONE = b"data: [DONE]\n\n"
+FORCED_OPENAI = b'{"error":{"message":"mock error","type":"server_error","code":null}}'
+FORCED_ANTHROPIC = b'{"type":"error","error":{"type":"api_error","message":"mock error"}}'
+ANTHROPIC_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+                         405: "invalid_request_error", 429: "rate_limit_error", 529: "overloaded_error"}
+ANTHROPIC_START = (b'event: content_block_start\ndata: {"type":"content_block_start","index":0,'
+                   b'"content_block":{"type":"text","text":""}}\n\n'
+                   b'event: ping\ndata: {"type":"ping"}\n\n')
+ANTHROPIC_BLOCK_STOP = b'event: content_block_stop\ndata: {"type":"content_block_stop","index":0}\n\n'
+ANTHROPIC_STOP = b'event: message_stop\ndata: {"type":"message_stop"}\n\n'
+
+
+class ConfigError(ValueError):
+    """Invalid mock configuration."""
+
+
+class MockStreamAbort(Exception):
+    """Raised on purpose after a partial stream, so that the server breaks the connection."""
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Effective knobs for one request (see the module docstring)."""
+
+    latency_ms: float = 0.0
+    ttft_ms: float = 0.0
+    chunk_delay_ms: float = 0.0
+    chunks: int = 8
+    status: int | None = None
+    error_rate: float = 0.0
+    error_status: int = 500
+    fail_after_chunks: int | None = None
+    hang: bool = False
+    omit_usage: bool = False
+    require_api_key: str | None = None
+
+
+_NUM, _INT, _OPT_INT, _BOOL = (int, float), (int,), (int, type(None)), (bool,)
+FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    "latency_ms": _NUM, "ttft_ms": _NUM, "chunk_delay_ms": _NUM, "chunks": _INT, "status": _OPT_INT,
+    "error_rate": _NUM, "error_status": _INT, "fail_after_chunks": _OPT_INT, "hang": _BOOL,
+    "omit_usage": _BOOL, "require_api_key": (str, type(None)),
+}
+
+
+def _check_fields(cfg: Any, where: str) -> dict[str, Any]:
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{where} must be a JSON object")
+    for key, value in cfg.items():
+        types = FIELD_TYPES.get(key)
+        if types is None:
+            raise ConfigError(f"{where}: unknown field {key!r}")
+        if not isinstance(value, types) or (isinstance(value, bool) and types is not _BOOL):
+            raise ConfigError(f"{where}: bad value for {key!r}: {value!r}")
+        if types is not _BOOL and isinstance(value, int | float) and value < 0:
+            raise ConfigError(f"{where}: {key!r} must be >= 0")
+    if cfg.get("error_rate", 0) > 1:
+        raise ConfigError(f"{where}: 'error_rate' must be within 0..1")
+    for key in ("status", "error_status"):
+        if cfg.get(key) is not None and not 100 <= cfg[key] <= 599:
+            raise ConfigError(f"{where}: {key!r} must be an HTTP status")
+    if cfg.get("chunks", 0) > 100_000:
+        raise ConfigError(f"{where}: 'chunks' must be <= 100000")
+    return dict(cfg)
+
+
+def validate_config(cfg: Any) -> dict[str, Any]:
+    """Validate a whole config (knob fields plus optional ``models``); return a copy."""
+    if not isinstance(cfg, dict):
+        raise ConfigError("config must be a JSON object")
+    out = _check_fields({k: v for k, v in cfg.items() if k != "models"}, "config")
+    if "models" in cfg:
+        if not isinstance(cfg["models"], dict):
+            raise ConfigError("'models' must map model names to knob objects")
+        out["models"] = {name: _check_fields(sub, f"models[{name!r}]") for name, sub in cfg["models"].items()}
+    return out
+
+
+def count_chars(value: Any) -> int:
+    """Characters of text in strings, content parts and messages (a token id counts as 4)."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, list):
+        return sum(count_chars(v) for v in value)
+    if isinstance(value, dict):
+        return count_chars(value.get("content")) + count_chars(value.get("text"))
+    if isinstance(value, int) and not isinstance(value, bool):
+        return 4
+    return 0
+
+
+def estimate_tokens(*values: Any) -> int:
+    """~1 token per 4 characters of text found in ``values``, at least 1."""
+    return max(1, -(-sum(count_chars(v) for v in values) // 4))
+
+
+def openai_usage(prompt: int, completion: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def new_id(prefix: str) -> str:
+    return prefix + os.urandom(12).hex()
+
+
+def sse_event(name: bytes, obj: Any) -> bytes:
+    return b"event: " + name + b"\ndata: " + orjson.dumps(obj) + b"\n\n"
+
+
+def embedding_inputs(value: Any) -> list[Any] | None:
+    """An embeddings ``input`` as a list of items (strings or token lists); None if invalid."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and value:
+        if all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            return [value]
+        if all(isinstance(v, str | list) for v in value):
+            return value
+    return None
+
+
+def parse_max_tokens(body: dict[str, Any], keys: tuple[str, ...]) -> int | None:
+    """The first ``max_tokens``-like key present; ValueError if it is not a non-negative integer."""
+    for key in keys:
+        value = body.get(key)
+        if value is not None:
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"'{key}' must be a non-negative integer")
+            return value
+    return None
+
+
+class Pieces:
+    """Pre-encoded content pieces ("tok1 ", ...) and their Anthropic delta events, grown on demand."""
+
+    def __init__(self) -> None:
+        self.texts: list[str] = []
+        self.json: list[bytes] = []
+        self.anthropic: list[bytes] = []
+
+    def ensure(self, n: int) -> None:
+        for i in range(len(self.texts), n):
+            self.texts.append(f"tok{i + 1} ")
+            self.json.append(orjson.dumps(self.texts[-1]))
+            self.anthropic.append(b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,'
+                                  b'"delta":{"type":"text_delta","text":' + self.json[-1] + b"}}\n\n")
+
+
+@dataclass(slots=True)
+class StreamPlan:
+    """A whole stream body: ``head`` (sent with the first piece), one event per piece, ``tail``."""
+
+    head: bytes
+    pieces: list[bytes]
+    tail: bytes
+
+
+class Pacer:
+    """Sleeps that end early when the client disconnects (the watcher starts on first use)."""
+
+    def __init__(self, receive: Receive) -> None:
+        self._receive = receive
+        self._watch: asyncio.Future[None] | None = None
+
+    async def _wait_disconnect(self) -> None:
+        while (await self._receive())["type"] != "http.disconnect":
+            pass
+
+    async def sleep(self, ms: float) -> bool:
+        """Sleep ``ms`` milliseconds; False if the client went away."""
+        if self._watch is None:
+            self._watch = asyncio.ensure_future(self._wait_disconnect())
+        await asyncio.wait((self._watch,), timeout=ms / 1000.0)
+        return not self._watch.done()
+
+    def close(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+
+
+@dataclass(slots=True)
+class Call:
+    """One authenticated API request with its effective settings."""
+
+    body: dict[str, Any]
+    model: str | None
+    settings: Settings
+    anthropic: bool
+    send: Send
+    pacer: Pacer
+
+
+async def send_bytes(send: Send, status: int, body: bytes) -> None:
+    await send({"type": "http.response.start", "status": status,
+                "headers": [*JSON_HEADERS, (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def send_json(send: Send, status: int, obj: Any) -> None:
+    await send_bytes(send, status, orjson.dumps(obj))
+
+
+async def send_error(send: Send, status: int, message: str, *, anthropic: bool = False,
+                     code: str | None = None) -> None:
+    """OpenAI-style ``{"error": {...}}`` or Anthropic-style ``{"type": "error", ...}`` error answer."""
+    if anthropic:
+        kind = ANTHROPIC_ERROR_TYPES.get(status, "api_error")
+        await send_json(send, status, {"type": "error", "error": {"type": kind, "message": message}})
+    else:
+        error = {"message": message, "type": "invalid_request_error", "param": None, "code": code}
+        await send_json(send, status, {"error": error})
+
+
+async def read_body(receive: Receive) -> bytes:
+    message = await receive()
+    body = message.get("body", b"")
+    while message.get("more_body"):
+        message = await receive()
+        body += message.get("body", b"")
+    return body
+
+
+class MockUpstream:
+    """The ASGI application: config layers, pre-encoded pieces and recorded requests."""
+
+    def __init__(self) -> None:
+        self.defaults: dict[str, Any] | None = None  # read from the env at startup / first request
+        self.runtime: dict[str, Any] = {}
+        self.requests: deque[tuple[Any, ...]] = deque(maxlen=MAX_RECORDED)
+        self.pieces = Pieces()
+        self.effective: dict[str, Any] = {}
+        self._settings: dict[str | None, Settings] = {}
+        self._routes: dict[str, tuple[str, Callable[[Call], Awaitable[None]]]] = {
+            "/v1/chat/completions": ("POST", self.chat_completions),
+            "/v1/completions": ("POST", self.completions),
+            "/v1/embeddings": ("POST", self.embeddings),
+            "/v1/messages": ("POST", self.messages),
+            "/v1/models": ("GET", self.list_models),
+        }
+
+    # ---- configuration ----------------------------------------------------------------------------
+
+    def load_defaults(self) -> None:
+        raw = os.environ.get(CONFIG_ENV, "").strip()
+        try:
+            self.defaults = validate_config(orjson.loads(raw) if raw else {})
+        except orjson.JSONDecodeError as exc:
+            raise ConfigError(f"{CONFIG_ENV} is not valid JSON: {exc}") from exc
+        self._refresh()
+
+    def _refresh(self) -> None:
+        self.effective = {**(self.defaults or {}), **self.runtime}
+        self._settings.clear()
+
+    def settings_for(self, model: str | None) -> Settings:
+        settings = self._settings.get(model)
+        if settings is None:
+            fields = {k: v for k, v in self.effective.items() if k != "models"}
+            fields.update(self.effective.get("models", {}).get(model, {}))
+            if len(self._settings) > 4096:
+                self._settings.clear()
+            settings = self._settings[model] = Settings(**fields)
+        return settings
+
+    # ---- ASGI entry -------------------------------------------------------------------------------
+
+    async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            if self.defaults is None:
+                self.load_defaults()
+            await self.handle_http(scope, receive, send)
+        elif scope["type"] == "lifespan":
+            await self.lifespan(receive, send)
+
+    async def lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    self.load_defaults()
+                except ConfigError as exc:
+                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def handle_http(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
+        method, path = scope["method"], scope["path"]
+        raw = await read_body(receive)
+        if path.startswith("/_mock/"):
+            await self.handle_control(method, path, raw, send)
+            return
+        auth = api_key = version = None
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                auth = value.decode("latin-1")
+            elif name == b"x-api-key":
+                api_key = value.decode("latin-1")
+            elif name == b"anthropic-version":
+                version = value.decode("latin-1")
+        try:
+            body = orjson.loads(raw) if raw else None
+        except orjson.JSONDecodeError:
+            body = None
+        get = body.get if isinstance(body, dict) else {}.get
+        model = get("model")
+        self.requests.append((time.time(), method, path, auth, api_key, version, model, get("stream"),
+                              get("stream_options"), get("max_tokens"), get("max_completion_tokens")))
+        anthropic = path == "/v1/messages"
+        route = self._routes.get(path)
+        if route is None:
+            return await send_error(send, 404, f"Unknown request URL: {method} {path}", anthropic=anthropic,
+                                    code="unknown_url")
+        if method != route[0]:
+            return await send_error(send, 405, f"Method {method} not allowed for {path}", anthropic=anthropic)
+        if method == "POST" and not isinstance(body, dict):
+            return await send_error(send, 400, "We could not parse the JSON body of your request.",
+                                    anthropic=anthropic)
+        model = model if isinstance(model, str) else None
+        settings = self.settings_for(model)
+        key = settings.require_api_key
+        if key is not None and auth != f"Bearer {key}" and api_key != key:
+            return await send_error(send, 401, "Incorrect API key provided.", anthropic=anthropic,
+                                    code="invalid_api_key")
+        pacer = Pacer(receive)
+        try:
+            await route[1](Call(body or {}, model, settings, anthropic, send, pacer))
+        finally:
+            pacer.close()
+
+    async def handle_control(self, method: str, path: str, raw: bytes, send: Send) -> None:
+        """The ``/_mock/*`` endpoints (not recorded, never delayed)."""
+        match method, path:
+            case "GET", "/_mock/health":
+                await send_bytes(send, 200, OK)
+            case "GET", "/_mock/config":
+                await send_json(send, 200, self.effective)
+            case "POST", "/_mock/config":
+                try:
+                    self.runtime = validate_config(orjson.loads(raw or b"{}"))
+                except (orjson.JSONDecodeError, ConfigError) as exc:
+                    return await send_error(send, 400, f"invalid mock config: {exc}")
+                self._refresh()
+                await send_json(send, 200, self.effective)
+            case "POST", "/_mock/reset":
+                self.runtime = {}
+                self._refresh()
+                self.requests.clear()
+                await send_bytes(send, 200, OK)
+            case "GET", "/_mock/requests":
+                await send_json(send, 200, [dict(zip(RECORD_KEYS, r, strict=True)) for r in self.requests])
+            case _, "/_mock/health" | "/_mock/config" | "/_mock/reset" | "/_mock/requests":
+                await send_error(send, 405, f"Method {method} not allowed for {path}")
+            case _:
+                await send_error(send, 404, f"Unknown request URL: {method} {path}", code="unknown_url")
+
+    # ---- shared request flow ----------------------------------------------------------------------
+
+    async def preflight(self, call: Call) -> bool:
+        """Apply hang / latency / forced errors; True if the handler should answer normally."""
+        s = call.settings
+        if s.hang:
+            await call.pacer.sleep(HANG_SECONDS * 1000)
+            return False
+        if s.latency_ms > 0 and not await call.pacer.sleep(s.latency_ms):
+            return False
+        status = s.status
+        if status is None and s.error_rate > 0 and random.random() < s.error_rate:
+            status = s.error_status
+        if status is not None:
+            await send_bytes(call.send, status, FORCED_ANTHROPIC if call.anthropic else FORCED_OPENAI)
+            return False
+        return True
+
+    async def generate(self, call: Call, max_keys: tuple[str, ...],
+                       build_json: Callable[[Call, int, bool], dict[str, Any]],
+                       build_stream: Callable[[Call, int, bool], StreamPlan]) -> None:
+        """Validate, apply the preflight knobs, then answer with ``n`` pieces as JSON or as a stream."""
+        try:
+            if call.model is None:
+                raise ValueError("you must provide a 'model' string parameter")
+            limit = parse_max_tokens(call.body, max_keys)
+        except ValueError as exc:
+            return await send_error(call.send, 400, str(exc), anthropic=call.anthropic)
+        chunks = call.settings.chunks
+        n = chunks if limit is None else min(chunks, limit)
+        self.pieces.ensure(n)
+        if not await self.preflight(call):
+            return
+        if call.body.get("stream") is True:
+            await self.stream(call, build_stream(call, n, n < chunks))
+        else:
+            await send_json(call.send, 200, build_json(call, n, n < chunks))
+
+    async def stream(self, call: Call, plan: StreamPlan) -> None:
+        """Send a stream plan, honouring ttft_ms / chunk_delay_ms / fail_after_chunks."""
+        s, send, pacer = call.settings, call.send, call.pacer
+        await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
+        fail_after = s.fail_after_chunks
+        if s.ttft_ms <= 0 and s.chunk_delay_ms <= 0 and fail_after is None:  # fast path: a single write
+            await send({"type": "http.response.body", "body": b"".join((plan.head, *plan.pieces, plan.tail))})
+            return
+        if s.ttft_ms > 0 and not await pacer.sleep(s.ttft_ms):
+            return
+        pieces = plan.pieces if fail_after is None else plan.pieces[:fail_after]
+        await send({"type": "http.response.body", "body": b"".join((plan.head, *pieces[:1])), "more_body": True})
+        for piece in pieces[1:]:
+            if s.chunk_delay_ms > 0 and not await pacer.sleep(s.chunk_delay_ms):
+                return
+            await send({"type": "http.response.body", "body": piece, "more_body": True})
+        if fail_after is not None:
+            raise MockStreamAbort(f"mock stream aborted after {len(pieces)} chunks (fail_after_chunks)")
+        await send({"type": "http.response.body", "body": plan.tail})
+
+    # ---- OpenAI chat completions and legacy completions -------------------------------------------
+
+    async def chat_completions(self, call: Call) -> None:
+        await self.generate(call, ("max_completion_tokens", "max_tokens"), self.chat_json,
+                            partial(self.openai_stream, chat=True))
+
+    async def completions(self, call: Call) -> None:
+        await self.generate(call, ("max_tokens",), self.completion_json, partial(self.openai_stream, chat=False))
+
+    def chat_json(self, call: Call, n: int, cut: bool) -> dict[str, Any]:
+        message = {"role": "assistant", "content": "".join(self.pieces.texts[:n]), "refusal": None}
+        out: dict[str, Any] = {
+            "id": new_id("chatcmpl-"), "object": "chat.completion", "created": int(time.time()),
+            "model": call.model, "system_fingerprint": "fp_mock",
+            "choices": [{"index": 0, "message": message, "logprobs": None,
+                         "finish_reason": "length" if cut else "stop"}],
+        }
+        if not call.settings.omit_usage:
+            out["usage"] = openai_usage(estimate_tokens(call.body.get("messages")), n)
+        return out
+
+    def completion_json(self, call: Call, n: int, cut: bool) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "id": new_id("cmpl-"), "object": "text_completion", "created": int(time.time()), "model": call.model,
+            "choices": [{"text": "".join(self.pieces.texts[:n]), "index": 0, "logprobs": None,
+                         "finish_reason": "length" if cut else "stop"}],
+        }
+        if not call.settings.omit_usage:
+            out["usage"] = openai_usage(estimate_tokens(call.body.get("prompt")), n)
+        return out
+
+    def openai_stream(self, call: Call, n: int, cut: bool, *, chat: bool) -> StreamPlan:
+        """``data: {...}`` chunks built from byte fragments; usage chunk and ``[DONE]`` in the tail."""
+        options = call.body.get("stream_options")
+        include_usage = isinstance(options, dict) and options.get("include_usage") is True
+        include_usage = include_usage and not call.settings.omit_usage
+        obj = b"chat.completion.chunk" if chat else b"text_completion"
+        prefix = (b'data: {"id":"' + new_id("chatcmpl-" if chat else "cmpl-").encode() + b'","object":"' + obj
+                  + b'","created":' + str(int(time.time())).encode() + b',"model":' + orjson.dumps(call.model))
+        end = b',"usage":null}\n\n' if include_usage else b"}\n\n"
+        reason = b'"length"' if cut else b'"stop"'
+        if chat:
+            p = prefix + b',"system_fingerprint":"fp_mock","choices":[{"index":0,"delta":'
+            head = (p + b'{"role":"assistant","content":"","refusal":null},"logprobs":null,'
+                    b'"finish_reason":null}]' + end)
+            pieces = [p + b'{"content":' + j + b'},"logprobs":null,"finish_reason":null}]' + end
+                      for j in self.pieces.json[:n]]
+            tail = [p + b'{},"logprobs":null,"finish_reason":' + reason + b"}]" + end]
+        else:
+            p = prefix + b',"choices":[{"index":0,"logprobs":null,"text":'
+            head = b""
+            pieces = [p + j + b',"finish_reason":null}]' + end for j in self.pieces.json[:n]]
+            tail = [p + b'"","finish_reason":' + reason + b"}]" + end]
+        if include_usage:
+            prompt = estimate_tokens(call.body.get("messages" if chat else "prompt"))
+            usage = orjson.dumps(openai_usage(prompt, n))
+            tail.append(prefix + b',"choices":[],"usage":' + usage + b"}\n\n")
+        tail.append(DONE)
+        return StreamPlan(head, pieces, b"".join(tail))
+
+    # ---- Anthropic messages -----------------------------------------------------------------------
+
+    async def messages(self, call: Call) -> None:
+        await self.generate(call, ("max_tokens",), self.messages_json, self.messages_stream)
+
+    def messages_json(self, call: Call, n: int, cut: bool) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "id": new_id("msg_"), "type": "message", "role": "assistant", "model": call.model,
+            "content": [{"type": "text", "text": "".join(self.pieces.texts[:n])}],
+            "stop_reason": "max_tokens" if cut else "end_turn", "stop_sequence": None,
+        }
+        if not call.settings.omit_usage:
+            input_tokens = estimate_tokens(call.body.get("system"), call.body.get("messages"))
+            out["usage"] = {"input_tokens": input_tokens, "output_tokens": n}
+        return out
+
+    def messages_stream(self, call: Call, n: int, cut: bool) -> StreamPlan:
+        message: dict[str, Any] = {"id": new_id("msg_"), "type": "message", "role": "assistant",
+                                   "model": call.model, "content": [], "stop_reason": None, "stop_sequence": None}
+        delta: dict[str, Any] = {"type": "message_delta", "delta": {
+            "stop_reason": "max_tokens" if cut else "end_turn", "stop_sequence": None}}
+        if not call.settings.omit_usage:
+            input_tokens = estimate_tokens(call.body.get("system"), call.body.get("messages"))
+            message["usage"] = {"input_tokens": input_tokens, "output_tokens": 1}
+            delta["usage"] = {"output_tokens": n}
+        head = sse_event(b"message_start", {"type": "message_start", "message": message}) + ANTHROPIC_START
+        tail = ANTHROPIC_BLOCK_STOP + sse_event(b"message_delta", delta) + ANTHROPIC_STOP
+        return StreamPlan(head, self.pieces.anthropic[:n], tail)
+
+    # ---- embeddings and models --------------------------------------------------------------------
+
+    async def embeddings(self, call: Call) -> None:
+        inputs = embedding_inputs(call.body.get("input"))
+        if call.model is None or inputs is None:
+            return await send_error(call.send, 400, "'model' and a non-empty 'input' (string or list) are required")
+        if not await self.preflight(call):
+            return
+        vector = EMBEDDING_B64 if call.body.get("encoding_format") == "base64" else EMBEDDING_FLOATS
+        out: dict[str, Any] = {
+            "object": "list", "model": call.model,
+            "data": [{"object": "embedding", "index": i, "embedding": vector} for i in range(len(inputs))],
+        }
+        if not call.settings.omit_usage:
+            tokens = sum(estimate_tokens(item) for item in inputs)
+            out["usage"] = {"prompt_tokens": tokens, "total_tokens": tokens}
+        await send_json(call.send, 200, out)
+
+    async def list_models(self, call: Call) -> None:
+        if not await self.preflight(call):
+            return
+        names = sorted({*DEFAULT_MODEL_IDS, *self.effective.get("models", {})})
+        data = [{"id": name, "object": "model", "created": 1700000000, "owned_by": "mock"} for name in names]
+        await send_json(call.send, 200, {"object": "list", "data": data})
+
+
+_EMBEDDING = [round(0.125 * (i + 1) - 0.5, 3) for i in range(EMBEDDING_DIM)]
+EMBEDDING_FLOATS = orjson.Fragment(orjson.dumps(_EMBEDDING))
+EMBEDDING_B64 = base64.b64encode(struct.pack(f"<{EMBEDDING_DIM}f", *_EMBEDDING)).decode()
+
+app = MockUpstream()
+
+
+# ---- CLI ------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="mock_upstream", description="Mock OpenAI/Anthropic upstream on granian.")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=9100)
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--kill-timeout", type=int, default=2,
+                   help="seconds granian waits for in-flight (e.g. hanging) requests on shutdown")
+    p.add_argument("--config", help="JSON object of default knobs (may include 'models')")
+    for name, types in FIELD_TYPES.items():
+        flag = "--" + name.replace("_", "-")
+        if types is _BOOL:
+            p.add_argument(flag, dest=name, action="store_true", default=None)
+        else:
+            p.add_argument(flag, dest=name, type=float if types is _NUM else types[0])
+    return p.parse_args(argv)
+
+
+def build_config(args: argparse.Namespace) -> dict[str, Any]:
+    """Env ``MOCK_UPSTREAM_CONFIG``, overridden by ``--config``, overridden by the knob flags."""
+    cfg: dict[str, Any] = {}
+    try:
+        for raw in (os.environ.get(CONFIG_ENV, "").strip(), args.config):
+            cfg.update(validate_config(orjson.loads(raw)) if raw else {})
+        cfg.update({name: getattr(args, name) for name in FIELD_TYPES if getattr(args, name) is not None})
+        return validate_config(cfg)
+    except (orjson.JSONDecodeError, ConfigError) as exc:
+        raise SystemExit(f"invalid mock config: {exc}") from exc
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Serve the mock with granian; the config built from env and flags becomes every worker's defaults."""
+    from granian import Granian
+    from granian.constants import Interfaces, Loops
+    from granian.log import LogLevels
+
+    args = parse_args(argv)
+    os.environ[CONFIG_ENV] = orjson.dumps(build_config(args)).decode()
+    Granian(target="bench.mock_upstream:app", address=args.host, port=args.port, interface=Interfaces.ASGI,
+            loop=Loops.uvloop, workers=args.workers, log_level=LogLevels(args.log_level),
+            workers_kill_timeout=args.kill_timeout).serve()
+
+
+if __name__ == "__main__":
+    main()
