@@ -17,6 +17,7 @@ import orjson
 from redis.asyncio import Redis
 
 from proxy.auth import Authenticator
+from proxy.billing import Biller
 from proxy.errors import MethodNotAllowed, NotFound, ProxyError, error_body
 from proxy.events import EventListener
 from proxy.http import ClientAddress, Receive, RequestHeaders, Scope, Send, send_response
@@ -43,13 +44,14 @@ class ProxyState:
         self.settings = settings
         self.pool = pool
         self.redis = redis
-        self.keys = RedisKeys(settings.redis_prefix)
+        self.keys = RedisKeys(settings.redis_prefix, settings.billing_shards)
         self.box = box_from_settings(settings.master_key_bytes, settings.master_key_id)
         self.auth = Authenticator(
             pool, redis, self.keys, settings.key_pepper.encode(), ttl_s=settings.key_cache_ttl_s,
             negative_ttl_s=settings.key_negative_cache_ttl_s, redis_ttl_s=settings.redis_key_cache_ttl_s,
         )
         self.catalogue = Catalogue({})
+        self.biller = Biller(settings, pool, redis, self.keys)
         self.upstream = UpstreamClient(pool_size=settings.upstream_pool_size,
                                        max_connect_timeout_s=settings.upstream_connect_timeout_s,
                                        max_read_timeout_s=settings.upstream_read_timeout_s)
@@ -71,6 +73,7 @@ class ProxyState:
 
     async def close(self) -> None:
         await self.events.close()
+        await self.biller.close()
         await self.log_writer.close()
         await self.upstream.close()
         await self.redis.aclose()

@@ -15,6 +15,7 @@ __all__ = [
     "InvalidRequest",
     "MethodNotAllowed",
     "ModelNotFound",
+    "ModelUnavailable",
     "NotFound",
     "ProxyError",
     "UpstreamError",
@@ -60,6 +61,12 @@ class ModelNotFound(ProxyError):
     status = 404
     type = "invalid_request_error"
     code = "model_not_found"
+
+
+class ModelUnavailable(ProxyError):
+    status = 503
+    type = "server_error"
+    code = "model_unavailable"
 
 
 class MethodNotAllowed(ProxyError):

@@ -34,14 +34,15 @@ class RequestRecord:
     __slots__ = (
         "api_key_id", "attempts", "client_ip", "client_request_id", "completion_tokens", "cost_micros",
         "created_at", "error_code", "method", "model", "org_id", "path", "prompt_tokens", "provider",
-        "reported_model", "request_id", "route_id", "started", "status_code", "stream", "ttfb_ms",
+        "reported_model", "request_id", "route_id", "started", "started_wall", "status_code", "stream", "ttfb_ms",
         "upstream_model", "user_agent",
     )
 
     def __init__(self, request_id: str, client_request_id: str | None, path: str, method: str,
                  client_ip: str | None, user_agent: str | None) -> None:
         self.started = time.perf_counter()
-        self.created_at = datetime.now(UTC)
+        self.started_wall = time.time()
+        self.created_at = datetime.fromtimestamp(self.started_wall, UTC)
         self.request_id = request_id
         self.client_request_id = client_request_id
         self.path = path

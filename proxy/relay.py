@@ -13,17 +13,20 @@ from typing import TYPE_CHECKING, Annotated
 import msgspec
 import orjson
 
-from proxy.errors import InvalidRequest, ProxyError, UpstreamError
+from proxy.billing import Reservation
+from proxy.errors import InvalidRequest, ModelUnavailable, UpstreamError
 from proxy.http import Receive, RequestHeaders, Scope, Send, read_body, send_response
 from proxy.records import RequestRecord
 from proxy.routing import Route
 from proxy.stream import StreamMeter, sse_error_event
 from proxy.upstream import UpstreamResponse
+from shared.billing import UsageEvent
+from shared.money import cost_micros
 
 if TYPE_CHECKING:
     from proxy.app import ProxyState
 
-__all__ = ["relay"]
+__all__ = ["is_model_path", "relay"]
 
 MAX_ATTEMPTS = 3
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
@@ -55,6 +58,8 @@ class EmbeddingBody(msgspec.Struct):
     input: str | list[msgspec.Raw]
 
 
+Body = ChatBody | CompletionBody | EmbeddingBody
+
 _DECODERS = {
     "/v1/chat/completions": msgspec.json.Decoder(ChatBody),
     "/v1/completions": msgspec.json.Decoder(CompletionBody),
@@ -64,7 +69,7 @@ _SSE_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no
                 (b"x-accel-buffering", b"no")]
 
 
-def _decode(path: str, body: bytes) -> ChatBody | CompletionBody | EmbeddingBody:
+def _decode(path: str, body: bytes) -> Body:
     try:
         return _DECODERS[path].decode(body)
     except msgspec.ValidationError as exc:
@@ -83,11 +88,57 @@ async def relay(state: ProxyState, path: str, scope: Scope, receive: Receive, se
     rec.api_key_id = key.key_id
     body = await read_body(receive, state.settings.max_body_bytes, headers.content_length)
     request = _decode(path, body)
-    rec.model = request.model
+    rec.model = request.model[:200]
     stream = getattr(request, "stream", False)
     rec.stream = stream
-    routes = state.catalogue.routes_for(request.model, path, key)
+    entry = state.catalogue.entry_for(request.model, path, key)
+    price = entry.price_at(rec.started_wall)
+    if price is None:
+        raise ModelUnavailable(f"The model `{request.model}` has no price configured.", param="model")
+    max_output = 0 if path == "/v1/embeddings" else (
+        getattr(request, "max_completion_tokens", None) or getattr(request, "max_tokens", None)
+        or state.settings.default_max_output_tokens)
+    reservation = await state.biller.reserve(key, rec.request_id, price, len(body), max_output,
+                                             rec.started_wall, out_headers)
+    produced = Produced()
+    try:
+        await _forward(state, entry.routes, path, body, request, stream, receive, send, rec, out_headers, produced)
+    finally:
+        event = _usage_event(rec, reservation, produced, len(body))
+        rec.cost_micros = await state.biller.settle(
+            reservation, event, (event.prompt_tokens + event.completion_tokens) if event else 0)
 
+
+class Produced:
+    """What the upstream delivered, for billing when it sent no usage of its own."""
+
+    __slots__ = ("answer_bytes", "billable", "content_events")
+
+    def __init__(self) -> None:
+        self.billable = False  # true once an answer (or part of a stream) went to the client
+        self.content_events = 0
+        self.answer_bytes = 0
+
+
+def _usage_event(rec: RequestRecord, res: Reservation, produced: Produced, body_bytes: int) -> UsageEvent | None:
+    """The billed usage of a finished request, or None when nothing billable was produced."""
+    if not produced.billable:
+        return None
+    if rec.prompt_tokens is None:  # no usage from upstream (a stream cut short): the documented estimate
+        rec.prompt_tokens = -(-body_bytes // 4)
+        rec.completion_tokens = produced.content_events or -(-produced.answer_bytes // 4)
+    prompt, completion = rec.prompt_tokens, rec.completion_tokens or 0
+    return UsageEvent(
+        request_id=rec.request_id, created_us=res.started_us, org_id=res.org_id, api_key_id=res.key_id,
+        model=rec.model or "", provider=rec.provider, route_id=rec.route_id, prompt_tokens=prompt,
+        completion_tokens=completion, cost_micros=cost_micros(res.price, prompt, completion),
+        price_id=res.price.id,
+    )
+
+
+async def _forward(state: ProxyState, routes: tuple[Route, ...], path: str, body: bytes, request: Body,
+                   stream: bool, receive: Receive, send: Send, rec: RequestRecord,
+                   out_headers: list[tuple[bytes, bytes]], produced: Produced) -> None:
     # Streams: ask the upstream for usage even when the client did not, and hide that chunk from it.
     client_wants_usage = stream and request.stream_options is not None and request.stream_options.include_usage
     inject_usage = stream and not client_wants_usage
@@ -99,13 +150,20 @@ async def relay(state: ProxyState, path: str, scope: Scope, receive: Receive, se
         rec.mark_first_byte()
         if resp.status == 200:
             _meter_json(answer, rec)
+            produced.billable = True
+            produced.answer_bytes = len(answer)
         else:
             rec.error_code = "upstream_rejected_request"
         rec.status_code = resp.status
         await send_response(send, resp.status, answer, out_headers, resp.content_type.encode())
         return
     rec.status_code = 200
-    await _relay_stream(resp, receive, send, rec, out_headers, StreamMeter(drop_usage_chunk=inject_usage))
+    produced.billable = True
+    meter = StreamMeter(drop_usage_chunk=inject_usage)
+    try:
+        await _relay_stream(resp, receive, send, rec, out_headers, meter, state.settings.max_request_duration_s)
+    finally:
+        produced.content_events = meter.events
 
 
 async def _open_upstream(state: ProxyState, routes: tuple[Route, ...], path: str, body: bytes, model: str,
@@ -153,18 +211,23 @@ def _take_usage(usage: object, rec: RequestRecord) -> None:
 
 
 async def _relay_stream(resp: UpstreamResponse, receive: Receive, send: Send, rec: RequestRecord,
-                        out_headers: list[tuple[bytes, bytes]], meter: StreamMeter) -> None:
+                        out_headers: list[tuple[bytes, bytes]], meter: StreamMeter, max_duration_s: float) -> None:
     await send({"type": "http.response.start", "status": 200, "headers": [*_SSE_HEADERS, *out_headers]})
     pump = asyncio.ensure_future(_pump(resp, send, rec, meter))
     watcher = asyncio.ensure_future(_wait_for_disconnect(receive))
     try:
-        await asyncio.wait((pump, watcher), return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait((pump, watcher), timeout=max_duration_s, return_when=asyncio.FIRST_COMPLETED)
     finally:
         if not pump.done():
-            # The client went away: stop reading upstream now, so the provider stops generating.
+            # The client went away (or the stream outlived its reservation): stop reading upstream now,
+            # so the provider stops generating, and charge what was produced.
             pump.cancel()
-            rec.status_code = 499
-            rec.error_code = "client_cancelled"
+            if watcher.done():
+                rec.status_code, rec.error_code = 499, "client_cancelled"
+            else:
+                rec.error_code = "max_duration_exceeded"
+                await _end_stream_quietly(send, sse_error_event("The stream exceeded the maximum duration.",
+                                                                "max_duration_exceeded"))
         watcher.cancel()
         resp.close()
         rec.reported_model = meter.model
@@ -192,6 +255,13 @@ async def _pump(resp: UpstreamResponse, send: Send, rec: RequestRecord, meter: S
     await send({"type": "http.response.body", "body": tail, "more_body": False})
 
 
+async def _end_stream_quietly(send: Send, body: bytes) -> None:
+    try:
+        await send({"type": "http.response.body", "body": body, "more_body": False})
+    except Exception:  # the client is gone already
+        pass
+
+
 async def _wait_for_disconnect(receive: Receive) -> None:
     while (await receive())["type"] != "http.disconnect":
         pass
@@ -201,4 +271,3 @@ def is_model_path(path: str) -> bool:
     return path in _DECODERS
 
 
-__all__ += ["ProxyError", "is_model_path"]

@@ -13,6 +13,7 @@ import msgspec
 from proxy.errors import InvalidRequest, ModelNotFound
 from shared.apikeys import KeyRecord
 from shared.crypto import SecretBox
+from shared.money import Price
 
 __all__ = ["Catalogue", "Route", "load_catalogue"]
 
@@ -37,6 +38,14 @@ class ModelEntry(msgspec.Struct, frozen=True):
     owned_by: str
     created: int
     routes: tuple[Route, ...]  # usable routes, best priority first
+    prices: tuple[Price, ...]  # newest effective_from first; future prices are loaded ahead of time
+
+    def price_at(self, when: float) -> Price | None:
+        """The price in force at unix time `when` (the request's start)."""
+        for price in self.prices:
+            if price.effective_from <= when:
+                return price
+        return None
 
 
 # Which model kinds each endpoint serves.
@@ -53,8 +62,8 @@ class Catalogue:
     def __init__(self, models: dict[str, ModelEntry]) -> None:
         self.models = models
 
-    def routes_for(self, model: str, path: str, key: KeyRecord) -> tuple[Route, ...]:
-        """The candidate routes of `model` for this key and endpoint; 404/400 when there are none."""
+    def entry_for(self, model: str, path: str, key: KeyRecord) -> ModelEntry:
+        """The model, if this key may use it on this endpoint; 404/400 otherwise."""
         entry = self.models.get(model)
         if entry is None or not entry.routes or (key.allowed_models is not None and model not in key.allowed_models):
             # The same answer for "no such model" and "not allowed for this key": don't reveal the catalogue.
@@ -63,7 +72,7 @@ class Catalogue:
         if entry.kind not in ENDPOINT_KINDS[path]:
             raise InvalidRequest(f"The model `{model}` is a {entry.kind} model and cannot be used with {path}.",
                                  param="model", code="model_not_supported")
-        return entry.routes
+        return entry
 
     def visible_models(self, key: KeyRecord) -> list[ModelEntry]:
         allowed = key.allowed_models
@@ -71,6 +80,11 @@ class Catalogue:
 
 
 _MODELS_SQL = "select name, kind, owned_by, extract(epoch from created_at)::bigint as created from models"
+_PRICES_SQL = """
+select id, model, input_micros_per_mtok, output_micros_per_mtok, request_micros,
+       extract(epoch from effective_from)::float8 as effective_from
+from model_prices order by model, effective_from desc
+"""
 _ROUTES_SQL = """
 select r.id, r.model, p.name as provider, p.api_format, p.base_url, r.upstream_model, p.credential_secret_id,
        p.connect_timeout_ms, p.read_timeout_ms, r.priority, r.weight,
@@ -87,6 +101,12 @@ async def load_catalogue(pool: asyncpg.Pool, box: SecretBox) -> Catalogue:
     async with pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
         model_rows = await conn.fetch(_MODELS_SQL)
         route_rows = await conn.fetch(_ROUTES_SQL)
+        price_rows = await conn.fetch(_PRICES_SQL)
+    prices: dict[str, list[Price]] = {}
+    for p in price_rows:
+        prices.setdefault(p["model"], []).append(Price(
+            p["id"], p["input_micros_per_mtok"], p["output_micros_per_mtok"], p["request_micros"],
+            p["effective_from"]))
     routes: dict[str, list[Route]] = {}
     for r in route_rows:
         credential = None
@@ -101,7 +121,7 @@ async def load_catalogue(pool: asyncpg.Pool, box: SecretBox) -> Catalogue:
         ))
     models = {
         m["name"]: ModelEntry(m["name"], m["kind"], m["owned_by"], m["created"],
-                              tuple(routes.get(m["name"], ())))
+                              tuple(routes.get(m["name"], ())), tuple(prices.get(m["name"], ())))
         for m in model_rows
     }
     return Catalogue(models)

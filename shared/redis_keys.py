@@ -1,25 +1,68 @@
 """Every Redis key and channel name, in one place.
 
 All names start with the configured prefix (`RR_REDIS_PREFIX`), so several deployments or test runs share
-one Redis without colliding. Keys that one Lua script touches together carry the same hash tag (`{org:ID}`),
-so the scripts run unchanged on Redis Cluster.
+one Redis without colliding. The billing keys of an org carry the hash tag of its shard, `{s:N}` with
+N = org_id mod `billing_shards`: the scripts touch an org's balance, reservations, rate-limit window and
+its shard's billing stream together, so they must live in one Redis Cluster slot. (A per-org tag,
+`{org:ID}`, would put each org's stream in its own slot, and the flusher would have to poll one stream per
+org; a shard tag keeps a small, fixed set of streams while still spreading orgs across the cluster.)
 """
 
 from __future__ import annotations
 
-__all__ = ["RedisKeys"]
+__all__ = ["OrgKeys", "RedisKeys"]
+
+
+class OrgKeys:
+    """The billing keys of one org; built on demand from `RedisKeys.org`."""
+
+    __slots__ = ("applied_credits", "balance", "pending_credits", "rate_prefix", "reservation_expiry",
+                 "reservations", "shard", "stream")
+
+    def __init__(self, prefix: str, org_id: int, shard: int) -> None:
+        tag = f"{prefix}{{s:{shard}}}"
+        self.shard = shard
+        self.balance = f"{tag}:bal:{org_id}"
+        self.reservations = f"{tag}:res:{org_id}"
+        self.reservation_expiry = f"{tag}:rexp:{org_id}"
+        self.rate_prefix = f"{tag}:rl:{org_id}:"
+        self.pending_credits = f"{tag}:pcred:{org_id}"
+        self.applied_credits = f"{tag}:acred:{org_id}"
+        self.stream = f"{tag}:billing"
+
+    def rate_window(self, window: int) -> str:
+        """The rate-limit counters of one one-minute window (unix minute)."""
+        return f"{self.rate_prefix}{window}"
 
 
 class RedisKeys:
     """Key builders bound to one prefix; built once per process."""
 
-    __slots__ = ("events_channel", "prefix")
+    __slots__ = ("_orgs", "events_channel", "prefix", "shards")
 
-    def __init__(self, prefix: str) -> None:
+    def __init__(self, prefix: str, shards: int = 16) -> None:
         self.prefix = prefix
+        self.shards = shards
         # Proxies subscribe here: `key:<key prefix>` (a key changed), `config` (models, prices, routes).
         self.events_channel = f"{prefix}events"
+        self._orgs: dict[int, OrgKeys] = {}
 
     def api_key(self, key_prefix: str) -> str:
         """Cached `KeyRecord` of one API key, by its public prefix."""
         return f"{self.prefix}apikey:{key_prefix}"
+
+    def org(self, org_id: int) -> OrgKeys:
+        keys = self._orgs.get(org_id)
+        if keys is None:
+            if len(self._orgs) > 500_000:
+                self._orgs.clear()
+            keys = self._orgs[org_id] = OrgKeys(self.prefix, org_id, org_id % self.shards)
+        return keys
+
+    def stream(self, shard: int) -> str:
+        return f"{self.prefix}{{s:{shard}}}:billing"
+
+    def flusher_lease(self, shard: int) -> str:
+        return f"{self.prefix}{{s:{shard}}}:flusher-lease"
+
+    BILLING_GROUP = "flusher"

@@ -52,6 +52,19 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     log_flush_interval_ms: int = 200
     log_buffer_max: int = 100_000
 
+    # Billing. Keys of one org share the hash tag of its shard ({s:N}); each shard has one billing stream.
+    billing_shards: int = 16
+    reservation_ttl_s: int = 3600
+    max_request_duration_s: int = 1800
+    default_max_output_tokens: int = 4096
+    default_org_rpm: int = 0  # 0: unlimited
+    default_org_tpm: int = 0
+    flusher_batch_size: int = 2000
+    flusher_block_ms: int = 500
+    flusher_lease_ms: int = 10_000
+    # Test-only fault injection: a named point where a worker process exits abruptly (see shared.failpoints).
+    failpoint: str = ""
+
     # Only when the direct peer is one of `trusted_proxies` is the client address taken from this header.
     trusted_proxy_header: str = ""
     trusted_proxies: str = "127.0.0.1/32,::1/128"
@@ -59,7 +72,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     def __post_init__(self) -> None:
         _check_positive(self, "proxy_port", "proxy_workers", "max_body_bytes", "upstream_pool_size",
                         "log_batch_size", "log_flush_interval_ms", "log_buffer_max")
-        _check_positive(self, "upstream_connect_timeout_s", "upstream_read_timeout_s", "key_cache_ttl_s")
+        _check_positive(self, "upstream_connect_timeout_s", "upstream_read_timeout_s", "key_cache_ttl_s",
+                        "billing_shards", "reservation_ttl_s", "max_request_duration_s", "default_max_output_tokens",
+                        "flusher_batch_size", "flusher_block_ms", "flusher_lease_ms")
+        if self.max_request_duration_s >= self.reservation_ttl_s:
+            raise SettingsError(f"{ENV_NAMES['max_request_duration_s']} must be below {ENV_NAMES['reservation_ttl_s']}")
         if len(self.key_pepper) < 16:
             raise SettingsError(f"{ENV_NAMES['key_pepper']} must be at least 16 characters")
         try:

@@ -182,6 +182,31 @@ def mock_upstream() -> Iterator[Server]:
     server.stop()
 
 
+def start_worker(settings: Settings, **overrides: object) -> subprocess.Popen:
+    """An `rr-worker` process (billing flusher, partition manager) for these settings."""
+    log_path = Path(tempfile.mkstemp(prefix="rr-worker-", suffix=".log")[1])
+    return subprocess.Popen([sys.executable, "-m", "shared.workers.main"], env=settings_env(settings, **overrides),
+                            cwd=ROOT, stdout=log_path.open("wb"), stderr=subprocess.STDOUT)
+
+
+def stop_process(process: subprocess.Popen, timeout: float = 15.0) -> int:
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    return process.returncode
+
+
+@pytest.fixture(scope="session")
+def worker(settings: Settings) -> Iterator[subprocess.Popen]:
+    process = start_worker(settings)
+    yield process
+    stop_process(process)
+
+
 @pytest.fixture(scope="session")
 def proxy(settings: Settings) -> Iterator[Server]:
     server = start_proxy(settings)
@@ -254,9 +279,14 @@ class Factory:
                                       name, api_format, base_url, *columns.values())
 
     async def model(self, provider_id: int, *, kind: str = "chat", upstream_model: str | None = None,
-                    name: str | None = None, **route_columns: object) -> str:
+                    name: str | None = None, price: tuple[int, int] = (1_000_000, 2_000_000),
+                    **route_columns: object) -> str:
+        """A model routed to `provider_id`, priced (input, output) µ$ per million tokens from the past."""
         name = name or f"m-{secrets.token_hex(4)}"
         await self.db.execute("insert into models (name, kind) values ($1, $2) on conflict do nothing", name, kind)
+        await self.db.execute(
+            """insert into model_prices (model, input_micros_per_mtok, output_micros_per_mtok, effective_from)
+               values ($1, $2, $3, '2000-01-01') on conflict do nothing""", name, *price)
         await self.route(name, provider_id, upstream_model or name, **route_columns)
         return name
 

@@ -1,0 +1,171 @@
+"""Money on the hot path: one Redis call before forwarding (rate limits + reservation) and one after
+(settlement + usage event). Both are Lua scripts in `shared/lua/`; see `shared.billing`.
+
+The reservation holds the worst case: every body byte as a prompt token (a token is at least one byte)
+plus `max_tokens` (or the configured cap) of output, at the price in force when the request started.
+Settlement charges the real cost from the upstream's usage; without usage (a stream cut short) it charges a
+documented estimate: prompt = body bytes / 4, completion = the number of content events forwarded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import asyncpg
+import msgspec
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from proxy.errors import ProxyError
+from shared.apikeys import KeyRecord
+from shared.billing import BillingScripts, UsageEvent, rebuild_balance
+from shared.money import Price, format_usd
+from shared.redis_keys import RedisKeys
+from shared.settings import Settings
+
+__all__ = ["Biller", "InsufficientQuota", "RateLimited", "Reservation"]
+
+log = logging.getLogger("rocket_relay.billing")
+_encode_event = msgspec.msgpack.Encoder().encode
+
+
+class RateLimited(ProxyError):
+    status = 429
+    type = "requests"
+    code = "rate_limit_exceeded"
+
+
+class InsufficientQuota(ProxyError):
+    status = 402
+    type = "insufficient_quota"
+    code = "insufficient_quota"
+
+
+class BillingUnavailable(ProxyError):
+    status = 503
+    type = "server_error"
+    code = "billing_unavailable"
+
+
+class Reservation:
+    """What settlement needs to know about a reservation made before forwarding."""
+
+    __slots__ = ("amount", "epoch", "est_tokens", "key_id", "org_id", "price", "request_id", "started_us",
+                 "window")
+
+    def __init__(self, request_id: str, org_id: int, key_id: int, amount: int, est_tokens: int, window: int,
+                 epoch: str, price: Price, started_us: int) -> None:
+        self.request_id = request_id
+        self.org_id = org_id
+        self.key_id = key_id
+        self.amount = amount
+        self.est_tokens = est_tokens
+        self.window = window
+        self.epoch = epoch
+        self.price = price
+        self.started_us = started_us
+
+
+def _reset_in(now: float) -> bytes:
+    return f"{60 - int(now) % 60}s".encode()
+
+
+class Biller:
+    def __init__(self, settings: Settings, pool: asyncpg.Pool, redis: Redis, keys: RedisKeys) -> None:
+        self._settings = settings
+        self._pool = pool
+        self._keys = keys
+        self._scripts = BillingScripts(redis)
+        self._ttl_ms = settings.reservation_ttl_s * 1000
+        self._default_org_rpm = settings.default_org_rpm
+        self._default_org_tpm = settings.default_org_tpm
+        self._retries: set[asyncio.Task] = set()
+
+    async def reserve(self, key: KeyRecord, request_id: str, price: Price, body_bytes: int, max_output: int,
+                      started: float, headers: list[tuple[bytes, bytes]]) -> Reservation:
+        """Check rate limits and hold the worst-case cost; adds the x-ratelimit-* headers to `headers`."""
+        amount = -(-(body_bytes * price.input_micros_per_mtok + max_output * price.output_micros_per_mtok)
+                   // 1_000_000) + price.request_micros
+        est_tokens = -(-body_bytes // 4) + max_output
+        window = int(started // 60)
+        org = self._keys.org(key.org_id)
+        keys = [org.balance, org.reservations, org.reservation_expiry, org.rate_window(window)]
+        args = [request_id, amount, est_tokens, key.key_id, key.rpm_limit or 0, key.tpm_limit or 0,
+                key.org_rpm_limit or self._default_org_rpm, key.org_tpm_limit or self._default_org_tpm,
+                int(started * 1000), self._ttl_ms]
+        try:
+            reply = await self._scripts.reserve(keys=keys, args=args)
+            if reply[0] == 0:  # no live balance yet (or Redis lost it): rebuild from PostgreSQL, then retry
+                if await rebuild_balance(self._pool, self._scripts, self._keys, key.org_id) is None:
+                    raise BillingUnavailable("This organization has no balance account.")
+                reply = await self._scripts.reserve(keys=keys, args=args)
+        except (RedisError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            log.warning("reservation failed: %s", type(exc).__name__)
+            raise BillingUnavailable("Billing is temporarily unavailable; the request was not forwarded.") from None
+        status = reply[0]
+        if status == 3:
+            _, epoch, lim_r, rem_r, lim_t, rem_t = reply
+            reset = _reset_in(started)
+            if lim_r >= 0:
+                headers += [(b"x-ratelimit-limit-requests", b"%d" % lim_r),
+                            (b"x-ratelimit-remaining-requests", b"%d" % max(rem_r, 0)),
+                            (b"x-ratelimit-reset-requests", reset)]
+            if lim_t >= 0:
+                headers += [(b"x-ratelimit-limit-tokens", b"%d" % lim_t),
+                            (b"x-ratelimit-remaining-tokens", b"%d" % max(rem_t, 0)),
+                            (b"x-ratelimit-reset-tokens", reset)]
+            return Reservation(request_id, key.org_id, key.key_id, amount, est_tokens, window,
+                               epoch.decode() if isinstance(epoch, bytes) else str(epoch), price,
+                               int(started * 1_000_000))
+        if status == 1:
+            kind = reply[1].decode()
+            reset = _reset_in(started)
+            limit_headers = [(b"retry-after", reset[:-1]), (f"x-ratelimit-limit-{kind}".encode(), b"%d" % reply[2]),
+                             (f"x-ratelimit-remaining-{kind}".encode(), b"%d" % max(reply[3], 0)),
+                             (f"x-ratelimit-reset-{kind}".encode(), reset)]
+            raise RateLimited(f"Rate limit reached: {reply[2]} {kind} per minute. Retry after {reset.decode()}.",
+                              code="rate_limit_exceeded", headers=limit_headers)
+        raise InsufficientQuota(
+            f"Insufficient balance: this request may cost up to ${format_usd(amount)} and "
+            f"${format_usd(max(reply[1], 0))} is available. Add funds to continue.",
+        )
+
+    async def settle(self, res: Reservation, event: UsageEvent | None, actual_tokens: int) -> int:
+        """Release the reservation and debit `event.cost_micros` (nothing for a failed request).
+
+        Returns the cost charged. Redis failures are retried in the background until the reservation would
+        expire: the settle script is idempotent, so a retry never charges twice.
+        """
+        org = self._keys.org(res.org_id)
+        cost = event.cost_micros if event is not None else 0
+        keys = [org.balance, org.reservations, org.reservation_expiry, org.rate_window(res.window), org.stream]
+        args = [res.request_id, cost, actual_tokens - res.est_tokens, res.key_id, res.org_id, res.epoch,
+                _encode_event(event) if event is not None else b""]  # no event: a failed request, release only
+        try:
+            await self._scripts.settle(keys=keys, args=args)
+        except (RedisError, OSError) as exc:
+            log.error("settlement of %s failed (%s); retrying in the background", res.request_id,
+                      type(exc).__name__)
+            task = asyncio.create_task(self._retry_settle(keys, args))
+            self._retries.add(task)
+            task.add_done_callback(self._retries.discard)
+        return cost
+
+    async def _retry_settle(self, keys: list, args: list) -> None:
+        deadline = time.monotonic() + self._settings.reservation_ttl_s - self._settings.max_request_duration_s
+        delay = 0.1
+        while time.monotonic() < deadline:
+            await asyncio.sleep(delay)
+            try:
+                await self._scripts.settle(keys=keys, args=args)
+                return
+            except (RedisError, OSError):
+                delay = min(delay * 2, 5.0)
+        log.error("settlement abandoned after retries: request %s", args[0])
+
+    async def close(self) -> None:
+        """Wait briefly for background settlement retries (graceful shutdown)."""
+        if self._retries:
+            await asyncio.wait(self._retries, timeout=5.0)

@@ -1,0 +1,147 @@
+"""The billing primitives shared by the proxy, the flusher, the control plane and the reconciler.
+
+- `BillingScripts`: the Lua scripts (in `shared/lua/`), loaded once per client and called by SHA
+  (redis-py's `Script` re-loads them on NOSCRIPT).
+- `UsageEvent`: what the settle script appends to the billing stream, msgpack-encoded.
+- `rebuild_balance`: (re)creates an org's live Redis balance from PostgreSQL plus un-flushed events.
+- `apply_ledger_entry`: top-ups and adjustments: PostgreSQL ledger first, then the live balance.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import asyncpg
+import msgspec
+from redis.asyncio import Redis
+
+from shared.redis_keys import RedisKeys
+
+__all__ = [
+    "CREDIT_KINDS",
+    "BillingScripts",
+    "LedgerResult",
+    "RebuildResult",
+    "UsageEvent",
+    "apply_ledger_entry",
+    "rebuild_balance",
+]
+
+_LUA = Path(__file__).with_name("lua")
+CREDIT_KINDS = ("topup", "refund", "adjustment", "payment_reversal")
+
+
+class UsageEvent(msgspec.Struct, frozen=True, array_like=True):
+    """One billed request, as appended to the billing stream by the settle script."""
+
+    request_id: str
+    created_us: int  # when the request started (unix µs): the price in force then applies
+    org_id: int
+    api_key_id: int
+    model: str
+    provider: str | None
+    route_id: int | None
+    prompt_tokens: int
+    completion_tokens: int
+    cost_micros: int
+    price_id: int | None
+    byok: bool = False
+
+
+class BillingScripts:
+    """The billing Lua scripts registered on one Redis client."""
+
+    def __init__(self, redis: Redis) -> None:
+        def load(name: str):
+            return redis.register_script((_LUA / f"{name}.lua").read_text())
+
+        self.reserve = load("reserve")
+        self.settle = load("settle")
+        self.rebuild = load("rebuild")
+        self.credit = load("credit")
+
+
+@dataclass(frozen=True, slots=True)
+class RebuildResult:
+    created: bool  # false: a live balance already existed (or dry run)
+    balance_micros: int  # what the live balance is (or, dry run: should be)
+    live_micros: int | None = None  # dry run: what Redis holds now
+    unflushed_events: int = 0
+
+
+async def _snapshot(pool: asyncpg.Pool, org_id: int, shard: int) -> tuple[int, int, str, list[str]] | None:
+    """The org's PostgreSQL balance, credit limit, the shard's flush watermark and recent credit ids,
+    read in one snapshot (so the watermark and the balance agree)."""
+    async with pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
+        row = await conn.fetchrow(
+            """select b.balance_micros, o.credit_limit_micros from org_balances b
+               join orgs o on o.id = b.org_id where b.org_id = $1""", org_id)
+        if row is None:
+            return None
+        mark = await conn.fetchrow("select last_ms, last_seq from billing_watermarks where shard = $1", shard)
+        credits = await conn.fetch(
+            """select id from balance_transactions where org_id = $1 and kind <> 'usage'
+               and created_at > now() - interval '1 hour'""", org_id)
+    watermark = f"{mark['last_ms']}-{mark['last_seq']}" if mark else "0-0"
+    return row["balance_micros"], row["credit_limit_micros"], watermark, [str(r["id"]) for r in credits]
+
+
+async def rebuild_balance(pool: asyncpg.Pool, scripts: BillingScripts, keys: RedisKeys, org_id: int,
+                          *, dry_run: bool = False) -> RebuildResult | None:
+    """Create the org's live balance unless it exists; None if the org has no balance row."""
+    org = keys.org(org_id)
+    snap = await _snapshot(pool, org_id, org.shard)
+    if snap is None:
+        return None
+    pg_balance, credit_limit, watermark, included = snap
+    reply = await scripts.rebuild(
+        keys=[org.balance, org.reservations, org.stream, org.pending_credits, org.applied_credits],
+        args=[pg_balance, credit_limit, watermark, org_id, os.urandom(6).hex(), "1" if dry_run else "0", *included],
+    )
+    if reply[0] == 0:
+        return RebuildResult(False, pg_balance)
+    if reply[0] == 2:
+        live = int(reply[2]) if reply[2] else None
+        return RebuildResult(False, int(reply[1]), live, int(reply[3]))
+    return RebuildResult(True, int(reply[1]))
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerResult:
+    transaction_id: int
+    created: bool  # false: the external id was seen before; nothing changed
+
+
+async def apply_ledger_entry(
+    pool: asyncpg.Pool, scripts: BillingScripts, keys: RedisKeys, org_id: int, kind: str, amount_micros: int,
+    *, external_id: str | None = None, reason: str | None = None, actor_user_id: int | None = None,
+) -> LedgerResult:
+    """Record a balance change in the PostgreSQL ledger, then apply it to the live Redis balance.
+
+    Idempotent on (kind, external_id): a repeated top-up returns the first transaction and changes nothing.
+    If Redis can't be reached after the commit, the ledger still holds the change and the reconciler
+    reports (and `--repair` fixes) the live balance.
+    """
+    if kind not in CREDIT_KINDS:
+        raise ValueError(f"kind must be one of {', '.join(CREDIT_KINDS)}")
+    if not isinstance(amount_micros, int) or isinstance(amount_micros, bool):
+        raise TypeError("amount_micros must be an int (micro-units)")
+    async with pool.acquire() as conn, conn.transaction():
+        txn_id = await conn.fetchval(
+            """insert into balance_transactions (org_id, kind, amount_micros, external_id, reason, actor_user_id)
+               values ($1, $2, $3, $4, $5, $6) on conflict do nothing returning id""",
+            org_id, kind, amount_micros, external_id, reason, actor_user_id,
+        )
+        if txn_id is None:
+            existing = await conn.fetchval(
+                "select id from balance_transactions where kind = $1 and external_id = $2", kind, external_id)
+            return LedgerResult(existing, False)
+        await conn.execute(
+            "update org_balances set balance_micros = balance_micros + $2, updated_at = now() where org_id = $1",
+            org_id, amount_micros,
+        )
+    org = keys.org(org_id)
+    await scripts.credit(keys=[org.balance, org.pending_credits, org.applied_credits], args=[txn_id, amount_micros])
+    return LedgerResult(txn_id, True)

@@ -1,0 +1,73 @@
+"""`rr-worker`: the background workers of one process — the billing flusher and the partition manager.
+
+Stateless apart from PostgreSQL and Redis: run as many copies as you like; the flusher's shard leases
+keep them from stepping on each other. SIGTERM/SIGINT stop it after the batch in hand.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+
+import asyncpg
+from redis.asyncio import Redis
+
+from shared.settings import Settings, SettingsError, load_settings
+from shared.workers.flusher import BillingFlusher
+
+log = logging.getLogger("rocket_relay.worker")
+
+PARTITION_CHECK_INTERVAL_S = 3600.0
+
+
+async def manage_partitions(pool: asyncpg.Pool, stop: asyncio.Event) -> None:
+    """Keep the next months' partitions of the partitioned tables created ahead of time."""
+    while not stop.is_set():
+        try:
+            for table in ("request_logs", "usage_records"):
+                await pool.fetchval("select rr_ensure_month_partitions($1, 2)", table)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            log.warning("partition check failed (%s)", type(exc).__name__)
+        try:
+            await asyncio.wait_for(stop.wait(), PARTITION_CHECK_INTERVAL_S)
+        except TimeoutError:
+            pass
+
+
+async def run_workers(settings: Settings) -> None:
+    pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=4, command_timeout=60)
+    redis = Redis.from_url(settings.redis_url, socket_connect_timeout=5)
+    flusher = BillingFlusher(settings, pool, redis)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    tasks = [asyncio.create_task(flusher.run()), asyncio.create_task(manage_partitions(pool, stop))]
+    log.info("worker started: billing flusher (%d shards), partition manager", settings.billing_shards)
+    await stop.wait()
+    flusher.stop()
+    await asyncio.wait(tasks, timeout=15)
+    await redis.aclose()
+    await pool.close()
+    log.info("worker stopped; %d events flushed", flusher.flushed)
+
+
+def main() -> None:
+    try:
+        settings = load_settings()
+    except SettingsError as exc:
+        print(f"rr-worker: {exc}", file=sys.stderr)
+        sys.exit(2)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    try:
+        import uvloop
+
+        uvloop.run(run_workers(settings))
+    except ImportError:
+        asyncio.run(run_workers(settings))
+
+
+if __name__ == "__main__":
+    main()
