@@ -26,6 +26,7 @@ from proxy.relay import is_model_path, relay
 from proxy.routing import Catalogue, load_catalogue
 from proxy.upstream import UpstreamClient
 from shared.crypto import box_from_settings
+from shared.redis_client import connect_redis
 from shared.redis_keys import RedisKeys
 from shared.settings import Settings, load_settings
 
@@ -180,7 +181,7 @@ class ProxyApp:
 async def _start_state(settings: Settings) -> ProxyState:
     started = time.perf_counter()
     pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=4, command_timeout=30)
-    redis = Redis.from_url(settings.redis_url, socket_connect_timeout=5, health_check_interval=30)
+    redis = connect_redis(settings.redis_url)
     state = ProxyState(settings, pool, redis)
     await state.start()
     log.info("proxy worker ready in %.0f ms", (time.perf_counter() - started) * 1000)

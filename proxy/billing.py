@@ -146,8 +146,8 @@ class Biller:
         try:
             await self._scripts.settle(keys=keys, args=args)
         except (RedisError, OSError) as exc:
-            log.error("settlement of %s failed (%s); retrying in the background", res.request_id,
-                      type(exc).__name__)
+            log.error("settlement of %s failed (%s: %s); retrying in the background", res.request_id,
+                      type(exc).__name__, exc)
             task = asyncio.create_task(self._retry_settle(keys, args))
             self._retries.add(task)
             task.add_done_callback(self._retries.discard)

@@ -222,6 +222,7 @@ async def _relay_stream(resp: UpstreamResponse, receive: Receive, send: Send, re
             # The client went away (or the stream outlived its reservation): stop reading upstream now,
             # so the provider stops generating, and charge what was produced.
             pump.cancel()
+            await asyncio.gather(pump, return_exceptions=True)
             if watcher.done():
                 rec.status_code, rec.error_code = 499, "client_cancelled"
             else:

@@ -38,7 +38,8 @@ class StreamMeter:
             return b""
         complete, self._tail = buf[:end], buf[end:]
         self.events += complete.count(b"data:")
-        if self.model is None or b'"usage"' in complete:
+        # Chunks carry `"usage":null` until the last one: only a usage object is worth parsing.
+        if self.model is None or b'"usage":{' in complete or b'"usage": {' in complete:
             return self._inspect(complete)
         return complete
 

@@ -381,6 +381,10 @@ def run(stack: DevStack, env: dict[str, str], data_dir: Path) -> None:
         _say(f"applied {len(applied)} migration(s)")
     base_url, upstream_key, upstream = _start_upstream(stack, env, data_dir)
     seed = _seed(settings, base_url, upstream_key, demo_key)
+    stack.add("worker", ChildProcess(
+        [sys.executable, "-m", "shared.workers.main"], env=env, grace_s=PROXY_STOP_GRACE_S,
+        log_path=data_dir / "worker.log",
+    ))
     proxy_port = _start_proxy(stack, env, settings)
     _print_banner(postgres=postgres, redis=redis, upstream=upstream, proxy_port=proxy_port, seed=seed)
     _watch(stack)

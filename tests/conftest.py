@@ -257,13 +257,17 @@ class Factory:
         self.settings = settings
 
     async def org(self, *, balance_micros: int = 100_000_000, **columns: object) -> int:
+        """An org whose opening balance is one ledger transaction (so balance == sum of transactions)."""
         code = f"t-{secrets.token_hex(5)}"
         names = ", ".join(["name", "code", *columns])
         params = ", ".join(f"${i}" for i in range(1, len(columns) + 3))
-        org_id = await self.db.fetchval(f"insert into orgs ({names}) values ({params}) returning id",
-                                        f"Org {code}", code, *columns.values())
-        await self.db.execute("insert into org_balances (org_id, balance_micros) values ($1, $2)",
-                              org_id, balance_micros)
+        async with self.db.acquire() as conn, conn.transaction():
+            org_id = await conn.fetchval(f"insert into orgs ({names}) values ({params}) returning id",
+                                         f"Org {code}", code, *columns.values())
+            await conn.execute("insert into org_balances (org_id, balance_micros) values ($1, $2)",
+                               org_id, balance_micros)
+            await conn.execute("""insert into balance_transactions (org_id, kind, amount_micros, reason)
+                                  values ($1, 'adjustment', $2, 'opening balance')""", org_id, balance_micros)
         return org_id
 
     async def key(self, org_id: int | None = None, **options: object) -> tuple[int, str]:

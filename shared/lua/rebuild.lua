@@ -3,6 +3,8 @@
 -- watermark (not in PostgreSQL yet) + credits applied while the balance was missing and not in the
 -- snapshot. Race prevented: events and credits landing between the snapshot and this call being lost or
 -- counted twice; this script sees the stream and credit markers at one instant.
+-- Numbers go back to Redis as integer strings: Lua would write -0 or 1e+15, which Redis rejects.
+local function int(x) return string.format('%d', x) end
 local bal, res, stream, pcred, acred = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local pg_balance, credit_limit = tonumber(ARGV[1]), tonumber(ARGV[2])
 local watermark, org_id, epoch, dry_run = ARGV[3], ARGV[4], ARGV[5], ARGV[6] == '1'
@@ -26,13 +28,13 @@ for i = 1, #pending, 2 do
 end
 if dry_run then
   local live = redis.call('HGET', bal, 'balance')
-  return {2, tostring(balance), live or '', unflushed}
+  return {2, int(balance), live or '', unflushed}
 end
 
 local reserved = 0
 for _, v in ipairs(redis.call('HVALS', res)) do reserved = reserved + tonumber(v) end
-redis.call('HSET', bal, 'balance', balance, 'reserved', reserved, 'credit', credit_limit, 'epoch', epoch)
+redis.call('HSET', bal, 'balance', int(balance), 'reserved', int(reserved), 'credit', int(credit_limit), 'epoch', epoch)
 redis.call('DEL', pcred)
 for txn, _ in pairs(included) do redis.call('HSET', acred, txn, 1) end
 if next(included) then redis.call('EXPIRE', acred, 7200) end
-return {1, tostring(balance)}
+return {1, int(balance)}

@@ -1,6 +1,8 @@
 -- Rate-limit check and balance reservation for one request, in one atomic call.
 -- Race prevented: two proxies checking the same balance or counter and both passing. Everything is read
 -- and written here, in one script, so concurrent requests of one org serialise on Redis.
+-- Numbers go back to Redis as integer strings: Lua would write -0 or 1e+15, which Redis rejects.
+local function int(x) return string.format('%d', x) end
 local bal, res, rexp, rl = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local rid = ARGV[1]
 local amount = tonumber(ARGV[2])
@@ -16,7 +18,7 @@ for _, id in ipairs(stale) do
   local held = redis.call('HGET', res, id)
   if held then
     redis.call('HDEL', res, id)
-    redis.call('HINCRBY', bal, 'reserved', -tonumber(held))
+    redis.call('HINCRBY', bal, 'reserved', int(0 - tonumber(held)))
   end
   redis.call('ZREM', rexp, id)
 end
@@ -38,13 +40,13 @@ local b = redis.call('HMGET', bal, 'balance', 'reserved', 'credit', 'epoch')
 local available = tonumber(b[1]) + tonumber(b[3] or 0) - tonumber(b[2] or 0)
 if amount > available then return {2, available} end
 
-redis.call('HINCRBY', bal, 'reserved', amount)
-redis.call('HSET', res, rid, amount)
-redis.call('ZADD', rexp, now_ms + ttl_ms, rid)
+redis.call('HINCRBY', bal, 'reserved', int(amount))
+redis.call('HSET', res, rid, int(amount))
+redis.call('ZADD', rexp, int(now_ms + ttl_ms), rid)
 redis.call('HINCRBY', rl, kr, 1)
-redis.call('HINCRBY', rl, kt, est_tokens)
+redis.call('HINCRBY', rl, kt, int(est_tokens))
 redis.call('HINCRBY', rl, 'o:r', 1)
-redis.call('HINCRBY', rl, 'o:t', est_tokens)
+redis.call('HINCRBY', rl, 'o:t', int(est_tokens))
 redis.call('PEXPIRE', rl, 120000)
 -- The tightest remaining requests / tokens across key and org limits (-1: unlimited).
 local rem_r, lim_r, rem_t, lim_t = -1, -1, -1, -1

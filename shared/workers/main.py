@@ -12,8 +12,8 @@ import signal
 import sys
 
 import asyncpg
-from redis.asyncio import Redis
 
+from shared.redis_client import connect_redis
 from shared.settings import Settings, SettingsError, load_settings
 from shared.workers.flusher import BillingFlusher
 
@@ -38,7 +38,7 @@ async def manage_partitions(pool: asyncpg.Pool, stop: asyncio.Event) -> None:
 
 async def run_workers(settings: Settings) -> None:
     pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=4, command_timeout=60)
-    redis = Redis.from_url(settings.redis_url, socket_connect_timeout=5)
+    redis = connect_redis(settings.redis_url)
     flusher = BillingFlusher(settings, pool, redis)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
