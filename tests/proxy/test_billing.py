@@ -254,8 +254,9 @@ async def test_top_up_is_idempotent_and_reaches_the_live_balance(
     resp = await client.post(proxy.url + "/v1/chat/completions", headers=t.auth, json={"model": t.model, **CHAT})
     assert resp.status_code == 402  # the live balance now exists, at zero
     scripts = BillingScripts(redis)
-    first = await apply_ledger_entry(db, scripts, redis_keys, t.org_id, "topup", 2_000_000, external_id=f"pi_{t.org_id}")
-    again = await apply_ledger_entry(db, scripts, redis_keys, t.org_id, "topup", 2_000_000, external_id=f"pi_{t.org_id}")
+    payment = f"pi_{t.org_id}"
+    first = await apply_ledger_entry(db, scripts, redis_keys, t.org_id, "topup", 2_000_000, external_id=payment)
+    again = await apply_ledger_entry(db, scripts, redis_keys, t.org_id, "topup", 2_000_000, external_id=payment)
     assert first.created and not again.created and again.transaction_id == first.transaction_id
     assert await pg_money(db, t.org_id) == (2_000_000, 2_000_000)
     assert (await live(redis, redis_keys, t.org_id))["balance"] == 2_000_000
