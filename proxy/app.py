@@ -18,8 +18,10 @@ from redis.asyncio import Redis
 
 from proxy.auth import Authenticator
 from proxy.billing import Biller
+from proxy.byok import ByokCredentials
 from proxy.errors import MethodNotAllowed, NotFound, ProxyError, error_body
 from proxy.events import EventListener
+from proxy.health import CircuitBreakers
 from proxy.http import ClientAddress, Receive, RequestHeaders, Scope, Send, send_response
 from proxy.records import RequestLogWriter, RequestRecord
 from proxy.relay import is_model_path, relay
@@ -53,6 +55,8 @@ class ProxyState:
         )
         self.catalogue = Catalogue({})
         self.biller = Biller(settings, pool, redis, self.keys)
+        self.breakers = CircuitBreakers(threshold=settings.breaker_threshold, cooldown_s=settings.breaker_cooldown_s)
+        self.byok = ByokCredentials(pool, self.box, ttl_s=60.0)
         self.upstream = UpstreamClient(pool_size=settings.upstream_pool_size,
                                        max_connect_timeout_s=settings.upstream_connect_timeout_s,
                                        max_read_timeout_s=settings.upstream_read_timeout_s)
@@ -60,7 +64,7 @@ class ProxyState:
                                            interval_s=settings.log_flush_interval_ms / 1000,
                                            buffer_max=settings.log_buffer_max)
         self.client_address = ClientAddress(settings.trusted_proxy_header, settings.trusted_proxies)
-        self.events = EventListener(redis, self.keys, self.auth, self.reload_catalogue,
+        self.events = EventListener(redis, self.keys, self.auth, self.byok, self.reload_catalogue,
                                     refresh_interval_s=settings.config_refresh_interval_s)
 
     async def reload_catalogue(self) -> None:

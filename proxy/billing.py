@@ -21,7 +21,7 @@ from redis.exceptions import RedisError
 from proxy.errors import ProxyError
 from shared.apikeys import KeyRecord
 from shared.billing import BillingScripts, UsageEvent, rebuild_balance
-from shared.money import Price, format_usd
+from shared.money import Price, format_usd, worst_case_micros
 from shared.redis_keys import RedisKeys
 from shared.settings import Settings
 
@@ -86,8 +86,7 @@ class Biller:
     async def reserve(self, key: KeyRecord, request_id: str, price: Price, body_bytes: int, max_output: int,
                       started: float, headers: list[tuple[bytes, bytes]]) -> Reservation:
         """Check rate limits and hold the worst-case cost; adds the x-ratelimit-* headers to `headers`."""
-        amount = -(-(body_bytes * price.input_micros_per_mtok + max_output * price.output_micros_per_mtok)
-                   // 1_000_000) + price.request_micros
+        amount = worst_case_micros(price, body_bytes, max_output)
         est_tokens = -(-body_bytes // 4) + max_output
         window = int(started // 60)
         org = self._keys.org(key.org_id)

@@ -12,6 +12,7 @@ import orjson
 __all__ = [
     "AuthenticationError",
     "BodyTooLarge",
+    "ByokRejected",
     "InvalidRequest",
     "MethodNotAllowed",
     "ModelNotFound",
@@ -67,6 +68,14 @@ class ModelUnavailable(ProxyError):
     status = 503
     type = "server_error"
     code = "model_unavailable"
+
+
+class ByokRejected(ProxyError):
+    """The upstream refused the org's own (BYOK) credential: the client's configuration, not our failure."""
+
+    status = 400
+    type = "invalid_request_error"
+    code = "byok_credential_rejected"
 
 
 class MethodNotAllowed(ProxyError):

@@ -1,8 +1,9 @@
 """Keeps this process's caches current: listens on the Redis events channel and refreshes periodically.
 
-Messages: `key:<prefix>` evicts one cached API key; `config` reloads the catalogue (models, routes,
-providers). After a (re)connection everything is reloaded, since messages sent while we were away are lost;
-the periodic refresh bounds staleness even if the channel silently stalls.
+Messages: `key:<prefix>` evicts one cached API key; `byok:<org id>` evicts an org's BYOK credentials;
+`config` reloads the catalogue (models, prices, routes, providers) and drops cached BYOK credentials.
+After a (re)connection everything is reloaded, since messages sent while we were away are lost; the periodic
+refresh bounds staleness even if the channel silently stalls.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from proxy.auth import Authenticator
+from proxy.byok import ByokCredentials
 from shared.redis_keys import RedisKeys
 
 __all__ = ["EventListener"]
@@ -23,11 +25,12 @@ log = logging.getLogger("rocket_relay.events")
 
 
 class EventListener:
-    def __init__(self, redis: Redis, keys: RedisKeys, auth: Authenticator,
+    def __init__(self, redis: Redis, keys: RedisKeys, auth: Authenticator, byok: ByokCredentials,
                  reload_catalogue: Callable[[], Awaitable[None]], *, refresh_interval_s: float) -> None:
         self._redis = redis
         self._keys = keys
         self._auth = auth
+        self._byok = byok
         self._reload = reload_catalogue
         self._interval = refresh_interval_s
         self._tasks: list[asyncio.Task] = []
@@ -50,6 +53,7 @@ class EventListener:
                 await pubsub.subscribe(self._keys.events_channel)
                 if not first:
                     self._auth.clear()
+                    self._byok.clear()
                     await self._reload()
                 first = False
                 self.subscribed.set()
@@ -68,7 +72,10 @@ class EventListener:
     async def _handle(self, data: bytes) -> None:
         if data.startswith(b"key:"):
             self._auth.evict(data[4:].decode())
+        elif data.startswith(b"byok:"):
+            self._byok.evict(int(data[5:]))
         elif data == b"config":
+            self._byok.clear()
             await self._reload()
 
     async def _refresh(self) -> None:

@@ -24,7 +24,7 @@ COLUMNS = (
     "created_at", "request_id", "client_request_id", "org_id", "api_key_id", "model", "provider",
     "route_id", "upstream_model", "reported_model", "path", "method", "status_code", "error_code",
     "stream", "latency_ms", "ttfb_ms", "prompt_tokens", "completion_tokens", "total_tokens", "attempts",
-    "cost_micros", "client_ip", "user_agent",
+    "cost_micros", "client_ip", "user_agent", "byok",
 )
 
 
@@ -32,7 +32,7 @@ class RequestRecord:
     """Everything we keep about one request. Filled in as the request moves along."""
 
     __slots__ = (
-        "api_key_id", "attempts", "client_ip", "client_request_id", "completion_tokens", "cost_micros",
+        "api_key_id", "attempts", "byok", "client_ip", "client_request_id", "completion_tokens", "cost_micros",
         "created_at", "error_code", "method", "model", "org_id", "path", "prompt_tokens", "provider",
         "reported_model", "request_id", "route_id", "started", "started_wall", "status_code", "stream", "ttfb_ms",
         "upstream_model", "user_agent",
@@ -64,6 +64,7 @@ class RequestRecord:
         self.completion_tokens: int | None = None
         self.attempts = 0
         self.cost_micros: int | None = None
+        self.byok = False
 
     def mark_first_byte(self) -> None:
         if self.ttfb_ms is None:
@@ -79,7 +80,7 @@ class RequestRecord:
             self.method, self.status_code, self.error_code, self.stream,
             int((time.perf_counter() - self.started) * 1000), self.ttfb_ms, self.prompt_tokens,
             self.completion_tokens, total, self.attempts, self.cost_micros, self.client_ip,
-            (self.user_agent or None) and self.user_agent[:512],
+            (self.user_agent or None) and self.user_agent[:512], self.byok,
         )
 
 

@@ -8,16 +8,17 @@ needs something changed, and passed through as bytes otherwise.
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import TYPE_CHECKING, Annotated
 
 import msgspec
 import orjson
 
 from proxy.billing import Reservation
-from proxy.errors import InvalidRequest, ModelUnavailable, UpstreamError
+from proxy.errors import ByokRejected, InvalidRequest, ModelUnavailable, UpstreamError
 from proxy.http import Receive, RequestHeaders, Scope, Send, read_body, send_response
 from proxy.records import RequestRecord
-from proxy.routing import Route
+from proxy.routing import Attempt, ModelEntry, plan_attempts
 from proxy.stream import StreamMeter, sse_error_event
 from proxy.upstream import UpstreamResponse
 from shared.billing import UsageEvent
@@ -28,7 +29,7 @@ if TYPE_CHECKING:
 
 __all__ = ["is_model_path", "relay"]
 
-MAX_ATTEMPTS = 3
+
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
 
 
@@ -102,7 +103,7 @@ async def relay(state: ProxyState, path: str, scope: Scope, receive: Receive, se
                                              rec.started_wall, out_headers)
     produced = Produced()
     try:
-        await _forward(state, entry.routes, path, body, request, stream, receive, send, rec, out_headers, produced)
+        await _forward(state, entry, path, body, request, stream, receive, send, rec, out_headers, produced)
     finally:
         event = _usage_event(rec, reservation, produced, len(body))
         rec.cost_micros = await state.biller.settle(
@@ -131,19 +132,21 @@ def _usage_event(rec: RequestRecord, res: Reservation, produced: Produced, body_
     return UsageEvent(
         request_id=rec.request_id, created_us=res.started_us, org_id=res.org_id, api_key_id=res.key_id,
         model=rec.model or "", provider=rec.provider, route_id=rec.route_id, prompt_tokens=prompt,
-        completion_tokens=completion, cost_micros=cost_micros(res.price, prompt, completion),
-        price_id=res.price.id,
+        completion_tokens=completion, cost_micros=cost_micros(res.price, prompt, completion, byok=rec.byok),
+        price_id=res.price.id, byok=rec.byok,
     )
 
 
-async def _forward(state: ProxyState, routes: tuple[Route, ...], path: str, body: bytes, request: Body,
+async def _forward(state: ProxyState, entry: ModelEntry, path: str, body: bytes, request: Body,
                    stream: bool, receive: Receive, send: Send, rec: RequestRecord,
                    out_headers: list[tuple[bytes, bytes]], produced: Produced) -> None:
     # Streams: ask the upstream for usage even when the client did not, and hide that chunk from it.
     client_wants_usage = stream and request.stream_options is not None and request.stream_options.include_usage
     inject_usage = stream and not client_wants_usage
     upstream_path = path[3:]  # "/v1/chat/completions" -> "/chat/completions"; base URLs end in /v1
-    _route, resp = await _open_upstream(state, routes, upstream_path, body, request.model, inject_usage, rec)
+    attempts = plan_attempts(entry, await state.byok.for_org(rec.org_id), state.breakers, time.monotonic(),
+                             state.settings.max_attempts)
+    resp = await _open_upstream(state, attempts, upstream_path, body, request.model, inject_usage, rec)
 
     if resp.status != 200 or not stream:
         answer = await resp.read()
@@ -166,14 +169,19 @@ async def _forward(state: ProxyState, routes: tuple[Route, ...], path: str, body
         produced.content_events = meter.events
 
 
-async def _open_upstream(state: ProxyState, routes: tuple[Route, ...], path: str, body: bytes, model: str,
-                         inject_usage: bool, rec: RequestRecord) -> tuple[Route, UpstreamResponse]:
-    """Try routes in order until one answers; only failures before any byte reaches the client retry."""
+async def _open_upstream(state: ProxyState, attempts: list[Attempt], path: str, body: bytes, model: str,
+                         inject_usage: bool, rec: RequestRecord) -> UpstreamResponse:
+    """Try the planned routes in order until one answers. Only failures before any byte reached the client
+    get here, so failing over is invisible to it; the failover budget bounds the whole search."""
     parsed: dict | None = None
     last_error: UpstreamError | None = None
-    for route in routes[:MAX_ATTEMPTS]:
+    breakers = state.breakers
+    deadline = rec.started + state.settings.failover_budget_s
+    for attempt in attempts:
+        route = attempt.route
         rec.attempts += 1
-        rec.provider, rec.route_id, rec.upstream_model = route.provider, route.id, route.upstream_model
+        rec.provider, rec.route_id, rec.upstream_model, rec.byok = (route.provider, route.id, route.upstream_model,
+                                                                    attempt.byok)
         payload = body
         if inject_usage or route.upstream_model != model:
             if parsed is None:
@@ -182,12 +190,24 @@ async def _open_upstream(state: ProxyState, routes: tuple[Route, ...], path: str
             if inject_usage:
                 parsed["stream_options"] = {**(parsed.get("stream_options") or {}), "include_usage": True}
             payload = orjson.dumps(parsed)
+        now = time.monotonic()
+        breakers.attempt(route.id, now)
         try:
-            return route, await state.upstream.send(route, path, payload)
+            resp = await state.upstream.send(route, path, payload, attempt.credential)
         except UpstreamError as exc:
             last_error = exc
-            if not exc.retryable:
+            if exc.code == "upstream_auth_failed" and attempt.byok:
+                # The org's own key was refused: say so, and never fall back to ours behind its back.
+                raise ByokRejected(
+                    f"The provider {route.provider} rejected your organization's BYOK credential; "
+                    "update it in the portal.") from None
+            if exc.status != 429:
+                breakers.failure(route.id, time.monotonic())
+            if not exc.retryable or time.perf_counter() > deadline:
                 raise
+            continue
+        breakers.success(route.id)
+        return resp
     assert last_error is not None
     raise last_error
 

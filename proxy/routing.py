@@ -7,20 +7,25 @@ I/O. Provider credentials are decrypted once per load, never per request.
 
 from __future__ import annotations
 
+import random
+from itertools import groupby
+
 import asyncpg
 import msgspec
 
-from proxy.errors import InvalidRequest, ModelNotFound
+from proxy.errors import InvalidRequest, ModelNotFound, UpstreamError
+from proxy.health import CircuitBreakers
 from shared.apikeys import KeyRecord
 from shared.crypto import SecretBox
 from shared.money import Price
 
-__all__ = ["Catalogue", "Route", "load_catalogue"]
+__all__ = ["Attempt", "Catalogue", "Route", "load_catalogue", "plan_attempts"]
 
 
 class Route(msgspec.Struct, frozen=True):
     id: int
     model: str
+    provider_id: int
     provider: str
     api_format: str
     base_url: str
@@ -30,6 +35,7 @@ class Route(msgspec.Struct, frozen=True):
     read_timeout_s: float
     priority: int
     weight: int
+    status: str  # active | degraded (disabled routes are not loaded)
 
 
 class ModelEntry(msgspec.Struct, frozen=True):
@@ -39,6 +45,12 @@ class ModelEntry(msgspec.Struct, frozen=True):
     created: int
     routes: tuple[Route, ...]  # usable routes, best priority first
     prices: tuple[Price, ...]  # newest effective_from first; future prices are loaded ahead of time
+    tiers: tuple[tuple[Route, ...], ...] = ()  # routes grouped by priority, best first
+
+    def __post_init__(self) -> None:
+        if not self.tiers and self.routes:
+            tiers = tuple(tuple(g) for _, g in groupby(self.routes, key=lambda r: r.priority))
+            msgspec.structs.force_setattr(self, "tiers", tiers)
 
     def price_at(self, when: float) -> Price | None:
         """The price in force at unix time `when` (the request's start)."""
@@ -79,14 +91,67 @@ class Catalogue:
         return [m for m in self.models.values() if m.routes and (allowed is None or m.name in allowed)]
 
 
+class Attempt(msgspec.Struct, frozen=True, array_like=True):
+    """One try at a route, with the credential to use (the org's own for BYOK)."""
+
+    route: Route
+    credential: str | None
+    byok: bool
+
+
+def _weighted_order(routes: list[Route]) -> list[Route]:
+    """A random order in which heavier routes tend to come first (weighted sampling without replacement)."""
+    if len(routes) < 2:
+        return routes
+    pool, order = list(routes), []
+    while pool:
+        pick = random.random() * sum(r.weight for r in pool)
+        for i, route in enumerate(pool):
+            pick -= route.weight
+            if pick < 0 or i == len(pool) - 1:
+                order.append(pool.pop(i))
+                break
+    return order
+
+
+def plan_attempts(entry: ModelEntry, byok: dict[int, str], breakers: CircuitBreakers, now: float,
+                  limit: int) -> list[Attempt]:
+    """The routes to try, in order: the org's BYOK routes first, then by priority; within a priority,
+    active before degraded, weighted at random; routes whose breaker is open are left out."""
+    if len(entry.routes) == 1 and not byok:  # the common case, without allocation beyond the list
+        route = entry.routes[0]
+        if breakers.allows(route.id, now):
+            return [Attempt(route, route.credential, False)]
+        raise UpstreamError(f"The model `{entry.name}` is temporarily unavailable (its provider is failing).",
+                            status=503, code="model_unavailable")
+    own, ours = [], []
+    for tier in entry.tiers:
+        allowed = [r for r in tier if breakers.allows(r.id, now)]
+        ordered = _weighted_order([r for r in allowed if r.status == "active"])
+        ordered += _weighted_order([r for r in allowed if r.status != "active"])
+        for route in ordered:
+            credential = byok.get(route.provider_id)
+            if credential is not None:
+                own.append(Attempt(route, credential, True))
+            else:
+                ours.append(Attempt(route, route.credential, False))
+    attempts = (own + ours)[:limit]
+    if not attempts:
+        raise UpstreamError(f"The model `{entry.name}` is temporarily unavailable (its providers are failing).",
+                            status=503, code="model_unavailable")
+    return attempts
+
+
 _MODELS_SQL = "select name, kind, owned_by, extract(epoch from created_at)::bigint as created from models"
 _PRICES_SQL = """
 select id, model, input_micros_per_mtok, output_micros_per_mtok, request_micros,
+       byok_input_micros_per_mtok, byok_output_micros_per_mtok, byok_request_micros,
        extract(epoch from effective_from)::float8 as effective_from
 from model_prices order by model, effective_from desc
 """
 _ROUTES_SQL = """
-select r.id, r.model, p.name as provider, p.api_format, p.base_url, r.upstream_model, p.credential_secret_id,
+select r.id, r.model, p.id as provider_id, p.name as provider, r.status, p.api_format, p.base_url,
+       r.upstream_model, p.credential_secret_id,
        p.connect_timeout_ms, p.read_timeout_ms, r.priority, r.weight,
        s.kind as secret_kind, s.master_key_id, s.wrapped_key, s.ciphertext
 from routes r
@@ -106,7 +171,8 @@ async def load_catalogue(pool: asyncpg.Pool, box: SecretBox) -> Catalogue:
     for p in price_rows:
         prices.setdefault(p["model"], []).append(Price(
             p["id"], p["input_micros_per_mtok"], p["output_micros_per_mtok"], p["request_micros"],
-            p["effective_from"]))
+            p["effective_from"], p["byok_input_micros_per_mtok"], p["byok_output_micros_per_mtok"],
+            p["byok_request_micros"]))
     routes: dict[str, list[Route]] = {}
     for r in route_rows:
         credential = None
@@ -114,7 +180,8 @@ async def load_catalogue(pool: asyncpg.Pool, box: SecretBox) -> Catalogue:
             credential = box.open(r["credential_secret_id"], r["secret_kind"], r["master_key_id"],
                                   r["wrapped_key"], r["ciphertext"]).decode()
         routes.setdefault(r["model"], []).append(Route(
-            id=r["id"], model=r["model"], provider=r["provider"], api_format=r["api_format"],
+            id=r["id"], model=r["model"], provider_id=r["provider_id"], provider=r["provider"],
+            api_format=r["api_format"], status=r["status"],
             base_url=r["base_url"].rstrip("/"), upstream_model=r["upstream_model"], credential=credential,
             connect_timeout_s=r["connect_timeout_ms"] / 1000, read_timeout_s=r["read_timeout_ms"] / 1000,
             priority=r["priority"], weight=r["weight"],

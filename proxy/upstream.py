@@ -85,12 +85,12 @@ class UpstreamClient:
             )
         return timeout
 
-    async def send(self, route: Route, path: str, body: bytes) -> UpstreamResponse:
+    async def send(self, route: Route, path: str, body: bytes, credential: str | None) -> UpstreamResponse:
         """POST `body` to the route's provider; raise UpstreamError on a failure worth surfacing."""
         assert self._session is not None, "UpstreamClient.start() was not called"
         headers = {"content-type": _JSON, "accept-encoding": "identity"}
-        if route.credential:
-            headers["authorization"] = f"Bearer {route.credential}"
+        if credential:
+            headers["authorization"] = f"Bearer {credential}"
         try:
             resp = await self._session.post(route.base_url + path, data=body, headers=headers,
                                             timeout=self._timeout(route), allow_redirects=False)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import msgspec
 
-__all__ = ["MICROS_PER_USD", "Price", "cost_micros", "format_usd", "parse_usd"]
+__all__ = ["MICROS_PER_USD", "Price", "cost_micros", "format_usd", "parse_usd", "worst_case_micros"]
 
 MICROS_PER_USD = 1_000_000
 _PER_MTOK = 1_000_000
@@ -20,14 +20,28 @@ class Price(msgspec.Struct, frozen=True):
     output_micros_per_mtok: int
     request_micros: int
     effective_from: float  # unix seconds
+    # The org's BYOK rule: what we charge when the org's own provider credential served the request.
+    byok_input_micros_per_mtok: int = 0
+    byok_output_micros_per_mtok: int = 0
+    byok_request_micros: int = 0
 
 
-def cost_micros(price: Price, prompt_tokens: int, completion_tokens: int) -> int:
+def cost_micros(price: Price, prompt_tokens: int, completion_tokens: int, *, byok: bool = False) -> int:
     """Exact cost of a request in micro-units, rounded up to a whole micro-unit."""
     if prompt_tokens < 0 or completion_tokens < 0:
         raise ValueError("token counts cannot be negative")
+    if byok:
+        tokens = (prompt_tokens * price.byok_input_micros_per_mtok
+                  + completion_tokens * price.byok_output_micros_per_mtok)
+        return -(-tokens // _PER_MTOK) + price.byok_request_micros
     tokens = prompt_tokens * price.input_micros_per_mtok + completion_tokens * price.output_micros_per_mtok
     return -(-tokens // _PER_MTOK) + price.request_micros
+
+
+def worst_case_micros(price: Price, prompt_tokens: int, completion_tokens: int) -> int:
+    """The most a request of these (upper-bound) sizes can cost, whichever credential serves it."""
+    return max(cost_micros(price, prompt_tokens, completion_tokens),
+               cost_micros(price, prompt_tokens, completion_tokens, byok=True))
 
 
 def format_usd(micros: int) -> str:

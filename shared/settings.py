@@ -52,6 +52,12 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     log_flush_interval_ms: int = 200
     log_buffer_max: int = 100_000
 
+    # Failover: routes tried per request, within this budget; breakers open after N failures in a row.
+    max_attempts: int = 3
+    failover_budget_s: float = 30.0
+    breaker_threshold: int = 5
+    breaker_cooldown_s: float = 10.0
+
     # Billing. Keys of one org share the hash tag of its shard ({s:N}); each shard has one billing stream.
     billing_shards: int = 16
     reservation_ttl_s: int = 3600
@@ -74,7 +80,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
                         "log_batch_size", "log_flush_interval_ms", "log_buffer_max")
         _check_positive(self, "upstream_connect_timeout_s", "upstream_read_timeout_s", "key_cache_ttl_s",
                         "billing_shards", "reservation_ttl_s", "max_request_duration_s", "default_max_output_tokens",
-                        "flusher_batch_size", "flusher_block_ms", "flusher_lease_ms")
+                        "flusher_batch_size", "flusher_block_ms", "flusher_lease_ms", "max_attempts",
+                        "failover_budget_s", "breaker_threshold", "breaker_cooldown_s")
         if self.max_request_duration_s >= self.reservation_ttl_s:
             raise SettingsError(f"{ENV_NAMES['max_request_duration_s']} must be below {ENV_NAMES['reservation_ttl_s']}")
         if len(self.key_pepper) < 16:

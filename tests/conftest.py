@@ -102,6 +102,8 @@ def settings(servers: tuple[str, str]) -> Iterator[Settings]:
         log_flush_interval_ms=50,
         max_body_bytes=1024 * 1024,
         key_cache_ttl_s=2.0,
+        breaker_cooldown_s=1.0,
+        breaker_threshold=3,
         upstream_read_timeout_s=3.0,
     )
     asyncio.run(drop())

@@ -1,0 +1,49 @@
+"""Per-route circuit breakers, kept in each proxy process.
+
+A route that fails `threshold` times in a row (connection errors, timeouts, 5xx) is opened: no traffic for
+`cooldown_s`. Then one probe request is let through (half-open); success closes the breaker, failure
+opens it for another cool-down. A probe that never reports back (its client went away) is retried after a
+cool-down too. Upstream 429s fail over but don't open the breaker: the route is busy, not broken.
+"""
+
+from __future__ import annotations
+
+__all__ = ["CircuitBreakers"]
+
+
+class CircuitBreakers:
+    __slots__ = ("_cooldown", "_state", "_threshold")
+
+    def __init__(self, *, threshold: int, cooldown_s: float) -> None:
+        if threshold <= 0 or cooldown_s <= 0:
+            raise ValueError("threshold and cooldown_s must be positive")
+        self._threshold = threshold
+        self._cooldown = cooldown_s
+        # route id -> [consecutive failures, open until (monotonic s, 0 = closed), probe started at (0 = none)]
+        self._state: dict[int, list] = {}
+
+    def allows(self, route_id: int, now: float) -> bool:
+        state = self._state.get(route_id)
+        if state is None or state[1] == 0.0:
+            return True
+        return now >= state[1] and (state[2] == 0.0 or now - state[2] > self._cooldown)
+
+    def is_open(self, route_id: int) -> bool:
+        state = self._state.get(route_id)
+        return state is not None and state[1] != 0.0
+
+    def attempt(self, route_id: int, now: float) -> None:
+        state = self._state.get(route_id)
+        if state is not None and state[1] != 0.0:
+            state[2] = now  # this request is the half-open probe
+
+    def success(self, route_id: int) -> None:
+        if route_id in self._state:
+            del self._state[route_id]
+
+    def failure(self, route_id: int, now: float) -> None:
+        state = self._state.setdefault(route_id, [0, 0.0, 0.0])
+        state[0] += 1
+        if state[2] != 0.0 or state[0] >= self._threshold:
+            state[1] = now + self._cooldown
+            state[2] = 0.0
