@@ -48,7 +48,7 @@ class ProxyState:
         self.pool = pool
         self.redis = redis
         self.keys = RedisKeys(settings.redis_prefix, settings.billing_shards)
-        self.box = box_from_settings(settings.master_key_bytes, settings.master_key_id)
+        self.box = box_from_settings(settings.master_key_bytes, settings.master_key_id, settings.old_master_keys_map)
         self.auth = Authenticator(
             pool, redis, self.keys, settings.key_pepper.encode(), ttl_s=settings.key_cache_ttl_s,
             negative_ttl_s=settings.key_negative_cache_ttl_s, redis_ttl_s=settings.redis_key_cache_ttl_s,

@@ -15,7 +15,7 @@ import asyncpg
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-__all__ = ["DecryptionError", "SecretBox", "box_from_settings", "load_secret", "store_secret"]
+__all__ = ["DecryptionError", "SecretBox", "box_from_settings", "load_secret", "rewrap_all", "store_secret"]
 
 _NONCE = 12
 
@@ -105,6 +105,55 @@ async def load_secret(conn: asyncpg.Connection | asyncpg.Pool, box: SecretBox, s
     return box.open(secret_id, row["kind"], row["master_key_id"], row["wrapped_key"], row["ciphertext"]).decode()
 
 
-def box_from_settings(master_key: bytes, master_key_id: str) -> SecretBox:
-    """The box every process builds at start-up from `Settings.master_key_bytes` / `master_key_id`."""
-    return SecretBox({master_key_id: master_key}, master_key_id)
+def box_from_settings(master_key: bytes, master_key_id: str, old_keys: dict[str, bytes] | None = None) -> SecretBox:
+    """The box every process builds at start-up from `Settings.master_key_bytes` / `master_key_id`
+    (and `old_master_keys_map` during a rotation: old rows keep opening until re-wrapped)."""
+    return SecretBox({**(old_keys or {}), master_key_id: master_key}, master_key_id)
+
+
+async def rewrap_all(pool: asyncpg.Pool, box: SecretBox, *, batch: int = 500) -> int:
+    """Re-wrap every secret not yet under the current master key; returns how many it re-wrapped.
+
+    Only the small wrapped data key changes; ciphertexts stay. Each row is updated only if it still has the
+    key id we read (a concurrent rotation or edit wins), so it is safe to run while everything serves.
+    """
+    done = 0
+    while True:
+        rows = await pool.fetch(
+            "select id, kind, master_key_id, wrapped_key from secrets where master_key_id <> $1 limit $2",
+            box.current_key_id, batch)
+        if not rows:
+            return done
+        for row in rows:
+            key_id, wrapped = box.rewrap(row["id"], row["kind"], row["master_key_id"], row["wrapped_key"])
+            status = await pool.execute(
+                """update secrets set master_key_id = $1, wrapped_key = $2, rotated_at = now()
+                   where id = $3 and master_key_id = $4""", key_id, wrapped, row["id"], row["master_key_id"])
+            done += status == "UPDATE 1"
+
+
+def rotate_main() -> None:
+    """`rr-rotate-master-key`: re-wrap all secrets under RR_MASTER_KEY (old keys in RR_OLD_MASTER_KEYS)."""
+    import asyncio
+    import sys
+
+    from shared.settings import SettingsError, load_settings
+
+    try:
+        settings = load_settings()
+    except SettingsError as exc:
+        sys.exit(f"rr-rotate-master-key: {exc}")
+    box = box_from_settings(settings.master_key_bytes, settings.master_key_id, settings.old_master_keys_map)
+
+    async def run() -> int:
+        pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=2)
+        try:
+            return await rewrap_all(pool, box)
+        finally:
+            await pool.close()
+
+    try:
+        count = asyncio.run(run())
+    except DecryptionError as exc:
+        sys.exit(f"rr-rotate-master-key: {exc} (is its old key in RR_OLD_MASTER_KEYS?)")
+    print(f"re-wrapped {count} secret(s) under master key {settings.master_key_id}")

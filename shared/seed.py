@@ -83,7 +83,7 @@ async def _ensure_catalogue(
 ) -> None:
     secret_id = None
     if api_key:
-        box = box_from_settings(settings.master_key_bytes, settings.master_key_id)
+        box = box_from_settings(settings.master_key_bytes, settings.master_key_id, settings.old_master_keys_map)
         secret_id = await store_secret(conn, box, "provider_credential", api_key, hint=api_key[-4:])
     provider_id = await conn.fetchval(
         """insert into providers (name, api_format, base_url, credential_secret_id)

@@ -31,6 +31,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # Base64 of 32 bytes: wraps the data keys of encrypted secrets (BYOK credentials, webhook secrets).
     master_key: str
     master_key_id: str = "k1"
+    # Earlier master keys, still able to open secrets during a rotation: "id:base64,id:base64".
+    old_master_keys: str = ""
     # Every Redis key and channel starts with this, so test runs and tenants of one Redis don't collide.
     redis_prefix: str = "rr:"
 
@@ -92,6 +94,12 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             raw = b""
         if len(raw) != 32:
             raise SettingsError(f"{ENV_NAMES['master_key']} must be base64 of exactly 32 bytes")
+        try:
+            old = self.old_master_keys_map
+        except (binascii.Error, ValueError):
+            old = {"": b""}
+        if any(len(v) != 32 or not k for k, v in old.items()):
+            raise SettingsError(f"{ENV_NAMES['old_master_keys']} must be id:base64-of-32-bytes, comma separated")
         if not re.fullmatch(r"[A-Za-z0-9_.:-]{0,64}", self.redis_prefix):
             raise SettingsError(f"{ENV_NAMES['redis_prefix']} may only hold letters, digits and _.:-")
         for scheme, field in (("postgres", "database_url"), ("redis", "redis_url")):
@@ -109,6 +117,14 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     def master_key_bytes(self) -> bytes:
         return base64.b64decode(self.master_key)
 
+    @property
+    def old_master_keys_map(self) -> dict[str, bytes]:
+        keys = {}
+        for item in filter(None, (part.strip() for part in self.old_master_keys.split(","))):
+            key_id, _, value = item.partition(":")
+            keys[key_id] = base64.b64decode(value)
+        return keys
+
 
 def _check_positive(settings: Settings, *fields: str) -> None:
     for field in fields:
@@ -116,7 +132,7 @@ def _check_positive(settings: Settings, *fields: str) -> None:
             raise SettingsError(f"{ENV_NAMES[field]} must be greater than zero")
 
 
-_SECRET_FIELDS = frozenset({"key_pepper", "master_key", "database_url", "redis_url"})
+_SECRET_FIELDS = frozenset({"key_pepper", "master_key", "old_master_keys", "database_url", "redis_url"})
 
 ENV_NAMES: dict[str, str] = {
     name: (name.upper() if name in ("database_url", "redis_url") else f"RR_{name.upper()}")

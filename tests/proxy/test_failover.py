@@ -208,3 +208,5 @@ async def test_rejected_byok_key_is_named_and_never_replaced_by_ours(
     assert error["code"] == "byok_credential_rejected" and "BYOK" in error["message"]
     assert "sk-" not in resp.text and "9999" not in resp.text and "SUPPLIER" not in resp.text
     assert await seen(mock_upstream, r.b) == 0  # no silent fallback to our credential on route B
+    for secret in ("sk-org-OWN-KEY-9999", "sk-ours-SUPPLIER-0001"):
+        assert secret not in proxy.log()  # nor in any log line
