@@ -242,6 +242,10 @@ class Pacer:
         await asyncio.wait((self._watch,), timeout=ms / 1000.0)
         return not self._watch.done()
 
+    @property
+    def disconnected(self) -> bool:
+        return self._watch is not None and self._watch.done() and not self._watch.cancelled()
+
     def close(self) -> None:
         if self._watch is not None:
             self._watch.cancel()
@@ -296,6 +300,8 @@ class MockUpstream:
         self.defaults: dict[str, Any] | None = None  # read from the env at startup / first request
         self.runtime: dict[str, Any] = {}
         self.requests: deque[tuple[Any, ...]] = deque(maxlen=MAX_RECORDED)
+        # Requests whose client went away before the answer was complete: (time, model).
+        self.disconnects: deque[tuple[float, str | None]] = deque(maxlen=MAX_RECORDED)
         self.pieces = Pieces()
         self.effective: dict[str, Any] = {}
         self._settings: dict[str | None, Settings] = {}
@@ -397,6 +403,8 @@ class MockUpstream:
         try:
             await route[1](Call(body or {}, model, settings, anthropic, send, pacer))
         finally:
+            if pacer.disconnected:
+                self.disconnects.append((time.time(), model))
             pacer.close()
 
     async def handle_control(self, method: str, path: str, raw: bytes, send: Send) -> None:
@@ -417,10 +425,13 @@ class MockUpstream:
                 self.runtime = {}
                 self._refresh()
                 self.requests.clear()
+                self.disconnects.clear()
                 await send_bytes(send, 200, OK)
             case "GET", "/_mock/requests":
                 await send_json(send, 200, [dict(zip(RECORD_KEYS, r, strict=True)) for r in self.requests])
-            case _, "/_mock/health" | "/_mock/config" | "/_mock/reset" | "/_mock/requests":
+            case "GET", "/_mock/disconnects":
+                await send_json(send, 200, [{"time": t, "model": m} for t, m in self.disconnects])
+            case _, "/_mock/health" | "/_mock/config" | "/_mock/reset" | "/_mock/requests" | "/_mock/disconnects":
                 await send_error(send, 405, f"Method {method} not allowed for {path}")
             case _:
                 await send_error(send, 404, f"Unknown request URL: {method} {path}", code="unknown_url")

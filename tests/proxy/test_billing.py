@@ -205,9 +205,14 @@ async def test_client_disconnect_mid_stream_charges_what_was_produced(
             received += chunk.count(b"data:")
             if received >= 3:
                 break
+    disconnected_at = time.time()
     started = time.monotonic()
     (record,) = await wait_usage(db, t.org_id, 1)
     assert time.monotonic() - started < 3, "settlement waited for the upstream to finish"
+    # The proxy hung up on the upstream at once, so the provider stopped generating (20 × 200 ms = 4 s).
+    async with httpx.AsyncClient() as http:
+        gone = [d for d in (await http.get(mock_upstream.url + "/_mock/disconnects")).json() if d["model"] == t.model]
+    assert len(gone) == 1 and gone[0]["time"] - disconnected_at < 1.0
     assert 1 <= record["completion_tokens"] < 20
     (log,) = await wait_for_rows(db, "select * from request_logs where client_request_id = $1", trace)
     assert (log["status_code"], log["error_code"]) == (499, "client_cancelled")
