@@ -77,6 +77,28 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     trusted_proxy_header: str = ""
     trusted_proxies: str = "127.0.0.1/32,::1/128"
 
+    # Control plane (portal and platform admin), see control_plane/.
+    control_plane_host: str = "127.0.0.1"
+    control_plane_port: int = 8090
+    control_plane_workers: int = 1
+    # HS256 key of portal access tokens (>= 32 chars); empty: derived from key_pepper with HKDF-SHA256.
+    jwt_secret: str = ""
+    access_token_ttl_s: int = 900
+    refresh_token_ttl_s: int = 30 * 86400
+    # Failed logins allowed per window, counted per client IP and per email (unknown emails count too).
+    login_window_s: int = 900
+    login_max_failures_per_ip: int = 50
+    login_max_failures_per_email: int = 10
+    # Argon2id cost of password hashes (argon2-cffi's RFC 9106 low-memory profile by default).
+    password_time_cost: int = 3
+    password_memory_kib: int = 65536
+    # Bounds of the request-log retention (days) an org may choose for itself.
+    log_retention_min_days: int = 1
+    log_retention_max_days: int = 400
+    # New prices apply no sooner than this after they are entered: every proxy must have loaded a price
+    # (change event, or at worst its periodic refresh) before any request can start under it.
+    price_min_lead_s: float = 60.0
+
     def __post_init__(self) -> None:
         _check_positive(self, "proxy_port", "proxy_workers", "max_body_bytes", "upstream_pool_size",
                         "log_batch_size", "log_flush_interval_ms", "log_buffer_max")
@@ -84,6 +106,15 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
                         "billing_shards", "reservation_ttl_s", "max_request_duration_s", "default_max_output_tokens",
                         "flusher_batch_size", "flusher_block_ms", "flusher_lease_ms", "max_attempts",
                         "failover_budget_s", "breaker_threshold", "breaker_cooldown_s")
+        _check_positive(self, "control_plane_port", "control_plane_workers", "access_token_ttl_s",
+                        "refresh_token_ttl_s", "login_window_s", "login_max_failures_per_ip",
+                        "login_max_failures_per_email", "password_time_cost", "password_memory_kib",
+                        "log_retention_min_days", "price_min_lead_s")
+        if self.log_retention_max_days < self.log_retention_min_days:
+            raise SettingsError(f"{ENV_NAMES['log_retention_max_days']} must be at least "
+                                f"{ENV_NAMES['log_retention_min_days']}")
+        if self.jwt_secret and len(self.jwt_secret) < 32:
+            raise SettingsError(f"{ENV_NAMES['jwt_secret']} must be at least 32 characters")
         if self.max_request_duration_s >= self.reservation_ttl_s:
             raise SettingsError(f"{ENV_NAMES['max_request_duration_s']} must be below {ENV_NAMES['reservation_ttl_s']}")
         if len(self.key_pepper) < 16:
@@ -132,7 +163,8 @@ def _check_positive(settings: Settings, *fields: str) -> None:
             raise SettingsError(f"{ENV_NAMES[field]} must be greater than zero")
 
 
-_SECRET_FIELDS = frozenset({"key_pepper", "master_key", "old_master_keys", "database_url", "redis_url"})
+_SECRET_FIELDS = frozenset({"key_pepper", "master_key", "old_master_keys", "jwt_secret", "database_url",
+                            "redis_url"})
 
 ENV_NAMES: dict[str, str] = {
     name: (name.upper() if name in ("database_url", "redis_url") else f"RR_{name.upper()}")
