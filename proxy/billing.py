@@ -52,11 +52,11 @@ class BillingUnavailable(ProxyError):
 class Reservation:
     """What settlement needs to know about a reservation made before forwarding."""
 
-    __slots__ = ("amount", "epoch", "est_tokens", "key_id", "org_id", "price", "request_id", "started_us",
-                 "window")
+    __slots__ = ("amount", "epoch", "est_tokens", "key_id", "org_id", "price", "request_id", "spend_key",
+                 "started_us", "window")
 
     def __init__(self, request_id: str, org_id: int, key_id: int, amount: int, est_tokens: int, window: int,
-                 epoch: str, price: Price, started_us: int) -> None:
+                 epoch: str, price: Price, started_us: int, spend_key: str) -> None:
         self.request_id = request_id
         self.org_id = org_id
         self.key_id = key_id
@@ -66,6 +66,7 @@ class Reservation:
         self.epoch = epoch
         self.price = price
         self.started_us = started_us
+        self.spend_key = spend_key
 
 
 def _reset_in(now: float) -> bytes:
@@ -90,10 +91,11 @@ class Biller:
         est_tokens = -(-body_bytes // 4) + max_output
         window = int(started // 60)
         org = self._keys.org(key.org_id)
-        keys = [org.balance, org.reservations, org.reservation_expiry, org.rate_window(window)]
+        spend_key = org.key_spend(key.key_id, time.strftime("%Y%m", time.gmtime(started)))
+        keys = [org.balance, org.reservations, org.reservation_expiry, org.rate_window(window), spend_key]
         args = [request_id, amount, est_tokens, key.key_id, key.rpm_limit or 0, key.tpm_limit or 0,
                 key.org_rpm_limit or self._default_org_rpm, key.org_tpm_limit or self._default_org_tpm,
-                int(started * 1000), self._ttl_ms]
+                int(started * 1000), self._ttl_ms, key.monthly_spend_cap_micros or 0]
         try:
             reply = await self._scripts.reserve(keys=keys, args=args)
             if reply[0] == 0:  # no live balance yet (or Redis lost it): rebuild from PostgreSQL, then retry
@@ -117,7 +119,7 @@ class Biller:
                             (b"x-ratelimit-reset-tokens", reset)]
             return Reservation(request_id, key.org_id, key.key_id, amount, est_tokens, window,
                                epoch.decode() if isinstance(epoch, bytes) else str(epoch), price,
-                               int(started * 1_000_000))
+                               int(started * 1_000_000), spend_key)
         if status == 1:
             kind = reply[1].decode()
             reset = _reset_in(started)
@@ -126,6 +128,10 @@ class Biller:
                              (f"x-ratelimit-reset-{kind}".encode(), reset)]
             raise RateLimited(f"Rate limit reached: {reply[2]} {kind} per minute. Retry after {reset.decode()}.",
                               code="rate_limit_exceeded", headers=limit_headers)
+        if status == 4:
+            raise InsufficientQuota(
+                f"This API key reached its monthly spend cap of ${format_usd(reply[1])} "
+                f"(${format_usd(reply[2])} spent or reserved this month).", code="spend_cap_reached")
         raise InsufficientQuota(
             f"Insufficient balance: this request may cost up to ${format_usd(amount)} and "
             f"${format_usd(max(reply[1], 0))} is available. Add funds to continue.",
@@ -139,7 +145,8 @@ class Biller:
         """
         org = self._keys.org(res.org_id)
         cost = event.cost_micros if event is not None else 0
-        keys = [org.balance, org.reservations, org.reservation_expiry, org.rate_window(res.window), org.stream]
+        keys = [org.balance, org.reservations, org.reservation_expiry, org.rate_window(res.window), org.stream,
+                res.spend_key]
         args = [res.request_id, cost, actual_tokens - res.est_tokens, res.key_id, res.org_id, res.epoch,
                 _encode_event(event) if event is not None else b""]  # no event: a failed request, release only
         try:

@@ -63,12 +63,14 @@ class KeyRecord(msgspec.Struct, frozen=True, array_like=True):
     allowed_models: list[str] | None
     org_rpm_limit: int | None
     org_tpm_limit: int | None
+    monthly_spend_cap_micros: int | None = None
 
 
 _RECORD_SQL = """
 select k.id, k.org_id, k.key_hash, (k.revoked_at is null and o.status = 'active') as active,
        extract(epoch from k.expires_at)::float8 as expires_at, k.rpm_limit, k.tpm_limit,
-       k.allowed_models, o.rpm_limit as org_rpm_limit, o.tpm_limit as org_tpm_limit
+       k.allowed_models, o.rpm_limit as org_rpm_limit, o.tpm_limit as org_tpm_limit,
+       k.monthly_spend_cap_micros
 from api_keys k join orgs o on o.id = k.org_id
 where k.prefix = $1
 """
@@ -82,7 +84,7 @@ async def load_key_record(conn: asyncpg.Connection | asyncpg.Pool, key_prefix: s
         key_id=row["id"], org_id=row["org_id"], key_hash=bytes(row["key_hash"]), active=row["active"],
         expires_at=row["expires_at"], rpm_limit=row["rpm_limit"], tpm_limit=row["tpm_limit"],
         allowed_models=row["allowed_models"], org_rpm_limit=row["org_rpm_limit"],
-        org_tpm_limit=row["org_tpm_limit"],
+        org_tpm_limit=row["org_tpm_limit"], monthly_spend_cap_micros=row["monthly_spend_cap_micros"],
     )
 
 
@@ -98,6 +100,7 @@ async def create_api_key(
     allowed_models: list[str] | None = None,
     expires_at: datetime | None = None,
     created_by: int | None = None,
+    monthly_spend_cap_micros: int | None = None,
 ) -> tuple[int, str]:
     """Insert a key and return (id, full key). The full key exists only in this return value."""
     key = key or generate_api_key()
@@ -106,10 +109,10 @@ async def create_api_key(
         raise ValueError("malformed API key")
     key_id = await conn.fetchval(
         """insert into api_keys (org_id, name, prefix, key_hash, rpm_limit, tpm_limit, allowed_models,
-                                 expires_at, created_by)
-           values ($1, $2, $3, $4, $5, $6, $7, $8, $9) returning id""",
+                                 expires_at, created_by, monthly_spend_cap_micros)
+           values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) returning id""",
         org_id, name, prefix, hash_api_key(pepper, key), rpm_limit, tpm_limit, allowed_models,
-        expires_at, created_by,
+        expires_at, created_by, monthly_spend_cap_micros,
     )
     return key_id, key
 

@@ -17,10 +17,10 @@ class OrgKeys:
     """The billing keys of one org; built on demand from `RedisKeys.org`."""
 
     __slots__ = ("applied_credits", "balance", "pending_credits", "rate_prefix", "reservation_expiry",
-                 "reservations", "shard", "stream")
+                 "reservations", "shard", "stream", "tag")
 
     def __init__(self, prefix: str, org_id: int, shard: int) -> None:
-        tag = f"{prefix}{{s:{shard}}}"
+        tag = self.tag = f"{prefix}{{s:{shard}}}"
         self.shard = shard
         self.balance = f"{tag}:bal:{org_id}"
         self.reservations = f"{tag}:res:{org_id}"
@@ -33,6 +33,10 @@ class OrgKeys:
     def rate_window(self, window: int) -> str:
         """The rate-limit counters of one one-minute window (unix minute)."""
         return f"{self.rate_prefix}{window}"
+
+    def key_spend(self, key_id: int, month: str) -> str:
+        """What one API key spent in a calendar month (`YYYYMM`, UTC), for its monthly spend cap."""
+        return f"{self.tag}:spend:{key_id}:{month}"
 
 
 class RedisKeys:

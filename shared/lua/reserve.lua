@@ -3,7 +3,7 @@
 -- and written here, in one script, so concurrent requests of one org serialise on Redis.
 -- Numbers go back to Redis as integer strings: Lua would write -0 or 1e+15, which Redis rejects.
 local function int(x) return string.format('%d', x) end
-local bal, res, rexp, rl = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local bal, res, rexp, rl, spend = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local rid = ARGV[1]
 local amount = tonumber(ARGV[2])
 local est_tokens = tonumber(ARGV[3])
@@ -11,6 +11,7 @@ local key_id = ARGV[4]
 local key_rpm, key_tpm = tonumber(ARGV[5]), tonumber(ARGV[6])
 local org_rpm, org_tpm = tonumber(ARGV[7]), tonumber(ARGV[8])
 local now_ms, ttl_ms = tonumber(ARGV[9]), tonumber(ARGV[10])
+local spend_cap = tonumber(ARGV[11] or 0)  -- the key's monthly spend cap (0: none)
 
 -- Release the reservations of requests whose proxy died before settling (they would hold money forever).
 local stale = redis.call('ZRANGEBYSCORE', rexp, '-inf', now_ms, 'LIMIT', 0, 50)
@@ -39,6 +40,13 @@ if org_tpm > 0 and used_ot + est_tokens > org_tpm then return {1, 'tokens', org_
 local b = redis.call('HMGET', bal, 'balance', 'reserved', 'credit', 'epoch')
 local available = tonumber(b[1]) + tonumber(b[3] or 0) - tonumber(b[2] or 0)
 if amount > available then return {2, available} end
+-- The key's spend this month counts reservations too, corrected to the real cost at settlement.
+if spend_cap > 0 then
+  local spent = tonumber(redis.call('GET', spend) or 0)
+  if spent + amount > spend_cap then return {4, spend_cap, spent} end
+  redis.call('INCRBY', spend, int(amount))
+  redis.call('EXPIRE', spend, 3456000)  -- 40 days: past the end of its month
+end
 
 redis.call('HINCRBY', bal, 'reserved', int(amount))
 redis.call('HSET', res, rid, int(amount))

@@ -5,7 +5,7 @@
 -- rebuilt since: another epoch), the event is still appended and the rebuilt balance debited.
 -- Numbers go back to Redis as integer strings: Lua would write -0 or 1e+15, which Redis rejects.
 local function int(x) return string.format('%d', x) end
-local bal, res, rexp, rl, stream = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local bal, res, rexp, rl, stream, spend = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
 local rid, cost, token_delta = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local key_id, org_id, epoch, payload = ARGV[4], ARGV[5], ARGV[6], ARGV[7]
 
@@ -15,6 +15,7 @@ if held then
   redis.call('HDEL', res, rid)
   redis.call('ZREM', rexp, rid)
   redis.call('HINCRBY', bal, 'reserved', int(0 - tonumber(held)))
+  if redis.call('EXISTS', spend) == 1 then redis.call('INCRBY', spend, int(cost - tonumber(held))) end
 elseif has_balance and redis.call('HGET', bal, 'epoch') == epoch then
   return 0  -- already settled by an earlier call (or expired after the proxy died): never charge twice
 end

@@ -116,6 +116,24 @@ async def test_credit_limit_lets_an_org_go_that_far_below_zero_and_no_further(
     assert refused.status_code == 402
 
 
+async def test_monthly_spend_cap_of_a_key(client: httpx.AsyncClient, proxy: Server, mock_upstream: Server,
+                                          factory: Factory, redis, redis_keys: RedisKeys) -> None:
+    t = await priced_tenant(factory, proxy, mock_upstream, monthly_spend_cap_micros=5_000)
+    url, body = proxy.url + "/v1/chat/completions", {"model": t.model, **CHAT, "max_tokens": 10}
+    statuses = [(await client.post(url, headers=t.auth, json=body)).status_code for _ in range(40)]
+    # Each request reserves ~1,000 µ$ and really costs ~200: the cap admits what its real cost allows.
+    assert 15 <= statuses.count(200) < 40 and statuses[-1] == 402
+    refused = await client.post(url, headers=t.auth, json=body)
+    assert refused.json()["error"]["code"] == "spend_cap_reached"
+    month = time.strftime("%Y%m", time.gmtime())
+    spent = int(await redis.get(redis_keys.org(t.org_id).key_spend(t.key_id, month)))
+    assert spent <= 5_000
+    state = await live(redis, redis_keys, t.org_id)
+    assert state["balance"] == 100_000_000 - spent and state["reserved"] == 0
+    _, other = await factory.key(t.org_id)  # another key of the org is not capped
+    assert (await client.post(url, headers={"authorization": f"Bearer {other}"}, json=body)).status_code == 200
+
+
 async def test_concurrent_requests_never_overdraw(
     proxy: Server, mock_upstream: Server, worker, factory: Factory, db, redis, redis_keys: RedisKeys,
 ) -> None:
@@ -296,7 +314,8 @@ async def test_reservation_of_a_crashed_request_expires_by_itself(
     scripts = BillingScripts(redis)
     now_ms = int(time.time() * 1000)
     # A proxy reserves 990,000 µ$ for a request, then dies without settling (reservation TTL: 1 ms).
-    reply = await scripts.reserve(keys=[org.balance, org.reservations, org.reservation_expiry, org.rate_window(0)],
+    reply = await scripts.reserve(keys=[org.balance, org.reservations, org.reservation_expiry, org.rate_window(0),
+                                        org.key_spend(t.key_id, "202601")],
                                   args=["dead-request", 990_000, 1, t.key_id, 0, 0, 0, 0, now_ms, 1])
     assert reply[0] == 3
     assert (await live(redis, redis_keys, t.org_id))["reserved"] == 990_000

@@ -28,13 +28,15 @@ async def _rebuild(scripts, org, balance: int, *included: str):
 
 
 async def _reserve(scripts, org, rid: str, amount: int):
-    return await scripts.reserve(keys=[org.balance, org.reservations, org.reservation_expiry, org.rate_window(1)],
+    return await scripts.reserve(keys=[org.balance, org.reservations, org.reservation_expiry, org.rate_window(1),
+                                       org.key_spend(1, "202601")],
                                  args=[rid, amount, 10, 1, 0, 0, 0, 0, int(time.time() * 1000), 60_000])
 
 
 async def _settle(scripts, org, rid: str, cost: int, payload: bytes = b"x", epoch: str = "ep1"):
     return await scripts.settle(keys=[org.balance, org.reservations, org.reservation_expiry, org.rate_window(1),
-                                      org.stream], args=[rid, cost, 0, 1, 7, epoch, payload])
+                                      org.stream, org.key_spend(1, "202601")],
+                                args=[rid, cost, 0, 1, 7, epoch, payload])
 
 
 async def test_big_balances_and_zero_costs_stay_integers(org, redis) -> None:
