@@ -25,6 +25,7 @@ __all__ = [
     "load_key_record",
     "parse_api_key",
     "publish_key_change",
+    "publish_org_change",
     "revoke_api_key",
 ]
 
@@ -140,3 +141,13 @@ async def revoke_api_key(pool: asyncpg.Pool, redis, keys, key_id: int, ttl_s: in
         return False
     await publish_key_change(redis, keys, pool, prefix, ttl_s)
     return True
+
+
+async def publish_org_change(redis, keys, pool: asyncpg.Pool, org_id: int, ttl_s: int) -> int:
+    """Push the state of every unrevoked key of an org to every proxy (after a suspension, a resumption or
+    new org-wide limits: each key's record carries them). Returns how many keys were published."""
+    prefixes = [r["prefix"] for r in await pool.fetch(
+        "select prefix from api_keys where org_id = $1 and revoked_at is null order by id", org_id)]
+    for prefix in prefixes:
+        await publish_key_change(redis, keys, pool, prefix, ttl_s)
+    return len(prefixes)

@@ -1,0 +1,132 @@
+"""The control plane's ASGI application (Litestar): controllers, the error handlers, OpenAPI, lifespan.
+
+Nothing happens at import time; `create_app` builds the app, and its start-up hook opens the PostgreSQL
+pool and Redis client that hang off `app.state.cp` until shutdown. `create_app` also checks that every
+endpoint carries exactly one `require(...)` guard — an endpoint nobody thought to protect can't ship — and
+documents the shared error responses and the bearer-token security of each operation from that guard.
+"""
+
+from __future__ import annotations
+
+import asyncpg
+import msgspec
+from litestar import Litestar
+from litestar.openapi import OpenAPIConfig
+from litestar.openapi.datastructures import ResponseSpec
+from litestar.openapi.plugins import SwaggerRenderPlugin
+from litestar.openapi.spec import Components, SecurityScheme
+
+from control_plane.controllers.admin_catalogue import AdminCatalogueController
+from control_plane.controllers.admin_orgs import AdminOrgsController
+from control_plane.controllers.audit_log import AdminAuditController, OrgAuditController
+from control_plane.controllers.auth import AuthController, MeController
+from control_plane.controllers.byok import ByokController, CatalogueController
+from control_plane.controllers.health import HealthController
+from control_plane.controllers.keys import KeysController
+from control_plane.controllers.orgs import OrgsController
+from control_plane.controllers.usage import UsageController
+from control_plane.errors import ErrorBody, exception_handlers
+from control_plane.permissions import Scope, scope_of
+from control_plane.state import ControlPlane
+from shared.redis_client import connect_redis
+from shared.settings import Settings, load_settings
+
+__all__ = ["CONTROLLERS", "create_app", "endpoint_actions"]
+
+CONTROLLERS = [
+    HealthController, AuthController, MeController, OrgsController, KeysController, UsageController,
+    CatalogueController, ByokController, OrgAuditController, AdminOrgsController, AdminCatalogueController,
+    AdminAuditController,
+]
+
+_ERROR_DESCRIPTIONS = {
+    400: "Malformed request.", 401: "Missing, invalid or expired credentials.",
+    403: "Signed in, but not allowed to do this.", 404: "No such object (or not visible to you).",
+    409: "Conflicts with the current state.", 422: "Invalid input.", 429: "Too many attempts; see Retry-After.",
+}
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    await conn.set_type_codec("jsonb", schema="pg_catalog", encoder=lambda v: msgspec.json.encode(v).decode(),
+                              decoder=msgspec.json.decode)
+
+
+def _route_handlers(app: Litestar):
+    """(path, method, handler) of every endpoint we declared (not the framework's OPTIONS/schema ones)."""
+    for route in app.routes:
+        for handler in getattr(route, "route_handlers", ()):
+            if handler.fn.__module__.startswith("control_plane."):
+                for method in sorted(handler.http_methods):
+                    yield route.path, method, handler
+
+
+def _action_of(handler) -> str:
+    actions = [g.action for g in handler.guards or () if hasattr(g, "action")]
+    if len(actions) != 1:
+        raise RuntimeError(f"endpoint {handler} must have exactly one require(...) guard, has {len(actions)}")
+    return actions[0]
+
+
+def endpoint_actions(app: Litestar) -> list[tuple[str, str, str]]:
+    """(path template, HTTP method, action) of every endpoint: what the permission tests walk."""
+    return [(path, method, _action_of(handler)) for path, method, handler in _route_handlers(app)]
+
+
+def _document(app: Litestar) -> None:
+    """Check every endpoint's guard, and state its error responses and security in the OpenAPI document."""
+    for path, method, handler in _route_handlers(app):
+        scope = scope_of(_action_of(handler))
+        codes = {400, 422, *handler.opt.get("errors", ())}
+        if scope != Scope.PUBLIC:
+            codes.add(401)
+            handler.security = [{"BearerAuth": []}]
+        if scope in (Scope.ORG, Scope.PLATFORM):
+            codes.add(403)
+        if scope == Scope.ORG or "{" in path:
+            codes.add(404)
+        if method in ("POST", "PUT", "PATCH", "DELETE") and scope != Scope.PUBLIC:
+            codes.add(409)
+        handler.responses = {
+            **{code: ResponseSpec(data_container=ErrorBody, description=_ERROR_DESCRIPTIONS[code],
+                                  generate_examples=False) for code in sorted(codes)},
+            **(handler.responses or {}),
+        }
+
+
+def create_app(settings: Settings | None = None) -> Litestar:
+    """The app for `settings` (default: from the environment); granian calls this once per worker."""
+    settings = settings or load_settings()
+
+    async def start(app: Litestar) -> None:
+        pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=10, command_timeout=30,
+                                         init=_init_connection)
+        app.state.cp = ControlPlane(settings, pool, connect_redis(settings.redis_url))
+
+    async def stop(app: Litestar) -> None:
+        cp = app.state.get("cp")
+        if cp is not None:
+            await cp.close()
+
+    app = Litestar(
+        route_handlers=CONTROLLERS,
+        exception_handlers=exception_handlers,
+        on_startup=[start],
+        on_shutdown=[stop],
+        request_max_body_size=256 * 1024,
+        openapi_config=OpenAPIConfig(
+            title="Rocket Relay control plane",
+            version="1",
+            description="Portal (accounts, orgs, API keys, usage, billing settings, BYOK) and platform admin. "
+                        "Errors: `{\"error\": {\"code\", \"message\"}}`. Money: integer micro-units "
+                        "(`*_micros`, 1 USD = 1,000,000).",
+            path="/docs",
+            render_plugins=[SwaggerRenderPlugin()],
+            components=Components(security_schemes={
+                "BearerAuth": SecurityScheme(type="http", scheme="bearer", bearer_format="JWT",
+                                             description="An access token from /v1/auth/login or /v1/auth/refresh."),
+            }),
+        ),
+        debug=False,
+    )
+    _document(app)
+    return app

@@ -1,0 +1,1 @@
+"""The control plane's endpoints, one controller module per area."""

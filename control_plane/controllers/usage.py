@@ -1,0 +1,168 @@
+"""Balance, balance transactions, usage per day × model × key, and request logs of an org."""
+
+from __future__ import annotations
+
+import datetime
+from typing import Annotated, Literal
+
+import msgspec
+from litestar import Controller, get
+from litestar.params import Parameter
+
+from control_plane.common import DEPENDENCIES, IdParam, LimitParam, utc
+from control_plane.errors import Invalid
+from control_plane.logs import LogFilter, UsageFilter, decode_cursor, encode_cursor, request_log_query, usage_query
+from control_plane.permissions import require
+from control_plane.state import MAX_ID, ControlPlane
+
+MAX_LOG_RANGE = datetime.timedelta(days=93)
+MAX_USAGE_DAYS = 366
+
+
+class Balance(msgspec.Struct, frozen=True):
+    balance_micros: int  # the ledger's balance (PostgreSQL): the sum of all transactions
+    credit_limit_micros: int
+    updated_at: datetime.datetime
+    live_balance_micros: int | None  # the hot path's balance (Redis), ahead of the ledger by unflushed usage
+    reserved_micros: int | None  # held by requests in flight
+
+
+class Transaction(msgspec.Struct, frozen=True):
+    id: int
+    kind: str
+    amount_micros: int
+    created_at: datetime.datetime
+    reason: str | None
+    external_id: str | None
+    request_count: int | None
+
+
+class TransactionPage(msgspec.Struct, frozen=True):
+    data: list[Transaction]
+    next_before_id: int | None  # pass as before_id for the next (older) page
+
+
+class UsageRow(msgspec.Struct, frozen=True):
+    day: datetime.date
+    model: str
+    api_key_id: int | None
+    requests: int
+    prompt_tokens: int
+    completion_tokens: int
+    cost_micros: int
+
+
+class Usage(msgspec.Struct, frozen=True):
+    start: datetime.date
+    end: datetime.date
+    data: list[UsageRow]
+    total_cost_micros: int
+
+
+class RequestLog(msgspec.Struct, frozen=True):
+    created_at: datetime.datetime
+    request_id: str
+    client_request_id: str | None
+    api_key_id: int | None
+    model: str | None
+    provider: str | None
+    upstream_model: str | None
+    path: str
+    method: str
+    status_code: int
+    error_code: str | None
+    stream: bool
+    latency_ms: int
+    ttfb_ms: int | None
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    total_tokens: int | None
+    attempts: int
+    cost_micros: int | None
+    client_ip: str | None
+    user_agent: str | None
+    byok: bool
+
+
+class RequestLogPage(msgspec.Struct, frozen=True):
+    data: list[RequestLog]
+    next_cursor: str | None  # pass as cursor for the next (older) page
+
+
+TxKind = Literal["topup", "usage", "refund", "adjustment", "payment_reversal"]
+ModelParam = Annotated[str | None, Parameter(max_length=200)]
+
+
+class UsageController(Controller):
+    path = "/v1/orgs/{org_id:int}"
+    dependencies = DEPENDENCIES
+    tags = ("usage and billing",)
+
+    @get("/balance", guards=[require("billing.read")])
+    async def balance(self, cp: ControlPlane, org_id: IdParam) -> Balance:
+        row = await cp.pool.fetchrow(
+            """select b.balance_micros, b.updated_at, o.credit_limit_micros from org_balances b
+               join orgs o on o.id = b.org_id where b.org_id = $1""", org_id)
+        live, reserved = await cp.redis.hmget(cp.keys.org(org_id).balance, "balance", "reserved")
+        return Balance(row["balance_micros"], row["credit_limit_micros"], row["updated_at"],
+                       int(live) if live is not None else None, int(reserved) if reserved is not None else None)
+
+    @get("/transactions", guards=[require("billing.read")])
+    async def transactions(self, cp: ControlPlane, org_id: IdParam, kind: TxKind | None = None,
+                           before_id: Annotated[int | None, Parameter(ge=1, le=MAX_ID)] = None,
+                           limit: LimitParam = 50) -> TransactionPage:
+        """Ledger entries, newest first."""
+        rows = await cp.pool.fetch(
+            """select id, kind, amount_micros, created_at, reason, external_id, request_count
+               from balance_transactions
+               where org_id = $1 and ($2::text is null or kind = $2) and ($3::bigint is null or id < $3)
+               order by id desc limit $4""", org_id, kind, before_id, limit + 1)
+        more = len(rows) > limit
+        data = [Transaction(**dict(r)) for r in rows[:limit]]
+        return TransactionPage(data, data[-1].id if more else None)
+
+    @get("/usage", guards=[require("usage.read")])
+    async def usage(self, cp: ControlPlane, org_id: IdParam, start: datetime.date | None = None,
+                    end: datetime.date | None = None,
+                    key_id: Annotated[int | None, Parameter(ge=1, le=MAX_ID)] = None,
+                    model: ModelParam = None) -> Usage:
+        """Requests, tokens and cost per UTC day × model × key, from `start` to `end` (inclusive; default: the
+        last 30 days)."""
+        end = end or datetime.datetime.now(datetime.UTC).date()
+        start = start or end - datetime.timedelta(days=29)
+        if start > end or (end - start).days >= MAX_USAGE_DAYS:
+            raise Invalid(f"start must not be after end, and the range at most {MAX_USAGE_DAYS} days.")
+        try:
+            lower = datetime.datetime.combine(start, datetime.time(), datetime.UTC)
+            upper = datetime.datetime.combine(end, datetime.time(), datetime.UTC) + datetime.timedelta(days=1)
+        except OverflowError:
+            raise Invalid("The date range is out of bounds.") from None
+        sql, args = usage_query(UsageFilter(org_id, lower, upper, key_id, model))
+        rows = await cp.pool.fetch(sql, *args)
+        data = [UsageRow(**dict(r)) for r in rows]
+        return Usage(start, end, data, sum(r.cost_micros for r in data))
+
+    @get("/request-logs", guards=[require("usage.read")])
+    async def request_logs(self, cp: ControlPlane, org_id: IdParam, start: datetime.datetime | None = None,
+                           end: datetime.datetime | None = None,
+                           key_id: Annotated[int | None, Parameter(ge=1, le=MAX_ID)] = None,
+                           model: ModelParam = None,
+                           status: Annotated[int | None, Parameter(ge=100, le=599)] = None,
+                           cursor: Annotated[str | None, Parameter(max_length=400)] = None,
+                           limit: LimitParam = 50) -> RequestLogPage:
+        """Request metadata (never bodies), newest first, from `start` (inclusive) to `end` (exclusive;
+        default: the 24 hours up to now; at most 93 days). Pages with `cursor` = the previous `next_cursor`."""
+        end = utc(end) if end else datetime.datetime.now(datetime.UTC)
+        start = utc(start) if start else end - datetime.timedelta(hours=24)
+        if start >= end or end - start > MAX_LOG_RANGE:
+            raise Invalid("start must be before end, and the range at most 93 days.")
+        position = None
+        if cursor is not None:
+            position = decode_cursor(cursor)
+            if position is None:
+                raise Invalid("cursor is not a cursor this API returned.", code="invalid_cursor")
+        sql, args = request_log_query(LogFilter(org_id, start, end, limit, key_id, model, status, position))
+        rows = await cp.pool.fetch(sql, *args)
+        data = [RequestLog(**dict(r)) for r in rows[:limit]]
+        last = data[-1] if len(rows) > limit else None
+        return RequestLogPage(data, encode_cursor(last.created_at, last.request_id) if last else None)
