@@ -12,14 +12,16 @@ from typing import Annotated, Any
 
 import msgspec
 from litestar import Request
-from litestar.di import Provide
+from litestar.di import NamedDependency, Provide
 from litestar.params import Parameter
 
 from control_plane.principal import Principal
 from control_plane.state import MAX_ID, ControlPlane
 
 __all__ = [
+    "CP",
     "DEPENDENCIES",
+    "Caller",
     "Email",
     "IdParam",
     "LimitParam",
@@ -46,6 +48,9 @@ DEPENDENCIES = {
     "cp": Provide(_provide_cp, sync_to_thread=False),
     "principal": Provide(_provide_principal, sync_to_thread=False),
 }
+
+CP = NamedDependency[ControlPlane]  # a handler parameter `cp: CP` receives the process's ControlPlane
+Caller = NamedDependency[Principal]  # `principal: Caller` receives the caller admitted by the guard
 
 PositiveId = Annotated[int, msgspec.Meta(ge=1, le=MAX_ID)]
 IdParam = Annotated[int, Parameter(ge=1, le=MAX_ID)]

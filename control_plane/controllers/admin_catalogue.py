@@ -17,15 +17,13 @@ from typing import Annotated, Literal
 import asyncpg
 import msgspec
 from litestar import Controller, delete, get, patch, post
-from litestar.params import Parameter
+from litestar.params import JSONBody, Parameter
 from msgspec import UNSET, UnsetType
 
 from control_plane import audit
-from control_plane.common import DEPENDENCIES, IdParam, NonNegMicros, mask_secret, set_fields, utc
+from control_plane.common import CP, DEPENDENCIES, Caller, IdParam, NonNegMicros, mask_secret, set_fields, utc
 from control_plane.errors import Invalid, NotFound
 from control_plane.permissions import require
-from control_plane.principal import Principal
-from control_plane.state import ControlPlane
 from shared.crypto import store_secret
 
 ModelName = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
@@ -151,11 +149,11 @@ class AdminCatalogueController(Controller):
     # --- models and prices -----------------------------------------------------------------------------
 
     @get("/models", guards=[require("platform.catalogue.read")])
-    async def list_models(self, cp: ControlPlane) -> list[Model]:
+    async def list_models(self, cp: CP) -> list[Model]:
         return [_row(Model, r) for r in await cp.pool.fetch("select * from models order by name")]
 
     @post("/models", guards=[require("platform.catalogue.manage")], opt={"errors": (409,)})
-    async def create_model(self, cp: ControlPlane, principal: Principal, data: ModelCreate) -> Model:
+    async def create_model(self, cp: CP, principal: Caller, data: JSONBody[ModelCreate]) -> Model:
         """Add a model to the catalogue (it is served once it has a price and a route)."""
         async with cp.pool.acquire() as conn, conn.transaction():
             row = await conn.fetchrow("insert into models (name, kind, owned_by) values ($1, $2, $3) returning *",
@@ -166,7 +164,7 @@ class AdminCatalogueController(Controller):
         return _row(Model, row)
 
     @get("/prices", guards=[require("platform.catalogue.read")])
-    async def list_prices(self, cp: ControlPlane, model: ModelParam = None) -> list[Price]:
+    async def list_prices(self, cp: CP, model: ModelParam = None) -> list[Price]:
         """Every price (past, current and scheduled), newest effective date first."""
         rows = await cp.pool.fetch(
             f"""select {_PRICE_COLUMNS} from model_prices where $1::text is null or model = $1
@@ -174,7 +172,7 @@ class AdminCatalogueController(Controller):
         return [_row(Price, r) for r in rows]
 
     @post("/prices", guards=[require("platform.catalogue.manage")], opt={"errors": (409,)})
-    async def create_price(self, cp: ControlPlane, principal: Principal, data: PriceCreate) -> Price:
+    async def create_price(self, cp: CP, principal: Caller, data: JSONBody[PriceCreate]) -> Price:
         """Schedule a price (µ$ per million tokens; BYOK columns: what BYOK requests pay)."""
         earliest = datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=cp.settings.price_min_lead_s)
         effective = utc(data.effective_from) if data.effective_from else earliest
@@ -196,11 +194,11 @@ class AdminCatalogueController(Controller):
     # --- providers -------------------------------------------------------------------------------------
 
     @get("/providers", guards=[require("platform.catalogue.read")])
-    async def list_providers(self, cp: ControlPlane) -> list[Provider]:
+    async def list_providers(self, cp: CP) -> list[Provider]:
         return [_row(Provider, r) for r in await cp.pool.fetch(_PROVIDER_SQL + " order by p.id")]
 
     @post("/providers", guards=[require("platform.catalogue.manage")], opt={"errors": (409,)})
-    async def create_provider(self, cp: ControlPlane, principal: Principal, data: ProviderCreate) -> Provider:
+    async def create_provider(self, cp: CP, principal: Caller, data: JSONBody[ProviderCreate]) -> Provider:
         """Add an upstream provider; its credential is stored encrypted and only ever shown masked."""
         fields = msgspec.structs.asdict(data)
         async with cp.pool.acquire() as conn, conn.transaction():
@@ -219,8 +217,8 @@ class AdminCatalogueController(Controller):
         return _row(Provider, row)
 
     @patch("/providers/{provider_id:int}", guards=[require("platform.catalogue.manage")])
-    async def update_provider(self, cp: ControlPlane, principal: Principal, provider_id: IdParam,
-                              data: ProviderUpdate) -> Provider:
+    async def update_provider(self, cp: CP, principal: Caller, provider_id: IdParam,
+                              data: JSONBody[ProviderUpdate]) -> Provider:
         """Change a provider's URL, format, timeouts, status or credential (null removes it)."""
         fields = set_fields(data)
         async with cp.pool.acquire() as conn, conn.transaction():
@@ -251,13 +249,13 @@ class AdminCatalogueController(Controller):
     # --- routes ----------------------------------------------------------------------------------------
 
     @get("/routes", guards=[require("platform.catalogue.read")])
-    async def list_routes(self, cp: ControlPlane, model: ModelParam = None) -> list[Route]:
+    async def list_routes(self, cp: CP, model: ModelParam = None) -> list[Route]:
         rows = await cp.pool.fetch(_ROUTE_SQL + " where $1::text is null or r.model = $1 order by r.model, r.id",
                                    model)
         return [_row(Route, r) for r in rows]
 
     @post("/routes", guards=[require("platform.catalogue.manage")], opt={"errors": (409,)})
-    async def create_route(self, cp: ControlPlane, principal: Principal, data: RouteCreate) -> Route:
+    async def create_route(self, cp: CP, principal: Caller, data: JSONBody[RouteCreate]) -> Route:
         """Route a model to a provider's upstream model name, with a priority and a weight."""
         async with cp.pool.acquire() as conn, conn.transaction():
             if not await conn.fetchval("select 1 from models where name = $1", data.model):
@@ -274,8 +272,8 @@ class AdminCatalogueController(Controller):
         return _row(Route, row)
 
     @patch("/routes/{route_id:int}", guards=[require("platform.catalogue.manage")])
-    async def update_route(self, cp: ControlPlane, principal: Principal, route_id: IdParam,
-                           data: RouteUpdate) -> Route:
+    async def update_route(self, cp: CP, principal: Caller, route_id: IdParam,
+                           data: JSONBody[RouteUpdate]) -> Route:
         """Change a route's upstream model, priority, weight or status (disabled: not used)."""
         fields = set_fields(data)
         async with cp.pool.acquire() as conn, conn.transaction():
@@ -292,7 +290,7 @@ class AdminCatalogueController(Controller):
         return _row(Route, row)
 
     @delete("/routes/{route_id:int}", guards=[require("platform.catalogue.manage")])
-    async def delete_route(self, cp: ControlPlane, principal: Principal, route_id: IdParam) -> None:
+    async def delete_route(self, cp: CP, principal: Caller, route_id: IdParam) -> None:
         async with cp.pool.acquire() as conn, conn.transaction():
             before = await conn.fetchrow("delete from routes where id = $1 returning *", route_id)
             if before is None:

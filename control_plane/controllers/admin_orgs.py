@@ -7,16 +7,25 @@ from typing import Annotated, Literal
 
 import msgspec
 from litestar import Controller, get, patch, post
-from litestar.params import Parameter
+from litestar.params import FromQuery, JSONBody, Parameter
 from msgspec import UNSET, UnsetType
 
 from control_plane import audit
-from control_plane.common import DEPENDENCIES, IdParam, LimitParam, Micros, NonNegMicros, PerMinute, set_fields
+from control_plane.common import (
+    CP,
+    DEPENDENCIES,
+    Caller,
+    IdParam,
+    LimitParam,
+    Micros,
+    NonNegMicros,
+    PerMinute,
+    set_fields,
+)
 from control_plane.controllers.orgs import ORG_COLUMNS, Org, org_view
 from control_plane.errors import Conflict, Invalid, NotFound
 from control_plane.permissions import require
-from control_plane.principal import Principal
-from control_plane.state import MAX_ID, ControlPlane
+from control_plane.state import MAX_ID
 from shared.apikeys import publish_org_change
 from shared.billing import apply_ledger_entry
 
@@ -79,8 +88,8 @@ class AdminOrgsController(Controller):
     tags = ("platform admin",)
 
     @get("/", guards=[require("platform.orgs.read")])
-    async def list_orgs(self, cp: ControlPlane, q: Annotated[str | None, Parameter(max_length=200)] = None,
-                        status: Literal["active", "suspended"] | None = None,
+    async def list_orgs(self, cp: CP, q: Annotated[str | None, Parameter(max_length=200)] = None,
+                        status: FromQuery[Literal["active", "suspended"] | None] = None,
                         after_id: Annotated[int | None, Parameter(ge=1, le=MAX_ID)] = None,
                         limit: LimitParam = 50) -> AdminOrgPage:
         """Orgs by id; `q` matches the name, the code or a member's email (case-insensitive substring)."""
@@ -98,7 +107,7 @@ class AdminOrgsController(Controller):
         return AdminOrgPage(data, data[-1].id if len(rows) > limit else None)
 
     @get("/{org_id:int}", guards=[require("platform.orgs.read")])
-    async def get_org(self, cp: ControlPlane, org_id: IdParam) -> AdminOrgDetail:
+    async def get_org(self, cp: CP, org_id: IdParam) -> AdminOrgDetail:
         row = await cp.pool.fetchrow(f"select {ORG_COLUMNS} from orgs where id = $1", org_id)
         if row is None:
             raise NotFound("No such org.")
@@ -111,8 +120,8 @@ class AdminOrgsController(Controller):
         return AdminOrgDetail(org_view(row), balance or 0, [r["email"] for r in owners], keys)
 
     @patch("/{org_id:int}", guards=[require("platform.orgs.manage")])
-    async def update_org(self, cp: ControlPlane, principal: Principal, org_id: IdParam,
-                         data: AdminOrgUpdate) -> Org:
+    async def update_org(self, cp: CP, principal: Caller, org_id: IdParam,
+                         data: JSONBody[AdminOrgUpdate]) -> Org:
         """Suspend or resume an org (its keys stop or resume working at every proxy within moments), or set
         its credit limit and org-wide rate limits."""
         fields = set_fields(data)
@@ -136,8 +145,8 @@ class AdminOrgsController(Controller):
         return org_view(after)
 
     @post("/{org_id:int}/adjustments", guards=[require("platform.balance.adjust")], opt={"errors": (409,)})
-    async def adjust_balance(self, cp: ControlPlane, principal: Principal, org_id: IdParam,
-                             data: Adjustment) -> AdjustmentResult:
+    async def adjust_balance(self, cp: CP, principal: Caller, org_id: IdParam,
+                             data: JSONBody[Adjustment]) -> AdjustmentResult:
         """Credit or debit an org's balance with a reason: one ledger entry, then the live balance."""
         if data.amount_micros == 0:
             raise Invalid("amount_micros must not be zero.")

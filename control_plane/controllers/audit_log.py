@@ -9,7 +9,7 @@ import msgspec
 from litestar import Controller, get
 from litestar.params import Parameter
 
-from control_plane.common import DEPENDENCIES, IdParam, LimitParam
+from control_plane.common import CP, DEPENDENCIES, IdParam, LimitParam
 from control_plane.permissions import require
 from control_plane.state import MAX_ID, ControlPlane
 
@@ -57,7 +57,7 @@ class OrgAuditController(Controller):
     tags = ("audit",)
 
     @get("/", guards=[require("audit.read")])
-    async def org_audit(self, cp: ControlPlane, org_id: IdParam, action: ActionParam = None,
+    async def org_audit(self, cp: CP, org_id: IdParam, action: ActionParam = None,
                         before_id: OptionalId = None, limit: LimitParam = 50) -> AuditPage:
         """Changes made in this org (by its members and by platform admins), newest first."""
         return await _page(cp, limit, before_id, org_id=org_id, action=action)
@@ -69,7 +69,7 @@ class AdminAuditController(Controller):
     tags = ("platform admin",)
 
     @get("/", guards=[require("platform.audit.read")])
-    async def admin_audit(self, cp: ControlPlane, org_id: OptionalId = None, actor_user_id: OptionalId = None,
+    async def admin_audit(self, cp: CP, org_id: OptionalId = None, actor_user_id: OptionalId = None,
                           action: ActionParam = None, before_id: OptionalId = None,
                           limit: LimitParam = 50) -> AuditPage:
         """Every change, newest first, filtered by org, actor or action."""

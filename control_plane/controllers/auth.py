@@ -8,10 +8,11 @@ from typing import Annotated
 import asyncpg
 import msgspec
 from litestar import Controller, Request, get, post
+from litestar.params import JSONBody
 
 from control_plane import audit
 from control_plane.accounts import create_org
-from control_plane.common import DEPENDENCIES, Email
+from control_plane.common import CP, DEPENDENCIES, Caller, Email
 from control_plane.errors import Conflict, TooManyRequests, Unauthorized
 from control_plane.permissions import Scope, require
 from control_plane.principal import Principal
@@ -86,7 +87,7 @@ class AuthController(Controller):
     tags = ("accounts",)
 
     @post("/signup", guards=[require("public")], opt={"errors": (409,)})
-    async def signup(self, cp: ControlPlane, request: Request, data: SignupRequest) -> SignupResult:
+    async def signup(self, cp: CP, request: Request, data: JSONBody[SignupRequest]) -> SignupResult:
         """Create a user, their first org (with a unique short code) and the owner membership; logs in."""
         password_hash = await cp.passwords.hash(data.password)
         async with cp.pool.acquire() as conn, conn.transaction():
@@ -103,7 +104,7 @@ class AuthController(Controller):
         return SignupResult(user_id, org["id"], org["code"], await _tokens(cp, user_id))
 
     @post("/login", guards=[require("public")], status_code=200, opt={"errors": (401, 429)})
-    async def login(self, cp: ControlPlane, request: Request, data: LoginRequest) -> Tokens:
+    async def login(self, cp: CP, request: Request, data: JSONBody[LoginRequest]) -> Tokens:
         """Exchange email and password for tokens. Unknown email and wrong password get the same answer."""
         ip = cp.client_ip(request)
         wait = await cp.login_limiter.blocked_for(ip, data.email)
@@ -122,7 +123,7 @@ class AuthController(Controller):
         return await _tokens(cp, row["id"])
 
     @post("/refresh", guards=[require("public")], status_code=200, opt={"errors": (401,)})
-    async def refresh(self, cp: ControlPlane, data: RefreshRequest) -> Tokens:
+    async def refresh(self, cp: CP, data: JSONBody[RefreshRequest]) -> Tokens:
         """Trade a refresh token for new tokens; the old refresh token stops working. Presenting an already
         used refresh token ends the whole session (every token descended from the same login)."""
         outcome, user_id, family, refresh = await cp.tokens.rotate(data.refresh_token)
@@ -135,12 +136,12 @@ class AuthController(Controller):
         return Tokens(cp.tokens.issue_access(user_id, family), refresh, cp.tokens.access_ttl_s)
 
     @post("/logout", guards=[require("auth.logout")], status_code=204)
-    async def logout(self, cp: ControlPlane, principal: Principal) -> None:
+    async def logout(self, cp: CP, principal: Caller) -> None:
         """End this session: its refresh token and every access token issued in it stop working."""
         await cp.tokens.end_session(principal.user_id, principal.session_id)
 
     @post("/password", guards=[require("account.update")], status_code=204, opt={"errors": (401, 429)})
-    async def change_password(self, cp: ControlPlane, principal: Principal, data: PasswordChange) -> None:
+    async def change_password(self, cp: CP, principal: Caller, data: JSONBody[PasswordChange]) -> None:
         """Change the password; every other session of this user ends."""
         wait = await cp.login_limiter.blocked_for(principal.ip, principal.email)
         if wait:
@@ -161,7 +162,7 @@ class MeController(Controller):
     tags = ("accounts",)
 
     @get("/", guards=[require("account.read")])
-    async def me(self, cp: ControlPlane, principal: Principal) -> Me:
+    async def me(self, cp: CP, principal: Caller) -> Me:
         """The signed-in user and the orgs they belong to, with their role in each."""
         user = await cp.pool.fetchrow("select id, email, is_platform_admin, created_at from users where id = $1",
                                       principal.user_id)

@@ -8,13 +8,12 @@ from typing import Annotated
 
 import msgspec
 from litestar import Controller, delete, get, put
+from litestar.params import JSONBody
 
 from control_plane import audit
-from control_plane.common import DEPENDENCIES, IdParam, mask_secret
+from control_plane.common import CP, DEPENDENCIES, Caller, IdParam, mask_secret
 from control_plane.errors import NotFound
 from control_plane.permissions import require
-from control_plane.principal import Principal
-from control_plane.state import ControlPlane
 from shared.crypto import store_secret
 
 BYOK_KIND = "byok_credential"
@@ -61,13 +60,13 @@ class CatalogueController(Controller):
     tags = ("catalogue",)
 
     @get("/providers", guards=[require("catalogue.read")])
-    async def providers(self, cp: ControlPlane) -> list[Provider]:
+    async def providers(self, cp: CP) -> list[Provider]:
         """Active providers (for choosing where a BYOK credential applies)."""
         rows = await cp.pool.fetch("select id, name, api_format from providers where status = 'active' order by id")
         return [Provider(**dict(r)) for r in rows]
 
     @get("/models", guards=[require("catalogue.read")])
-    async def models(self, cp: ControlPlane) -> list[Model]:
+    async def models(self, cp: CP) -> list[Model]:
         """Models with at least one usable route, with the price in force now (µ$ per million tokens)."""
         rows = await cp.pool.fetch(
             """select m.name, m.kind, m.owned_by, p.input_micros_per_mtok, p.output_micros_per_mtok,
@@ -90,7 +89,7 @@ class ByokController(Controller):
     tags = ("byok",)
 
     @get("/", guards=[require("byok.read")])
-    async def list_credentials(self, cp: ControlPlane, org_id: IdParam) -> list[ByokCredential]:
+    async def list_credentials(self, cp: CP, org_id: IdParam) -> list[ByokCredential]:
         rows = await cp.pool.fetch(
             """select c.provider_id, p.name as provider_name, s.hint as credential_hint, c.created_at, c.updated_at
                from org_provider_credentials c join providers p on p.id = c.provider_id
@@ -98,8 +97,8 @@ class ByokController(Controller):
         return [ByokCredential(**dict(r)) for r in rows]
 
     @put("/{provider_id:int}", guards=[require("byok.manage")])
-    async def set_credential(self, cp: ControlPlane, principal: Principal, org_id: IdParam, provider_id: IdParam,
-                             data: ByokSet) -> ByokCredential:
+    async def set_credential(self, cp: CP, principal: Caller, org_id: IdParam, provider_id: IdParam,
+                             data: JSONBody[ByokSet]) -> ByokCredential:
         """Store (or replace) the org's credential for a provider; requests of the org then use it."""
         async with cp.pool.acquire() as conn, conn.transaction():
             provider = await conn.fetchval("select name from providers where id = $1", provider_id)
@@ -122,7 +121,7 @@ class ByokController(Controller):
         return ByokCredential(provider_id, provider, mask_secret(data.api_key), row["created_at"], row["updated_at"])
 
     @delete("/{provider_id:int}", guards=[require("byok.manage")])
-    async def delete_credential(self, cp: ControlPlane, principal: Principal, org_id: IdParam,
+    async def delete_credential(self, cp: CP, principal: Caller, org_id: IdParam,
                                 provider_id: IdParam) -> None:
         """Forget the org's credential for a provider; its requests go back to the platform's credential."""
         async with cp.pool.acquire() as conn, conn.transaction():

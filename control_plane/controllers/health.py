@@ -7,10 +7,9 @@ from typing import Any
 import msgspec
 from litestar import Controller, Request, get
 
-from control_plane.common import DEPENDENCIES
+from control_plane.common import CP, DEPENDENCIES
 from control_plane.errors import ApiError
 from control_plane.permissions import require
-from control_plane.state import ControlPlane
 
 
 class Status(msgspec.Struct, frozen=True):
@@ -32,7 +31,7 @@ class HealthController(Controller):
         return Status("ok")
 
     @get("/readyz", guards=[require("public")])
-    async def readyz(self, cp: ControlPlane) -> Status:
+    async def readyz(self, cp: CP) -> Status:
         """PostgreSQL and Redis answer."""
         try:
             await cp.pool.fetchval("select 1")

@@ -12,13 +12,13 @@ from typing import Annotated
 import asyncpg
 import msgspec
 from litestar import Controller, delete, get, patch, post
+from litestar.params import FromQuery, JSONBody
 from msgspec import UNSET, UnsetType
 
 from control_plane import audit
-from control_plane.common import DEPENDENCIES, IdParam, NonNegMicros, PerMinute, set_fields, utc
+from control_plane.common import CP, DEPENDENCIES, Caller, IdParam, NonNegMicros, PerMinute, set_fields, utc
 from control_plane.errors import Conflict, Invalid, NotFound
 from control_plane.permissions import require
-from control_plane.principal import Principal
 from control_plane.state import ControlPlane
 from shared.apikeys import create_api_key, publish_key_change
 
@@ -104,14 +104,14 @@ class KeysController(Controller):
     tags = ("api keys",)
 
     @get("/", guards=[require("keys.read")])
-    async def list_keys(self, cp: ControlPlane, org_id: IdParam, include_revoked: bool = False) -> list[ApiKey]:
+    async def list_keys(self, cp: CP, org_id: IdParam, include_revoked: FromQuery[bool] = False) -> list[ApiKey]:
         rows = await cp.pool.fetch(
             f"""select {_COLUMNS} from api_keys where org_id = $1 and ($2 or revoked_at is null)
                 order by id desc""", org_id, include_revoked)
         return [key_view(r) for r in rows]
 
     @post("/", guards=[require("keys.manage")])
-    async def create(self, cp: ControlPlane, principal: Principal, org_id: IdParam, data: KeyCreate) -> CreatedKey:
+    async def create(self, cp: CP, principal: Caller, org_id: IdParam, data: JSONBody[KeyCreate]) -> CreatedKey:
         """Create a key. The response holds the full key once; only its prefix and a keyed hash are stored."""
         async with cp.pool.acquire() as conn, conn.transaction():
             fields = await _check_fields(conn, msgspec.structs.asdict(data))
@@ -125,15 +125,15 @@ class KeysController(Controller):
         return CreatedKey(key, key_view(row))
 
     @get("/{key_id:int}", guards=[require("keys.read")])
-    async def get_key(self, cp: ControlPlane, org_id: IdParam, key_id: IdParam) -> ApiKey:
+    async def get_key(self, cp: CP, org_id: IdParam, key_id: IdParam) -> ApiKey:
         row = await cp.pool.fetchrow(f"select {_COLUMNS} from api_keys where id = $1 and org_id = $2", key_id, org_id)
         if row is None:
             raise NotFound("No such API key.")
         return key_view(row)
 
     @patch("/{key_id:int}", guards=[require("keys.manage")], opt={"errors": (409,)})
-    async def update(self, cp: ControlPlane, principal: Principal, org_id: IdParam, key_id: IdParam,
-                     data: KeyUpdate) -> ApiKey:
+    async def update(self, cp: CP, principal: Caller, org_id: IdParam, key_id: IdParam,
+                     data: JSONBody[KeyUpdate]) -> ApiKey:
         """Rename a key or change its limits (null removes a limit); proxies apply it within moments."""
         async with cp.pool.acquire() as conn, conn.transaction():
             before = await conn.fetchrow(f"select {_COLUMNS} from api_keys where id = $1 and org_id = $2 for update",
@@ -154,7 +154,7 @@ class KeysController(Controller):
         return key_view(after)
 
     @delete("/{key_id:int}", guards=[require("keys.manage")])
-    async def revoke(self, cp: ControlPlane, principal: Principal, org_id: IdParam, key_id: IdParam) -> None:
+    async def revoke(self, cp: CP, principal: Caller, org_id: IdParam, key_id: IdParam) -> None:
         """Revoke a key: every proxy refuses it within moments. Revoking a revoked key changes nothing."""
         async with cp.pool.acquire() as conn, conn.transaction():
             row = await conn.fetchrow(

@@ -14,11 +14,12 @@ from typing import Annotated, Literal
 import asyncpg
 import msgspec
 from litestar import Controller, delete, get, patch, post
+from litestar.params import JSONBody
 from msgspec import UNSET, UnsetType
 
 from control_plane import audit
 from control_plane.accounts import create_org
-from control_plane.common import DEPENDENCIES, Email, IdParam, NonNegMicros, set_fields
+from control_plane.common import CP, DEPENDENCIES, Caller, Email, IdParam, NonNegMicros, set_fields
 from control_plane.errors import Conflict, Forbidden, Invalid, NotFound
 from control_plane.permissions import allowed, require
 from control_plane.principal import Principal
@@ -109,7 +110,7 @@ class OrgsController(Controller):
     tags = ("orgs",)
 
     @post("/", guards=[require("orgs.create")])
-    async def create(self, cp: ControlPlane, principal: Principal, data: OrgCreate) -> Org:
+    async def create(self, cp: CP, principal: Caller, data: JSONBody[OrgCreate]) -> Org:
         """Create another org; the caller becomes its owner."""
         async with cp.pool.acquire() as conn, conn.transaction():
             org = await create_org(conn, data.name, principal.user_id)
@@ -119,7 +120,7 @@ class OrgsController(Controller):
         return org_view(org)
 
     @get("/", guards=[require("orgs.list")])
-    async def list_mine(self, cp: ControlPlane, principal: Principal) -> list[OrgSummary]:
+    async def list_mine(self, cp: CP, principal: Caller) -> list[OrgSummary]:
         """The orgs the caller belongs to, with their role in each."""
         rows = await cp.pool.fetch(
             """select o.id, o.name, o.code, o.status, m.role from memberships m join orgs o on o.id = m.org_id
@@ -127,11 +128,11 @@ class OrgsController(Controller):
         return [OrgSummary(r["id"], r["name"], r["code"], r["status"], r["role"]) for r in rows]
 
     @get("/{org_id:int}", guards=[require("org.read")])
-    async def get_org(self, cp: ControlPlane, org_id: IdParam) -> Org:
+    async def get_org(self, cp: CP, org_id: IdParam) -> Org:
         return org_view(await cp.pool.fetchrow(f"select {ORG_COLUMNS} from orgs where id = $1", org_id))
 
     @patch("/{org_id:int}", guards=[require("org.update")])
-    async def update(self, cp: ControlPlane, principal: Principal, org_id: IdParam, data: OrgUpdate) -> Org:
+    async def update(self, cp: CP, principal: Caller, org_id: IdParam, data: JSONBody[OrgUpdate]) -> Org:
         """Rename the org or set its request-log retention (within the platform's bounds; null: default)."""
         fields = set_fields(data)
         days = fields.get("request_log_retention_days")
@@ -141,8 +142,8 @@ class OrgsController(Controller):
         return await _update_org(cp, principal, org_id, fields, "org.update")
 
     @patch("/{org_id:int}/billing-settings", guards=[require("billing_settings.update")])
-    async def update_billing(self, cp: ControlPlane, principal: Principal, org_id: IdParam,
-                             data: BillingSettingsUpdate) -> Org:
+    async def update_billing(self, cp: CP, principal: Caller, org_id: IdParam,
+                             data: JSONBody[BillingSettingsUpdate]) -> Org:
         """Billing contact, low-balance alert recipients and threshold."""
         fields = set_fields(data)
         if "alert_emails" in fields:
@@ -152,14 +153,14 @@ class OrgsController(Controller):
     # --- members ---------------------------------------------------------------------------------------
 
     @get("/{org_id:int}/members", guards=[require("members.read")])
-    async def members(self, cp: ControlPlane, org_id: IdParam) -> list[Member]:
+    async def members(self, cp: CP, org_id: IdParam) -> list[Member]:
         rows = await cp.pool.fetch(
             """select m.user_id, u.email, m.role, m.created_at from memberships m join users u on u.id = m.user_id
                where m.org_id = $1 order by m.created_at, m.user_id""", org_id)
         return [Member(r["user_id"], r["email"], r["role"], r["created_at"]) for r in rows]
 
     @post("/{org_id:int}/members", guards=[require("members.manage")], opt={"errors": (409,)})
-    async def add_member(self, cp: ControlPlane, principal: Principal, org_id: IdParam, data: MemberAdd) -> Member:
+    async def add_member(self, cp: CP, principal: Caller, org_id: IdParam, data: JSONBody[MemberAdd]) -> Member:
         """Add an existing user (by email) with a role. Granting `owner` takes an owner."""
         if data.role == "owner" and not allowed(principal.role, "members.manage_owners"):
             raise Forbidden("Only an owner may grant the owner role.")
@@ -177,8 +178,8 @@ class OrgsController(Controller):
         return Member(user["id"], user["email"], data.role, row["created_at"])
 
     @patch("/{org_id:int}/members/{user_id:int}", guards=[require("members.manage")], opt={"errors": (409,)})
-    async def update_member(self, cp: ControlPlane, principal: Principal, org_id: IdParam, user_id: IdParam,
-                            data: MemberUpdate) -> Member:
+    async def update_member(self, cp: CP, principal: Caller, org_id: IdParam, user_id: IdParam,
+                            data: JSONBody[MemberUpdate]) -> Member:
         """Change a member's role."""
         async with cp.pool.acquire() as conn, conn.transaction():
             current = await self._lock_member(conn, principal, org_id, user_id, data.role)
@@ -193,7 +194,7 @@ class OrgsController(Controller):
         return Member(user_id, current["email"], data.role, row["created_at"])
 
     @delete("/{org_id:int}/members/{user_id:int}", guards=[require("members.manage")], opt={"errors": (409,)})
-    async def remove_member(self, cp: ControlPlane, principal: Principal, org_id: IdParam, user_id: IdParam) -> None:
+    async def remove_member(self, cp: CP, principal: Caller, org_id: IdParam, user_id: IdParam) -> None:
         """Remove a member (their API keys stay: keys belong to the org)."""
         async with cp.pool.acquire() as conn, conn.transaction():
             current = await self._lock_member(conn, principal, org_id, user_id, None)

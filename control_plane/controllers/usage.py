@@ -7,13 +7,13 @@ from typing import Annotated, Literal
 
 import msgspec
 from litestar import Controller, get
-from litestar.params import Parameter
+from litestar.params import FromQuery, Parameter
 
-from control_plane.common import DEPENDENCIES, IdParam, LimitParam, utc
+from control_plane.common import CP, DEPENDENCIES, IdParam, LimitParam, utc
 from control_plane.errors import Invalid
 from control_plane.logs import LogFilter, UsageFilter, decode_cursor, encode_cursor, request_log_query, usage_query
 from control_plane.permissions import require
-from control_plane.state import MAX_ID, ControlPlane
+from control_plane.state import MAX_ID
 
 MAX_LOG_RANGE = datetime.timedelta(days=93)
 MAX_USAGE_DAYS = 366
@@ -99,7 +99,7 @@ class UsageController(Controller):
     tags = ("usage and billing",)
 
     @get("/balance", guards=[require("billing.read")])
-    async def balance(self, cp: ControlPlane, org_id: IdParam) -> Balance:
+    async def balance(self, cp: CP, org_id: IdParam) -> Balance:
         row = await cp.pool.fetchrow(
             """select b.balance_micros, b.updated_at, o.credit_limit_micros from org_balances b
                join orgs o on o.id = b.org_id where b.org_id = $1""", org_id)
@@ -108,7 +108,7 @@ class UsageController(Controller):
                        int(live) if live is not None else None, int(reserved) if reserved is not None else None)
 
     @get("/transactions", guards=[require("billing.read")])
-    async def transactions(self, cp: ControlPlane, org_id: IdParam, kind: TxKind | None = None,
+    async def transactions(self, cp: CP, org_id: IdParam, kind: FromQuery[TxKind | None] = None,
                            before_id: Annotated[int | None, Parameter(ge=1, le=MAX_ID)] = None,
                            limit: LimitParam = 50) -> TransactionPage:
         """Ledger entries, newest first."""
@@ -122,8 +122,8 @@ class UsageController(Controller):
         return TransactionPage(data, data[-1].id if more else None)
 
     @get("/usage", guards=[require("usage.read")])
-    async def usage(self, cp: ControlPlane, org_id: IdParam, start: datetime.date | None = None,
-                    end: datetime.date | None = None,
+    async def usage(self, cp: CP, org_id: IdParam, start: FromQuery[datetime.date | None] = None,
+                    end: FromQuery[datetime.date | None] = None,
                     key_id: Annotated[int | None, Parameter(ge=1, le=MAX_ID)] = None,
                     model: ModelParam = None) -> Usage:
         """Requests, tokens and cost per UTC day × model × key, from `start` to `end` (inclusive; default: the
@@ -143,8 +143,8 @@ class UsageController(Controller):
         return Usage(start, end, data, sum(r.cost_micros for r in data))
 
     @get("/request-logs", guards=[require("usage.read")])
-    async def request_logs(self, cp: ControlPlane, org_id: IdParam, start: datetime.datetime | None = None,
-                           end: datetime.datetime | None = None,
+    async def request_logs(self, cp: CP, org_id: IdParam, start: FromQuery[datetime.datetime | None] = None,
+                           end: FromQuery[datetime.datetime | None] = None,
                            key_id: Annotated[int | None, Parameter(ge=1, le=MAX_ID)] = None,
                            model: ModelParam = None,
                            status: Annotated[int | None, Parameter(ge=100, le=599)] = None,

@@ -1,0 +1,305 @@
+"""The role × endpoint matrix, generated from the app's endpoints and the one permission table.
+
+Every endpoint is called by: anonymous, each of the five org roles (members of org A), a member of another
+org only (outsider), and a platform admin who is no member of A. Allowed calls must succeed (2xx); the rest
+are refused with 401 (anonymous), 403 (signed in, not allowed) or 404 (an org the caller is not a member of).
+A new endpoint without an entry in EXAMPLES fails `test_every_endpoint_has_an_example`, so none is forgotten.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+import secrets
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import httpx
+import pytest
+import pytest_asyncio
+
+from control_plane.app import create_app, endpoint_actions
+from control_plane.permissions import ORG_ROLES, PERMISSIONS, Scope, allowed, scope_of
+from shared.settings import load_settings
+from tests.conftest import Factory, Server
+from tests.control_plane.conftest import PASSWORD, Account, Portal
+
+# The app is built (not started) with placeholder settings, only to enumerate its endpoints.
+_APP = create_app(load_settings({}, database_url="postgresql://unused", redis_url="redis://unused",
+                                key_pepper="p" * 24, master_key=base64.b64encode(b"m" * 32).decode()))
+ENDPOINTS = endpoint_actions(_APP)
+PRINCIPALS = ("anonymous", *ORG_ROLES, "outsider", "platform_admin")
+
+
+@dataclass
+class World:
+    org_id: int  # org A
+    owner: Account
+    accounts: dict[str, Account]  # principal name -> account
+    target_org: int  # the org the platform-admin endpoints act on
+    provider_id: int
+    model: str
+    route_id: int
+    login_account: Account  # for the public login example
+
+
+@dataclass
+class Call:
+    params: dict[str, int] = field(default_factory=dict)  # path parameters
+    json: object = None
+    query: dict[str, str] | None = None
+    account: Account | None = None  # overrides the principal's session (logout uses a throwaway one)
+
+
+Example = Callable[[World, Portal, Factory, Account | None], Awaitable[Call]]
+EXAMPLES: dict[tuple[str, str], Example] = {}
+
+
+def example(method: str, path: str):
+    def register(fn: Example) -> Example:
+        EXAMPLES[(method, path)] = fn
+        return fn
+    return register
+
+
+def _unique(prefix: str) -> str:
+    return f"{prefix}-{secrets.token_hex(4)}"
+
+
+async def _fresh_member(w: World, portal: Portal) -> int:
+    return (await portal.member(w.owner, w.org_id, "viewer")).user_id
+
+
+async def _fresh_key(w: World, factory: Factory) -> int:
+    return (await factory.key(w.org_id))[0]
+
+
+# --- public -----------------------------------------------------------------------------------------------
+for _path in ("/healthz", "/readyz", "/openapi.json", "/v1/me", "/v1/orgs", "/v1/models", "/v1/providers",
+              "/v1/admin/orgs", "/v1/admin/models", "/v1/admin/prices", "/v1/admin/providers", "/v1/admin/routes",
+              "/v1/admin/audit-log"):
+    EXAMPLES[("GET", _path)] = lambda w, p, f, a: _call()
+
+for _path in ("", "/members", "/keys", "/balance", "/transactions", "/usage", "/request-logs", "/byok",
+              "/audit-log"):
+    EXAMPLES[("GET", "/v1/orgs/{org_id:int}" + _path)] = lambda w, p, f, a: _call(org_id=w.org_id)
+
+
+async def _call(**params: int) -> Call:
+    return Call(params)
+
+
+@example("POST", "/v1/auth/signup")
+async def _(w, portal, factory, who):
+    return Call(json={"email": _unique("s") + "@example.com", "password": PASSWORD, "org_name": "Signup"})
+
+
+@example("POST", "/v1/auth/login")
+async def _(w, portal, factory, who):
+    return Call(json={"email": w.login_account.email, "password": PASSWORD})
+
+
+@example("POST", "/v1/auth/refresh")
+async def _(w, portal, factory, who):
+    session = await portal.login_account(w.login_account)
+    return Call(json={"refresh_token": session.refresh_token})
+
+
+# --- any signed-in user -------------------------------------------------------------------------------
+@example("POST", "/v1/auth/logout")
+async def _(w, portal, factory, who):
+    return Call(account=await portal.login_account(who) if who else None)
+
+
+@example("POST", "/v1/auth/password")
+async def _(w, portal, factory, who):
+    return Call(json={"current_password": PASSWORD, "new_password": PASSWORD})
+
+
+@example("POST", "/v1/orgs")
+async def _(w, portal, factory, who):
+    return Call(json={"name": "Another org"})
+
+
+# --- org A --------------------------------------------------------------------------------------------
+@example("PATCH", "/v1/orgs/{org_id:int}")
+async def _(w, portal, factory, who):
+    return Call({"org_id": w.org_id}, {"name": "Org A", "request_log_retention_days": 30})
+
+
+@example("PATCH", "/v1/orgs/{org_id:int}/billing-settings")
+async def _(w, portal, factory, who):
+    return Call({"org_id": w.org_id}, {"billing_email": "billing@example.com", "alert_emails": ["ops@example.com"],
+                                       "low_balance_threshold_micros": 5_000_000})
+
+
+@example("POST", "/v1/orgs/{org_id:int}/members")
+async def _(w, portal, factory, who):
+    user = await portal.signup(org_name="New member's org")
+    return Call({"org_id": w.org_id}, {"email": user.email, "role": "viewer"})
+
+
+@example("PATCH", "/v1/orgs/{org_id:int}/members/{user_id:int}")
+async def _(w, portal, factory, who):
+    return Call({"org_id": w.org_id, "user_id": await _fresh_member(w, portal)}, {"role": "developer"})
+
+
+@example("DELETE", "/v1/orgs/{org_id:int}/members/{user_id:int}")
+async def _(w, portal, factory, who):
+    return Call({"org_id": w.org_id, "user_id": await _fresh_member(w, portal)})
+
+
+@example("POST", "/v1/orgs/{org_id:int}/keys")
+async def _(w, portal, factory, who):
+    return Call({"org_id": w.org_id}, {"name": "matrix", "rpm_limit": 60, "allowed_models": [w.model]})
+
+
+@example("GET", "/v1/orgs/{org_id:int}/keys/{key_id:int}")
+async def _(w, portal, factory, who):
+    return Call({"org_id": w.org_id, "key_id": await _fresh_key(w, factory)})
+
+
+@example("PATCH", "/v1/orgs/{org_id:int}/keys/{key_id:int}")
+async def _(w, portal, factory, who):
+    return Call({"org_id": w.org_id, "key_id": await _fresh_key(w, factory)}, {"tpm_limit": 1000, "name": "renamed"})
+
+
+@example("DELETE", "/v1/orgs/{org_id:int}/keys/{key_id:int}")
+async def _(w, portal, factory, who):
+    return Call({"org_id": w.org_id, "key_id": await _fresh_key(w, factory)})
+
+
+@example("PUT", "/v1/orgs/{org_id:int}/byok/{provider_id:int}")
+async def _(w, portal, factory, who):
+    return Call({"org_id": w.org_id, "provider_id": w.provider_id}, {"api_key": "sk-matrix-0123456789abcdef"})
+
+
+@example("DELETE", "/v1/orgs/{org_id:int}/byok/{provider_id:int}")
+async def _(w, portal, factory, who):
+    resp = await portal.request("PUT", f"/v1/orgs/{w.org_id}/byok/{w.provider_id}", w.owner,
+                                json={"api_key": "sk-matrix-0123456789abcdef"})
+    assert resp.status_code == 200, resp.text
+    return Call({"org_id": w.org_id, "provider_id": w.provider_id})
+
+
+# --- platform admin -----------------------------------------------------------------------------------
+@example("GET", "/v1/admin/orgs/{org_id:int}")
+async def _(w, portal, factory, who):
+    return Call({"org_id": w.target_org})
+
+
+@example("PATCH", "/v1/admin/orgs/{org_id:int}")
+async def _(w, portal, factory, who):
+    return Call({"org_id": w.target_org}, {"credit_limit_micros": 0, "rpm_limit": 1000})
+
+
+@example("POST", "/v1/admin/orgs/{org_id:int}/adjustments")
+async def _(w, portal, factory, who):
+    return Call({"org_id": w.target_org}, {"amount_micros": 1, "reason": "matrix test"})
+
+
+@example("POST", "/v1/admin/models")
+async def _(w, portal, factory, who):
+    return Call(json={"name": _unique("matrix-model"), "kind": "chat"})
+
+
+@example("POST", "/v1/admin/prices")
+async def _(w, portal, factory, who):
+    return Call(json={"model": w.model, "input_micros_per_mtok": 1, "output_micros_per_mtok": 2})
+
+
+@example("POST", "/v1/admin/providers")
+async def _(w, portal, factory, who):
+    return Call(json={"name": _unique("matrix-provider"), "base_url": "http://127.0.0.1:9/v1", "api_key": "sk-x" * 5})
+
+
+@example("PATCH", "/v1/admin/providers/{provider_id:int}")
+async def _(w, portal, factory, who):
+    return Call({"provider_id": w.provider_id}, {"connect_timeout_ms": 4000})
+
+
+@example("POST", "/v1/admin/routes")
+async def _(w, portal, factory, who):
+    return Call(json={"model": w.model, "provider_id": w.provider_id, "upstream_model": _unique("up")})
+
+
+@example("PATCH", "/v1/admin/routes/{route_id:int}")
+async def _(w, portal, factory, who):
+    return Call({"route_id": w.route_id}, {"weight": 50})
+
+
+@example("DELETE", "/v1/admin/routes/{route_id:int}")
+async def _(w, portal, factory, who):
+    return Call({"route_id": await factory.route(w.model, w.provider_id, _unique("up"))})
+
+
+# --- the matrix ---------------------------------------------------------------------------------------
+
+
+def expected_statuses(action: str, who: str) -> set[int] | None:
+    """None: the call must succeed; else the refusal statuses allowed."""
+    scope = scope_of(action)
+    if scope == Scope.PUBLIC:
+        return None
+    if who == "anonymous":
+        return {401}
+    if scope == Scope.USER:
+        return None
+    if scope == Scope.PLATFORM:
+        return None if who == "platform_admin" else {403}
+    if who in ("outsider", "platform_admin"):
+        return {404}
+    return None if allowed(who, action) else {403}
+
+
+@pytest_asyncio.fixture(scope="module")
+async def world(control_plane: Server, settings, db, redis, redis_keys, mock_upstream: Server) -> World:
+    async with httpx.AsyncClient(timeout=20.0) as http:
+        portal = Portal(control_plane, http, settings)
+        factory = Factory(db, redis, redis_keys, settings)
+        owner = await portal.signup(org_name="Org A")
+        accounts: dict[str, Account] = {"owner": owner}
+        for role in ORG_ROLES[1:]:
+            accounts[role] = await portal.member(owner, owner.org_id, role)
+        accounts["outsider"] = await portal.signup(org_name="Org B")
+        accounts["platform_admin"] = await portal.platform_admin()
+        target = await factory.org()
+        provider_id = await factory.provider("http://127.0.0.1:9/v1")
+        model = await factory.model(provider_id)
+        route_id = await db.fetchval("select id from routes where model = $1", model)
+        login_account = await portal.signup(org_name="Login")
+        return World(owner.org_id, owner, accounts, target, provider_id, model, route_id, login_account)
+
+
+def test_every_endpoint_has_an_example() -> None:
+    missing = {(m, p) for p, m, _ in ENDPOINTS} - EXAMPLES.keys()
+    assert not missing, f"add an example call for these endpoints: {sorted(missing)}"
+    assert not EXAMPLES.keys() - {(m, p) for p, m, _ in ENDPOINTS}, "examples for endpoints that no longer exist"
+
+
+def test_every_action_of_the_table_guards_an_endpoint() -> None:
+    used = {action for _, _, action in ENDPOINTS}
+    sub_rules = {"members.manage_owners"}  # checked inside the member endpoints
+    declared = set().union(*PERMISSIONS.values())
+    assert declared - used == sub_rules
+
+
+@pytest.mark.parametrize(("path", "method", "action"), ENDPOINTS, ids=[f"{m} {p}" for p, m, _ in ENDPOINTS])
+async def test_role_matrix(world: World, portal: Portal, factory: Factory, path: str, method: str,
+                           action: str) -> None:
+    build = EXAMPLES[(method, path)]
+    failures = []
+    for who in PRINCIPALS:
+        account = world.accounts.get(who)
+        call = await build(world, portal, factory, account)
+        url = re.sub(r"\{(\w+):\w+\}", lambda m: str(call.params[m.group(1)]), path)
+        resp = await portal.request(method, url, call.account or account, json=call.json, params=call.query)
+        want = expected_statuses(action, who)
+        if want is None:
+            if not 200 <= resp.status_code < 300:
+                failures.append(f"{who}: expected success, got {resp.status_code} {resp.text[:200]}")
+        elif resp.status_code not in want:
+            failures.append(f"{who}: expected {sorted(want)}, got {resp.status_code} {resp.text[:200]}")
+        elif set(resp.json()) != {"error"} or set(resp.json()["error"]) != {"code", "message"}:
+            failures.append(f"{who}: refusal not in the error shape: {resp.text[:200]}")
+    assert not failures, f"{method} {path} ({action}):\n" + "\n".join(failures)
