@@ -303,3 +303,71 @@ async def test_role_matrix(world: World, portal: Portal, factory: Factory, path:
         elif set(resp.json()) != {"error"} or set(resp.json()["error"]) != {"code", "message"}:
             failures.append(f"{who}: refusal not in the error shape: {resp.text[:200]}")
     assert not failures, f"{method} {path} ({action}):\n" + "\n".join(failures)
+
+
+# --- tenant isolation ---------------------------------------------------------------------------------
+
+ORG_ENDPOINTS = [(p, m, a) for p, m, a in ENDPOINTS if scope_of(a) == Scope.ORG]
+
+
+async def _org_b_state(db, org_id: int) -> dict:
+    return {
+        "org": dict(await db.fetchrow("select * from orgs where id = $1", org_id)),
+        "members": [dict(r) for r in await db.fetch(
+            "select user_id, role from memberships where org_id = $1 order by user_id", org_id)],
+        "keys": [dict(r) for r in await db.fetch("select * from api_keys where org_id = $1 order by id", org_id)],
+        "byok": [dict(r) for r in await db.fetch(
+            "select * from org_provider_credentials where org_id = $1 order by provider_id", org_id)],
+        "balance": await db.fetchval("select balance_micros from org_balances where org_id = $1", org_id),
+    }
+
+
+async def test_owner_of_one_org_cannot_read_or_change_another(portal: Portal, factory: Factory, db,
+                                                             world: World) -> None:
+    attacker = await portal.signup(org_name="Org A")
+    victim = await portal.signup(org_name="Org B")
+    b_world = World(victim.org_id, victim, {}, victim.org_id, world.provider_id, world.model, world.route_id, victim)
+    resp = await portal.request("POST", f"/v1/orgs/{victim.org_id}/keys", victim, json={"name": "b"})
+    b_key_id = resp.json()["api_key"]["id"]
+    b_member = await portal.member(victim, victim.org_id, "admin")
+    resp = await portal.request("PUT", f"/v1/orgs/{victim.org_id}/byok/{world.provider_id}", victim,
+                                json={"api_key": "sk-victim-0123456789abcdef"})
+    assert resp.status_code == 200
+    before = await _org_b_state(db, victim.org_id)
+
+    leaks = []
+    for path, method, _ in ORG_ENDPOINTS:
+        call = await EXAMPLES[(method, path)](b_world, portal, factory, victim)
+        ids = {**call.params, "key_id": b_key_id, "user_id": b_member.user_id}
+        # 1. B's org id (guessed or copied), with B's object ids.
+        url = re.sub(r"\{(\w+):\w+\}", lambda m: str({**ids, "org_id": victim.org_id}[m.group(1)]), path)
+        resp = await portal.request(method, url, attacker, json=call.json, params=call.query)
+        if resp.status_code != 404 or resp.json()["error"]["code"] != "not_found":
+            leaks.append(f"{method} {url}: {resp.status_code} {resp.text[:150]}")
+        # 2. The attacker's own org id, with B's object ids (only paths that name an object of the org).
+        if re.search(r"\{(key_id|user_id):", path):
+            url = re.sub(r"\{(\w+):\w+\}", lambda m: str({**ids, "org_id": attacker.org_id}[m.group(1)]), path)
+            resp = await portal.request(method, url, attacker, json=call.json, params=call.query)
+            if resp.status_code != 404:
+                leaks.append(f"{method} {url}: {resp.status_code} {resp.text[:150]}")
+    assert not leaks, "\n".join(leaks)
+
+    # Filters naming B's key under A's org find nothing of B's.
+    for what in ("request-logs", "usage"):
+        resp = await portal.request("GET", f"/v1/orgs/{attacker.org_id}/{what}", attacker,
+                                    params={"key_id": b_key_id})
+        assert resp.status_code == 200 and resp.json()["data"] == []
+    # A's lists hold nothing of B's, and B is exactly as it was (the examples above only added to B
+    # through B's own owner, never through the attacker).
+    keys = (await portal.request("GET", f"/v1/orgs/{attacker.org_id}/keys", attacker)).json()
+    assert b_key_id not in {k["id"] for k in keys}
+    after = await _org_b_state(db, victim.org_id)
+    assert after["org"] == before["org"] and after["balance"] == before["balance"]
+    assert {r["user_id"]: r["role"] for r in before["members"]}.items() <= \
+        {r["user_id"]: r["role"] for r in after["members"]}.items()
+    b_key = next(k for k in after["keys"] if k["id"] == b_key_id)
+    assert b_key == next(k for k in before["keys"] if k["id"] == b_key_id)
+    # (The DELETE example re-set B's credential through B's own owner; it must still be there.)
+    assert [r["provider_id"] for r in after["byok"]] == [r["provider_id"] for r in before["byok"]]
+    assert not await db.fetchval("select count(*) from audit_log where org_id = $1 and actor_user_id = $2",
+                                 victim.org_id, attacker.user_id)
