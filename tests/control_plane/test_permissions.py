@@ -236,6 +236,11 @@ async def _(w, portal, factory, who):
 # --- the matrix ---------------------------------------------------------------------------------------
 
 
+def fill(path: str, params: dict[str, int]) -> str:
+    """`/v1/orgs/{org_id:int}` with the given path parameters."""
+    return re.sub(r"\{(\w+):\w+\}", lambda m: str(params[m.group(1)]), path)
+
+
 def expected_statuses(action: str, who: str) -> set[int] | None:
     """None: the call must succeed; else the refusal statuses allowed."""
     scope = scope_of(action)
@@ -292,7 +297,7 @@ async def test_role_matrix(world: World, portal: Portal, factory: Factory, path:
     for who in PRINCIPALS:
         account = world.accounts.get(who)
         call = await build(world, portal, factory, account)
-        url = re.sub(r"\{(\w+):\w+\}", lambda m: str(call.params[m.group(1)]), path)
+        url = fill(path, call.params)
         resp = await portal.request(method, url, call.account or account, json=call.json, params=call.query)
         want = expected_statuses(action, who)
         if want is None:
@@ -340,13 +345,13 @@ async def test_owner_of_one_org_cannot_read_or_change_another(portal: Portal, fa
         call = await EXAMPLES[(method, path)](b_world, portal, factory, victim)
         ids = {**call.params, "key_id": b_key_id, "user_id": b_member.user_id}
         # 1. B's org id (guessed or copied), with B's object ids.
-        url = re.sub(r"\{(\w+):\w+\}", lambda m: str({**ids, "org_id": victim.org_id}[m.group(1)]), path)
+        url = fill(path, {**ids, "org_id": victim.org_id})
         resp = await portal.request(method, url, attacker, json=call.json, params=call.query)
         if resp.status_code != 404 or resp.json()["error"]["code"] != "not_found":
             leaks.append(f"{method} {url}: {resp.status_code} {resp.text[:150]}")
         # 2. The attacker's own org id, with B's object ids (only paths that name an object of the org).
         if re.search(r"\{(key_id|user_id):", path):
-            url = re.sub(r"\{(\w+):\w+\}", lambda m: str({**ids, "org_id": attacker.org_id}[m.group(1)]), path)
+            url = fill(path, {**ids, "org_id": attacker.org_id})
             resp = await portal.request(method, url, attacker, json=call.json, params=call.query)
             if resp.status_code != 404:
                 leaks.append(f"{method} {url}: {resp.status_code} {resp.text[:150]}")
