@@ -1,0 +1,205 @@
+"""Balance and transactions, usage per day × model × key, and request logs with filters, keyset pagination
+and partition pruning (shown with EXPLAIN)."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import secrets
+
+from control_plane.logs import LogFilter, request_log_query
+from tests.control_plane.conftest import Portal
+
+UTC = datetime.UTC
+
+
+def _month_start(moment: datetime.datetime, months_ahead: int = 0) -> datetime.datetime:
+    year, month = divmod(moment.month - 1 + months_ahead, 12)
+    return datetime.datetime(moment.year + year, month + 1, 1, tzinfo=UTC)
+
+
+async def test_balance_and_transactions(portal: Portal, redis, redis_keys) -> None:
+    owner = await portal.signup()
+    admin = await portal.platform_admin()
+    url = f"/v1/admin/orgs/{owner.org_id}/adjustments"
+    for amount in (5_000_000, -1_250_000, 300):
+        resp = await portal.request("POST", url, admin, json={"amount_micros": amount, "reason": f"r{amount}"})
+        assert resp.status_code == 201
+    resp = await portal.request("POST", url, admin, json={"amount_micros": 7, "reason": "once", "external_id": "x1"})
+    again = await portal.request("POST", url, admin, json={"amount_micros": 7, "reason": "once", "external_id": "x1"})
+    assert resp.json()["created"] is True and again.json()["created"] is False
+    assert again.json()["transaction_id"] == resp.json()["transaction_id"]
+    assert (await portal.request("POST", url, admin, json={"amount_micros": 0, "reason": "zero"})).status_code == 422
+    other = await portal.signup()
+    resp = await portal.request("POST", f"/v1/admin/orgs/{other.org_id}/adjustments", admin,
+                                json={"amount_micros": 7, "reason": "once", "external_id": "x1"})
+    assert resp.status_code == 409
+
+    balance = (await portal.request("GET", f"/v1/orgs/{owner.org_id}/balance", owner)).json()
+    assert balance["balance_micros"] == 5_000_000 - 1_250_000 + 300 + 7
+    assert isinstance(balance["balance_micros"], int) and balance["credit_limit_micros"] == 0
+    assert balance["live_balance_micros"] in (None, balance["balance_micros"])
+
+    page = (await portal.request("GET", f"/v1/orgs/{owner.org_id}/transactions", owner, params={"limit": 3})).json()
+    assert [t["amount_micros"] for t in page["data"]] == [7, 300, -1_250_000]
+    assert page["data"][0]["kind"] == "adjustment" and page["data"][0]["external_id"] == "x1"
+    rest = (await portal.request("GET", f"/v1/orgs/{owner.org_id}/transactions", owner,
+                                 params={"before_id": page["next_before_id"]})).json()
+    assert [t["amount_micros"] for t in rest["data"]] == [5_000_000] and rest["next_before_id"] is None
+    filtered = await portal.request("GET", f"/v1/orgs/{owner.org_id}/transactions", owner, params={"kind": "topup"})
+    assert filtered.json()["data"] == []
+    # The credit limit reaches the live balance when there is one.
+    resp = await portal.request("PATCH", f"/v1/admin/orgs/{owner.org_id}", admin,
+                                json={"credit_limit_micros": 2_000_000})
+    assert resp.status_code == 200 and resp.json()["credit_limit_micros"] == 2_000_000
+    live = await redis.hget(redis_keys.org(owner.org_id).balance, "credit")
+    assert live in (None, b"2000000")
+
+
+async def test_usage_per_day_model_and_key(portal: Portal, db) -> None:
+    owner = await portal.signup()
+    now = datetime.datetime.now(UTC).replace(hour=12, minute=0, second=0, microsecond=0)
+    yesterday = now - datetime.timedelta(days=1)
+    rows = [  # (created_at, key, model, prompt, completion, cost)
+        (now, 1, "m-a", 10, 5, 100), (now, 1, "m-a", 20, 5, 150), (now, 2, "m-a", 1, 1, 7),
+        (now, 1, "m-b", 3, 3, 9), (yesterday, 1, "m-a", 4, 4, 40),
+    ]
+    for created_at, key, model, prompt, completion, cost in rows:
+        await db.execute(
+            """insert into usage_records (created_at, request_id, org_id, api_key_id, model, prompt_tokens,
+                                          completion_tokens, cost_micros) values ($1, $2, $3, $4, $5, $6, $7, $8)""",
+            created_at, secrets.token_hex(8), owner.org_id, key, model, prompt, completion, cost)
+    resp = await portal.request("GET", f"/v1/orgs/{owner.org_id}/usage", owner)
+    body = resp.json()
+    assert resp.status_code == 200 and body["total_cost_micros"] == 306
+    got = [(r["day"], r["model"], r["api_key_id"], r["requests"], r["prompt_tokens"], r["completion_tokens"],
+            r["cost_micros"]) for r in body["data"]]
+    today, before = now.date().isoformat(), yesterday.date().isoformat()
+    assert got == [(before, "m-a", 1, 1, 4, 4, 40), (today, "m-a", 1, 2, 30, 10, 250), (today, "m-a", 2, 1, 1, 1, 7),
+                   (today, "m-b", 1, 1, 3, 3, 9)]
+    one_day = await portal.request("GET", f"/v1/orgs/{owner.org_id}/usage", owner,
+                                   params={"start": today, "end": today, "model": "m-a", "key_id": 1})
+    assert [r["cost_micros"] for r in one_day.json()["data"]] == [250]
+    bad = await portal.request("GET", f"/v1/orgs/{owner.org_id}/usage", owner, params={"start": today, "end": before})
+    assert bad.status_code == 422
+
+
+async def _insert_logs(db, org_id: int, times: list[datetime.datetime], **columns) -> None:
+    await db.executemany(
+        """insert into request_logs (created_at, request_id, org_id, api_key_id, model, path, method, status_code,
+                                     latency_ms) values ($1, $2, $3, $4, $5, '/v1/chat/completions', 'POST', $6, 12)""",
+        [(t, f"req-{secrets.token_hex(6)}", org_id, columns.get("key", 1), columns.get("model", "m"),
+          columns.get("status", 200)) for t in times])
+
+
+async def test_request_logs_filters_and_keyset_pages(portal: Portal, db) -> None:
+    owner = await portal.signup()
+    now = datetime.datetime.now(UTC)
+    base = now - datetime.timedelta(hours=1)
+    # Several rows share one timestamp: the cursor must still visit each exactly once.
+    times = [base + datetime.timedelta(seconds=i // 3) for i in range(25)]
+    await _insert_logs(db, owner.org_id, times)
+    await _insert_logs(db, owner.org_id, [base] * 2, key=2, model="other", status=429)
+    url = f"/v1/orgs/{owner.org_id}/request-logs"
+
+    seen, cursor = [], None
+    while True:
+        params = {"limit": 4, **({"cursor": cursor} if cursor else {})}
+        page = (await portal.request("GET", url, owner, params=params)).json()
+        seen += page["data"]
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert len(seen) == 27 and len({r["request_id"] for r in seen}) == 27
+    order = [(r["created_at"], r["request_id"]) for r in seen]
+    assert order == sorted(order, key=lambda x: (-datetime.datetime.fromisoformat(x[0]).timestamp(), x[1]))
+    assert seen[0]["path"] == "/v1/chat/completions" and "body" not in seen[0]
+
+    for params, count in (({"key_id": 2}, 2), ({"model": "other"}, 2), ({"status": 429}, 2), ({"status": 200}, 25),
+                          ({"start": (base + datetime.timedelta(seconds=5)).isoformat()}, 10),
+                          ({"end": (base + datetime.timedelta(seconds=1)).isoformat()}, 5)):
+        data = (await portal.request("GET", url, owner, params={**params, "limit": 100})).json()["data"]
+        assert len(data) == count, params
+    # The default window is the last 24 hours; the range is bounded.
+    old = now - datetime.timedelta(days=3)
+    await _insert_logs(db, owner.org_id, [old])
+    assert len((await portal.request("GET", url, owner, params={"limit": 100})).json()["data"]) == 27
+    resp = await portal.request("GET", url, owner, params={"start": (now - datetime.timedelta(days=94)).isoformat()})
+    assert resp.status_code == 422
+    resp = await portal.request("GET", url, owner, params={"cursor": "bm90IGEgY3Vyc29y"})
+    assert resp.status_code == 422 and resp.json()["error"]["code"] == "invalid_cursor"
+
+
+def _scanned_partitions(plan: dict) -> set[str]:
+    found = set()
+
+    def walk(node: dict) -> None:
+        if "Relation Name" in node:
+            found.add(node["Relation Name"])
+        for child in node.get("Plans", ()):
+            walk(child)
+    walk(plan["Plan"])
+    return found
+
+
+def _literal(value: object) -> str:
+    if isinstance(value, datetime.datetime):
+        return f"'{value.isoformat()}'"
+    return str(value) if isinstance(value, int) else "'" + str(value).replace("'", "''") + "'"
+
+
+def _subplans_removed(plan: dict) -> int:
+    def walk(node: dict) -> int:
+        return node.get("Subplans Removed", 0) + sum(walk(c) for c in node.get("Plans", ()))
+    return walk(plan["Plan"])
+
+
+async def test_request_log_queries_prune_partitions(db) -> None:
+    """With rows in two monthly partitions, a page of one month scans only that month's partition, both with
+    a custom plan (pruned at planning) and with a generic prepared plan (pruned at executor start-up)."""
+    org_id = 10_000_000 + secrets.randbelow(1_000_000)
+    now = datetime.datetime.now(UTC)
+    this_month, next_month = _month_start(now), _month_start(now, 1)
+    # A few thousand rows in this month and in next month's partition (it exists ahead of time).
+    await db.execute(
+        """insert into request_logs (created_at, request_id, org_id, api_key_id, model, path, method, status_code,
+                                     latency_ms)
+           select $2::timestamptz + (g % 1000) * interval '1 second' + (g / 1000) * ($3::timestamptz - $2::timestamptz),
+                  'explain-' || g, $1, 1 + g % 5, 'm', '/v1/chat/completions', 'POST', 200, 5
+           from generate_series(0, 3999) g""", org_id, this_month, next_month)
+    await db.execute("analyze request_logs")
+    partitions = {r["relname"] for r in await db.fetch(
+        """select c.relname from pg_inherits i join pg_class c on c.oid = i.inhrelid
+           where i.inhparent = 'request_logs'::regclass""")}
+    assert len(partitions) >= 3
+    this_part = f"request_logs_y{this_month:%Y}m{this_month:%m}"
+    next_part = f"request_logs_y{next_month:%Y}m{next_month:%m}"
+
+    query = LogFilter(org_id, this_month, this_month + datetime.timedelta(days=3), 50, api_key_id=2)
+    sql, args = request_log_query(query)
+    async with db.acquire() as conn:
+        [plan] = json.loads(await conn.fetchval("explain (format json) " + sql, *args))
+        assert _scanned_partitions(plan) == {this_part}, plan
+        rows = await conn.fetch(sql, *args)
+        assert len(rows) == 51 and all(r["api_key_id"] == 2 for r in rows)
+
+        # A generic plan (what a long-lived prepared statement may use) prunes when the executor starts.
+        await conn.execute("set plan_cache_mode = force_generic_plan")
+        try:
+            await conn.execute("prepare page as " + sql)
+            values = ", ".join(_literal(a) for a in args)
+            [generic] = json.loads(await conn.fetchval(f"explain (analyze, format json) execute page({values})"))
+        finally:
+            await conn.execute("deallocate page")
+            await conn.execute("reset plan_cache_mode")
+        assert _scanned_partitions(generic) == {this_part}
+        assert _subplans_removed(generic) == len(partitions) - 1, generic
+
+        # A range across the month boundary scans exactly the two months.
+        across = LogFilter(org_id, next_month - datetime.timedelta(days=1), next_month + datetime.timedelta(days=1),
+                           50)
+        sql, args = request_log_query(across)
+        [plan] = json.loads(await conn.fetchval("explain (format json) " + sql, *args))
+        assert _scanned_partitions(plan) == {this_part, next_part}
+        # The page is an ordered index range scan, not a sort of the whole month.
+        assert "request_logs_org_idx" in json.dumps(plan) or "org_id_created_at" in json.dumps(plan)
