@@ -30,6 +30,8 @@ Knobs, at three levels, later overriding earlier:
   hang              never answer; wait until the client goes away (timeout tests)
   omit_usage        no usage anywhere: no usage chunk even if asked, no ``usage`` key in JSON answers
   require_api_key   if set, ``Authorization: Bearer <k>`` or ``x-api-key: <k>`` must match it, else 401
+  tool_call         chat and messages: answer with a call of this tool name, arguments {"city": "Paris"}
+                    (finish_reason "tool_calls" / stop_reason "tool_use"; streamed as two argument fragments)
 
 Usage numbers: prompt tokens = ceil(characters / 4), at least 1, over all message / prompt / input
 texts; completion tokens = pieces generated = min(chunks, max_tokens); when ``max_tokens`` cuts the
@@ -69,6 +71,7 @@ JSON_HEADERS = [(b"content-type", b"application/json")]
 SSE_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
 OK = b'{"ok":true}'
 DONE = b"data: [DONE]\n\n"
+TOOL_ARGUMENTS = '{"city": "Paris"}'  # what a `tool_call` answer passes to the tool
 FORCED_OPENAI = b'{"error":{"message":"mock error","type":"server_error","code":null}}'
 FORCED_ANTHROPIC = b'{"type":"error","error":{"type":"api_error","message":"mock error"}}'
 ANTHROPIC_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
@@ -103,13 +106,14 @@ class Settings:
     hang: bool = False
     omit_usage: bool = False
     require_api_key: str | None = None
+    tool_call: str | None = None
 
 
 _NUM, _INT, _OPT_INT, _BOOL = (int, float), (int,), (int, type(None)), (bool,)
 FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "latency_ms": _NUM, "ttft_ms": _NUM, "chunk_delay_ms": _NUM, "chunks": _INT, "status": _OPT_INT,
     "error_rate": _NUM, "error_status": _INT, "fail_after_chunks": _OPT_INT, "hang": _BOOL,
-    "omit_usage": _BOOL, "require_api_key": (str, type(None)),
+    "omit_usage": _BOOL, "require_api_key": (str, type(None)), "tool_call": (str, type(None)),
 }
 
 
@@ -504,12 +508,17 @@ class MockUpstream:
         await self.generate(call, ("max_tokens",), self.completion_json, partial(self.openai_stream, chat=False))
 
     def chat_json(self, call: Call, n: int, cut: bool) -> dict[str, Any]:
-        message = {"role": "assistant", "content": "".join(self.pieces.texts[:n]), "refusal": None}
+        message: dict[str, Any] = {"role": "assistant", "content": "".join(self.pieces.texts[:n]), "refusal": None}
+        reason = "length" if cut else "stop"
+        if call.settings.tool_call:
+            message["content"] = None
+            message["tool_calls"] = [{"id": "call_mock1", "type": "function", "function": {
+                "name": call.settings.tool_call, "arguments": TOOL_ARGUMENTS}}]
+            reason = "tool_calls"
         out: dict[str, Any] = {
             "id": new_id("chatcmpl-"), "object": "chat.completion", "created": int(time.time()),
             "model": call.model, "system_fingerprint": "fp_mock",
-            "choices": [{"index": 0, "message": message, "logprobs": None,
-                         "finish_reason": "length" if cut else "stop"}],
+            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": reason}],
         }
         if not call.settings.omit_usage:
             out["usage"] = openai_usage(estimate_tokens(call.body.get("messages")), n)
@@ -541,6 +550,12 @@ class MockUpstream:
                     b'"finish_reason":null}]' + end)
             pieces = [p + b'{"content":' + j + b'},"logprobs":null,"finish_reason":null}]' + end
                       for j in self.pieces.json[:n]]
+            if call.settings.tool_call:
+                first = {"tool_calls": [{"index": 0, "id": "call_mock1", "type": "function", "function": {
+                    "name": call.settings.tool_call, "arguments": TOOL_ARGUMENTS[:9]}}]}
+                rest = {"tool_calls": [{"index": 0, "function": {"arguments": TOOL_ARGUMENTS[9:]}}]}
+                pieces = [p + orjson.dumps(d) + b',"logprobs":null,"finish_reason":null}]' + end for d in (first, rest)]
+                reason = b'"tool_calls"'
             tail = [p + b'{},"logprobs":null,"finish_reason":' + reason + b"}]" + end]
         else:
             p = prefix + b',"choices":[{"index":0,"logprobs":null,"text":'
@@ -565,6 +580,10 @@ class MockUpstream:
             "content": [{"type": "text", "text": "".join(self.pieces.texts[:n])}],
             "stop_reason": "max_tokens" if cut else "end_turn", "stop_sequence": None,
         }
+        if call.settings.tool_call:
+            out["content"] = [{"type": "tool_use", "id": "toolu_mock1", "name": call.settings.tool_call,
+                               "input": orjson.loads(TOOL_ARGUMENTS)}]
+            out["stop_reason"] = "tool_use"
         if not call.settings.omit_usage:
             input_tokens = estimate_tokens(call.body.get("system"), call.body.get("messages"))
             out["usage"] = {"input_tokens": input_tokens, "output_tokens": n}
@@ -580,8 +599,17 @@ class MockUpstream:
             message["usage"] = {"input_tokens": input_tokens, "output_tokens": 1}
             delta["usage"] = {"output_tokens": n}
         head = sse_event(b"message_start", {"type": "message_start", "message": message}) + ANTHROPIC_START
+        pieces = self.pieces.anthropic[:n]
+        if call.settings.tool_call:
+            delta["delta"]["stop_reason"] = "tool_use"
+            head = sse_event(b"message_start", {"type": "message_start", "message": message}) + sse_event(
+                b"content_block_start", {"type": "content_block_start", "index": 0, "content_block": {
+                    "type": "tool_use", "id": "toolu_mock1", "name": call.settings.tool_call, "input": {}}})
+            parts = (TOOL_ARGUMENTS[:9], TOOL_ARGUMENTS[9:])
+            pieces = [sse_event(b"content_block_delta", {"type": "content_block_delta", "index": 0, "delta": {
+                "type": "input_json_delta", "partial_json": part}}) for part in parts]
         tail = ANTHROPIC_BLOCK_STOP + sse_event(b"message_delta", delta) + ANTHROPIC_STOP
-        return StreamPlan(head, self.pieces.anthropic[:n], tail)
+        return StreamPlan(head, pieces, tail)
 
     # ---- embeddings and models --------------------------------------------------------------------
 

@@ -26,6 +26,7 @@ from proxy.http import ClientAddress, Receive, RequestHeaders, Scope, Send, send
 from proxy.records import RequestLogWriter, RequestRecord
 from proxy.relay import is_model_path, relay
 from proxy.routing import Catalogue, load_catalogue
+from proxy.translate import openai_error_to_anthropic
 from proxy.upstream import UpstreamClient
 from shared.crypto import box_from_settings
 from shared.redis_client import connect_redis
@@ -36,7 +37,8 @@ __all__ = ["ProxyApp", "ProxyState", "create_app"]
 
 log = logging.getLogger("rocket_relay.proxy")
 
-_ALLOWED = {path: b"POST" for path in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")}
+_ALLOWED = {path: b"POST" for path in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings",
+                                        "/v1/messages")}
 _ALLOWED["/v1/models"] = b"GET"
 
 
@@ -126,7 +128,10 @@ class ProxyApp:
         except ProxyError as exc:
             rec.status_code = exc.status
             rec.error_code = exc.code
-            await send_response(send, exc.status, error_body(exc), [*out_headers, *exc.headers])
+            body = error_body(exc)
+            if path == "/v1/messages":  # Anthropic clients expect Anthropic's error shape
+                body = openai_error_to_anthropic(exc.status, body)
+            await send_response(send, exc.status, body, [*out_headers, *exc.headers])
         except Exception:
             log.exception("unhandled error in request %s", request_id)
             rec.status_code = 500

@@ -12,14 +12,24 @@ import time
 from typing import TYPE_CHECKING, Annotated
 
 import msgspec
-import orjson
 
 from proxy.billing import Reservation
 from proxy.errors import ByokRejected, InvalidRequest, ModelUnavailable, UpstreamError
+from proxy.formats import (
+    OPENAI,
+    SERVES,
+    client_format,
+    stream_error,
+    stream_transformer,
+    translate_answer,
+    upstream_request,
+    usage_of,
+)
 from proxy.http import Receive, RequestHeaders, Scope, Send, read_body, send_response
 from proxy.records import RequestRecord
-from proxy.routing import Attempt, ModelEntry, plan_attempts
-from proxy.stream import StreamMeter, sse_error_event
+from proxy.routing import Attempt, ModelEntry, Route, plan_attempts
+from proxy.stream import StreamTransformer
+from proxy.translate import TranslationError
 from proxy.upstream import UpstreamResponse
 from shared.billing import UsageEvent
 from shared.money import cost_micros
@@ -59,12 +69,22 @@ class EmbeddingBody(msgspec.Struct):
     input: str | list[msgspec.Raw]
 
 
-Body = ChatBody | CompletionBody | EmbeddingBody
+class MessagesBody(msgspec.Struct):
+    """Anthropic Messages API request (what we read of it; the rest passes through)."""
+
+    model: str
+    messages: Annotated[list[msgspec.Raw], msgspec.Meta(min_length=1)]
+    max_tokens: PositiveInt
+    stream: bool = False
+
+
+Body = ChatBody | CompletionBody | EmbeddingBody | MessagesBody
 
 _DECODERS = {
     "/v1/chat/completions": msgspec.json.Decoder(ChatBody),
     "/v1/completions": msgspec.json.Decoder(CompletionBody),
     "/v1/embeddings": msgspec.json.Decoder(EmbeddingBody),
+    "/v1/messages": msgspec.json.Decoder(MessagesBody),
 }
 _SSE_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"),
                 (b"x-accel-buffering", b"no")]
@@ -140,60 +160,72 @@ def _usage_event(rec: RequestRecord, res: Reservation, produced: Produced, body_
 async def _forward(state: ProxyState, entry: ModelEntry, path: str, body: bytes, request: Body,
                    stream: bool, receive: Receive, send: Send, rec: RequestRecord,
                    out_headers: list[tuple[bytes, bytes]], produced: Produced) -> None:
-    # Streams: ask the upstream for usage even when the client did not, and hide that chunk from it.
-    client_wants_usage = stream and request.stream_options is not None and request.stream_options.include_usage
-    inject_usage = stream and not client_wants_usage
-    upstream_path = path[3:]  # "/v1/chat/completions" -> "/chat/completions"; base URLs end in /v1
-    attempts = plan_attempts(entry, await state.byok.for_org(rec.org_id), state.breakers, time.monotonic(),
-                             state.settings.max_attempts)
-    resp = await _open_upstream(state, attempts, upstream_path, body, request.model, inject_usage, rec)
+    # OpenAI streams: ask the upstream for usage even when the client did not, and hide that chunk from it.
+    options = getattr(request, "stream_options", None)
+    client_usage = stream and options is not None and options.include_usage
+    attempts = [a for a in plan_attempts(entry, await state.byok.for_org(rec.org_id), state.breakers,
+                                         time.monotonic(), state.settings.max_attempts)
+                if path in SERVES[a.route.api_format]]
+    if not attempts:
+        raise InvalidRequest(f"The model `{entry.name}` cannot be used with {path}.", param="model",
+                             code="model_not_supported")
+    route, resp = await _open_upstream(state, attempts, path, body, request.model, stream and not client_usage, rec)
+    inject_usage = stream and not client_usage and route.api_format == OPENAI == client_format(path)
 
     if resp.status != 200 or not stream:
-        answer = await resp.read()
+        raw = await resp.read()
         rec.mark_first_byte()
-        if resp.status == 200:
-            _meter_json(answer, rec)
+        try:
+            status, answer, parsed = translate_answer(path, route.api_format, resp.status, raw, request.model)
+        except TranslationError:
+            raise UpstreamError(f"The upstream provider {route.provider} sent an answer that could not be read.",
+                                retryable=False) from None
+        if status == 200:
+            if parsed is not None:
+                model = parsed.get("model")
+                rec.reported_model = model if isinstance(model, str) else None
+                rec.prompt_tokens, rec.completion_tokens = usage_of(parsed)
             produced.billable = True
-            produced.answer_bytes = len(answer)
+            produced.answer_bytes = len(raw)
         else:
             rec.error_code = "upstream_rejected_request"
-        rec.status_code = resp.status
-        await send_response(send, resp.status, answer, out_headers, resp.content_type.encode())
+        rec.status_code = status
+        content_type = resp.content_type.encode() if route.api_format == client_format(path) else b"application/json"
+        await send_response(send, status, answer, out_headers, content_type)
         return
     rec.status_code = 200
     produced.billable = True
-    meter = StreamMeter(drop_usage_chunk=inject_usage)
+    meter = stream_transformer(path, route.api_format, request.model, inject_usage=inject_usage,
+                               client_usage=client_usage)
     try:
-        await _relay_stream(resp, receive, send, rec, out_headers, meter, state.settings.max_request_duration_s)
+        await _relay_stream(resp, receive, send, rec, out_headers, meter, state.settings.max_request_duration_s,
+                            path, produced)
     finally:
-        produced.content_events = meter.events
+        produced.content_events = getattr(meter, "events", 0)
 
 
 async def _open_upstream(state: ProxyState, attempts: list[Attempt], path: str, body: bytes, model: str,
-                         inject_usage: bool, rec: RequestRecord) -> UpstreamResponse:
+                         openai_stream_without_usage: bool, rec: RequestRecord) -> tuple[Route, UpstreamResponse]:
     """Try the planned routes in order until one answers. Only failures before any byte reached the client
     get here, so failing over is invisible to it; the failover budget bounds the whole search."""
     parsed: dict | None = None
     last_error: UpstreamError | None = None
     breakers = state.breakers
     deadline = rec.started + state.settings.failover_budget_s
+    client = client_format(path)
     for attempt in attempts:
         route = attempt.route
         rec.attempts += 1
         rec.provider, rec.route_id, rec.upstream_model, rec.byok = (route.provider, route.id, route.upstream_model,
                                                                     attempt.byok)
-        payload = body
-        if inject_usage or route.upstream_model != model:
-            if parsed is None:
-                parsed = orjson.loads(body)
-            parsed["model"] = route.upstream_model
-            if inject_usage:
-                parsed["stream_options"] = {**(parsed.get("stream_options") or {}), "include_usage": True}
-            payload = orjson.dumps(parsed)
+        upstream_path, payload, parsed = upstream_request(
+            path, route.api_format, route.upstream_model, body, parsed, same_model=route.upstream_model == model,
+            inject_usage=openai_stream_without_usage and route.api_format == OPENAI == client,
+            default_max_tokens=state.settings.default_max_output_tokens)
         now = time.monotonic()
         breakers.attempt(route.id, now)
         try:
-            resp = await state.upstream.send(route, path, payload, attempt.credential)
+            resp = await state.upstream.send(route, upstream_path, payload, attempt.credential)
         except UpstreamError as exc:
             last_error = exc
             if exc.code == "upstream_auth_failed" and attempt.byok:
@@ -207,20 +239,9 @@ async def _open_upstream(state: ProxyState, attempts: list[Attempt], path: str, 
                 raise
             continue
         breakers.success(route.id)
-        return resp
+        return route, resp
     assert last_error is not None
     raise last_error
-
-
-def _meter_json(answer: bytes, rec: RequestRecord) -> None:
-    try:
-        obj = orjson.loads(answer)
-    except orjson.JSONDecodeError:
-        return
-    if isinstance(obj, dict):
-        model = obj.get("model")
-        rec.reported_model = model if isinstance(model, str) else None
-        _take_usage(obj.get("usage"), rec)
 
 
 def _take_usage(usage: object, rec: RequestRecord) -> None:
@@ -231,9 +252,10 @@ def _take_usage(usage: object, rec: RequestRecord) -> None:
 
 
 async def _relay_stream(resp: UpstreamResponse, receive: Receive, send: Send, rec: RequestRecord,
-                        out_headers: list[tuple[bytes, bytes]], meter: StreamMeter, max_duration_s: float) -> None:
+                        out_headers: list[tuple[bytes, bytes]], meter: StreamTransformer, max_duration_s: float,
+                        path: str, produced: Produced) -> None:
     await send({"type": "http.response.start", "status": 200, "headers": [*_SSE_HEADERS, *out_headers]})
-    pump = asyncio.ensure_future(_pump(resp, send, rec, meter))
+    pump = asyncio.ensure_future(_pump(resp, send, rec, meter, path, produced))
     watcher = asyncio.ensure_future(_wait_for_disconnect(receive))
     try:
         await asyncio.wait((pump, watcher), timeout=max_duration_s, return_when=asyncio.FIRST_COMPLETED)
@@ -247,8 +269,8 @@ async def _relay_stream(resp: UpstreamResponse, receive: Receive, send: Send, re
                 rec.status_code, rec.error_code = 499, "client_cancelled"
             else:
                 rec.error_code = "max_duration_exceeded"
-                await _end_stream_quietly(send, sse_error_event("The stream exceeded the maximum duration.",
-                                                                "max_duration_exceeded"))
+                await _end_stream_quietly(send, stream_error(path, "The stream exceeded the maximum duration.",
+                                                             "max_duration_exceeded"))
         watcher.cancel()
         resp.close()
         rec.reported_model = meter.model
@@ -257,19 +279,21 @@ async def _relay_stream(resp: UpstreamResponse, receive: Receive, send: Send, re
         raise pump.exception()  # an unexpected bug: let the app's error handler log it
 
 
-async def _pump(resp: UpstreamResponse, send: Send, rec: RequestRecord, meter: StreamMeter) -> None:
+async def _pump(resp: UpstreamResponse, send: Send, rec: RequestRecord, meter: StreamTransformer, path: str,
+                produced: Produced) -> None:
     try:
         async for chunk in resp.chunks():
             out = meter.feed(chunk)
             if out:
                 rec.mark_first_byte()
+                produced.answer_bytes += len(out)
                 await send({"type": "http.response.body", "body": out, "more_body": True})
         tail = meter.finish()
     except UpstreamError as exc:
-        # Bytes are already out, so the status can't change: end with an SSE error event instead.
+        # Bytes are already out, so the status can't change: end with an error event instead.
         rec.error_code = "upstream_stream_broken"
         rec.status_code = exc.status
-        tail = meter.finish() + sse_error_event(exc.message, exc.code or "upstream_error")
+        tail = meter.finish() + stream_error(path, exc.message, exc.code or "upstream_error")
     except OSError:
         rec.status_code, rec.error_code = 499, "client_cancelled"
         return

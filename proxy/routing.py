@@ -65,6 +65,7 @@ ENDPOINT_KINDS = {
     "/v1/chat/completions": ("chat",),
     "/v1/completions": ("completion", "chat"),
     "/v1/embeddings": ("embedding",),
+    "/v1/messages": ("chat",),
 }
 
 

@@ -7,9 +7,22 @@ anything, and drops the usage-only chunk that we asked the upstream for when the
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import orjson
 
-__all__ = ["StreamMeter", "sse_error_event"]
+__all__ = ["AnthropicMeter", "StreamMeter", "StreamTransformer", "sse_error_event"]
+
+
+class StreamTransformer(Protocol):
+    """What a stream passes through on its way to the client: a meter, or a format translator."""
+
+    usage: dict | None  # OpenAI-style: prompt_tokens, completion_tokens
+    model: str | None
+
+    def feed(self, chunk: bytes) -> bytes: ...
+
+    def finish(self) -> bytes: ...
 
 
 def _last_boundary(buf: bytes) -> int:
@@ -76,6 +89,62 @@ class StreamMeter:
         if not dropped and b"\r\n" not in complete:
             return complete  # unchanged: forward the original bytes
         return b"\n\n".join(kept)
+
+
+class AnthropicMeter:
+    """Passes an Anthropic Messages stream through untouched, reading its usage and model.
+
+    Input tokens arrive in `message_start`, output tokens (cumulative) in `message_delta`; only events
+    that mention usage are parsed.
+    """
+
+    __slots__ = ("_tail", "events", "model", "usage")
+
+    def __init__(self) -> None:
+        self._tail = b""
+        self.events = 0
+        self.model: str | None = None
+        self.usage: dict | None = None
+
+    def feed(self, chunk: bytes) -> bytes:
+        buf = self._tail + chunk if self._tail else chunk
+        end = _last_boundary(buf)
+        if end == 0:
+            self._tail = buf
+            return b""
+        complete, self._tail = buf[:end], buf[end:]
+        self.events += complete.count(b"content_block_delta")
+        if b'"usage"' in complete:
+            for event in complete.replace(b"\r\n", b"\n").split(b"\n\n"):
+                self._read_usage(_data_of(event))
+        return complete
+
+    def finish(self) -> bytes:
+        tail, self._tail = self._tail, b""
+        self._read_usage(_data_of(tail))
+        return tail
+
+    def _read_usage(self, payload: bytes | None) -> None:
+        if not payload or b'"usage"' not in payload:
+            return
+        try:
+            obj = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            return
+        message = obj.get("message") if isinstance(obj, dict) else None
+        usage = (message or obj).get("usage") if isinstance(message or obj, dict) else None
+        if not isinstance(usage, dict):
+            return
+        if isinstance(message, dict) and isinstance(message.get("model"), str):
+            self.model = message["model"]
+        current = self.usage or {"prompt_tokens": 0, "completion_tokens": 0}
+        prompt = sum(v for k in ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
+                     if isinstance(v := usage.get(k), int))
+        if prompt:
+            current["prompt_tokens"] = prompt
+        if isinstance(usage.get("output_tokens"), int):
+            current["completion_tokens"] = usage["output_tokens"]
+        self.usage = current
 
 
 def _data_of(event: bytes) -> bytes | None:

@@ -19,6 +19,7 @@ from proxy.routing import Route
 __all__ = ["UpstreamClient", "UpstreamResponse"]
 
 _JSON = "application/json"
+_ANTHROPIC_VERSION = "2023-06-01"
 
 
 class UpstreamResponse:
@@ -88,9 +89,14 @@ class UpstreamClient:
     async def send(self, route: Route, path: str, body: bytes, credential: str | None) -> UpstreamResponse:
         """POST `body` to the route's provider; raise UpstreamError on a failure worth surfacing."""
         assert self._session is not None, "UpstreamClient.start() was not called"
-        headers = {"content-type": _JSON, "accept-encoding": "identity"}
-        if credential:
-            headers["authorization"] = f"Bearer {credential}"
+        if route.api_format == "anthropic":
+            headers = {"content-type": _JSON, "accept-encoding": "identity", "anthropic-version": _ANTHROPIC_VERSION}
+            if credential:
+                headers["x-api-key"] = credential
+        else:
+            headers = {"content-type": _JSON, "accept-encoding": "identity"}
+            if credential:
+                headers["authorization"] = f"Bearer {credential}"
         try:
             resp = await self._session.post(route.base_url + path, data=body, headers=headers,
                                             timeout=self._timeout(route), allow_redirects=False)

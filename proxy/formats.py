@@ -1,0 +1,118 @@
+"""Which wire format each side of an attempt speaks, and what that changes: the upstream request body and
+path, how answers, errors and streams come back, and where usage is read.
+
+Clients speak OpenAI (`/v1/chat/completions`, `/v1/completions`, `/v1/embeddings`) or Anthropic
+(`/v1/messages`); providers speak `openai` or `anthropic`. Same format on both sides: bytes pass through
+(only `model` is rewritten, and streams are asked for usage). Different formats: `proxy.translate`.
+"""
+
+from __future__ import annotations
+
+import orjson
+
+from proxy.errors import InvalidRequest
+from proxy.stream import AnthropicMeter, StreamMeter, sse_error_event
+from proxy.translate import (
+    AnthropicToOpenAIStream,
+    OpenAIToAnthropicStream,
+    TranslationError,
+    anthropic_error_to_openai,
+    anthropic_status_to_openai,
+    anthropic_to_openai_request,
+    anthropic_to_openai_response,
+    openai_error_to_anthropic,
+    openai_to_anthropic_request,
+    openai_to_anthropic_response,
+)
+
+__all__ = ["ANTHROPIC", "OPENAI", "client_format", "stream_error", "translate_answer", "upstream_request",
+           "usage_of"]
+
+OPENAI = "openai"
+ANTHROPIC = "anthropic"
+MESSAGES_PATH = "/v1/messages"
+# Endpoints a provider of each format can serve (Anthropic has no completions or embeddings).
+SERVES = {OPENAI: frozenset(("/v1/chat/completions", "/v1/completions", "/v1/embeddings", MESSAGES_PATH)),
+          ANTHROPIC: frozenset(("/v1/chat/completions", MESSAGES_PATH))}
+
+
+def client_format(path: str) -> str:
+    return ANTHROPIC if path == MESSAGES_PATH else OPENAI
+
+
+def upstream_request(
+    path: str, upstream_format: str, upstream_model: str, body: bytes, parsed: dict | None,
+    *, same_model: bool, inject_usage: bool, default_max_tokens: int,
+) -> tuple[str, bytes, dict | None]:
+    """(upstream path, body, parsed client body for reuse by the next attempt)."""
+    client = client_format(path)
+    if client == upstream_format:
+        upstream_path = "/messages" if client == ANTHROPIC else path[3:]  # base URLs end in /v1
+        if same_model and not inject_usage:
+            return upstream_path, body, parsed  # pass the client's bytes through untouched
+        parsed = parsed if parsed is not None else orjson.loads(body)
+        out = {**parsed, "model": upstream_model}
+        if inject_usage:
+            out["stream_options"] = {**(parsed.get("stream_options") or {}), "include_usage": True}
+        return upstream_path, orjson.dumps(out), parsed
+    parsed = parsed if parsed is not None else orjson.loads(body)
+    try:
+        if upstream_format == ANTHROPIC:
+            translated = openai_to_anthropic_request(parsed, upstream_model, default_max_tokens=default_max_tokens)
+            return "/messages", orjson.dumps(translated), parsed
+        return "/chat/completions", orjson.dumps(anthropic_to_openai_request(parsed, upstream_model)), parsed
+    except TranslationError as exc:
+        raise InvalidRequest(f"This request cannot be served by the model's provider: {exc}") from None
+
+
+def usage_of(answer: dict) -> tuple[int | None, int | None]:
+    """(prompt, completion) tokens of a non-stream answer in either format."""
+    usage = answer.get("usage")
+    if not isinstance(usage, dict):
+        return None, None
+    if "prompt_tokens" in usage or "completion_tokens" in usage:
+        prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens", 0)
+    else:
+        parts = [usage.get(k) for k in ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")]
+        prompt = sum(p for p in parts if isinstance(p, int)) if isinstance(parts[0], int) else None
+        completion = usage.get("output_tokens", 0)
+    return (prompt if isinstance(prompt, int) else None, completion if isinstance(completion, int) else 0)
+
+
+def translate_answer(path: str, upstream_format: str, status: int, answer: bytes,
+                     model: str) -> tuple[int, bytes, dict | None]:
+    """(status, body for the client, the upstream's answer as parsed JSON or None)."""
+    client = client_format(path)
+    try:
+        parsed = orjson.loads(answer)
+    except orjson.JSONDecodeError:
+        parsed = None
+    if client == upstream_format:
+        return status, answer, parsed if isinstance(parsed, dict) else None
+    if status != 200:
+        if upstream_format == ANTHROPIC:
+            return anthropic_status_to_openai(status), anthropic_error_to_openai(status, answer), None
+        return status, openai_error_to_anthropic(status, answer), None
+    if not isinstance(parsed, dict):
+        raise TranslationError("the upstream answer is not a JSON object")
+    if upstream_format == ANTHROPIC:
+        return status, orjson.dumps(anthropic_to_openai_response(parsed, model)), parsed
+    return status, orjson.dumps(openai_to_anthropic_response(parsed, model)), parsed
+
+
+def stream_transformer(path: str, upstream_format: str, model: str, *, inject_usage: bool, client_usage: bool):
+    """The object a stream's bytes pass through: `feed`, `finish`, `.usage`, `.model`."""
+    client = client_format(path)
+    if client == upstream_format:
+        return StreamMeter(drop_usage_chunk=inject_usage) if client == OPENAI else AnthropicMeter()
+    if upstream_format == ANTHROPIC:
+        return AnthropicToOpenAIStream(model, client_usage)
+    return OpenAIToAnthropicStream(model)
+
+
+def stream_error(path: str, message: str, code: str) -> bytes:
+    """The last event of a stream that broke after bytes were sent, in the client's format."""
+    if client_format(path) == ANTHROPIC:
+        body = orjson.dumps({"type": "error", "error": {"type": "api_error", "message": message}})
+        return b"event: error\ndata: " + body + b"\n\n"
+    return sse_error_event(message, code)
