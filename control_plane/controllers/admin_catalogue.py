@@ -182,7 +182,7 @@ class AdminCatalogueController(Controller):
         values = {**msgspec.structs.asdict(data), "effective_from": effective}
         async with cp.pool.acquire() as conn, conn.transaction():
             if not await conn.fetchval("select 1 from models where name = $1", data.model):
-                raise NotFound("No such model.")
+                raise Invalid("No such model.", code="unknown_model")
             names = ", ".join(values)
             params = ", ".join(f"${i}" for i in range(1, len(values) + 1))
             row = await conn.fetchrow(f"insert into model_prices ({names}) values ({params}) returning *",
@@ -259,9 +259,9 @@ class AdminCatalogueController(Controller):
         """Route a model to a provider's upstream model name, with a priority and a weight."""
         async with cp.pool.acquire() as conn, conn.transaction():
             if not await conn.fetchval("select 1 from models where name = $1", data.model):
-                raise NotFound("No such model.")
+                raise Invalid("No such model.", code="unknown_model")
             if not await conn.fetchval("select 1 from providers where id = $1", data.provider_id):
-                raise NotFound("No such provider.")
+                raise Invalid("No such provider.", code="unknown_provider")
             route_id = await conn.fetchval(
                 """insert into routes (model, provider_id, upstream_model, priority, weight, status)
                    values ($1, $2, $3, $4, $5, $6) returning id""", *msgspec.structs.astuple(data))

@@ -1,0 +1,124 @@
+"""The OpenAPI document: served, valid OpenAPI 3.1, complete — and schemathesis, run against a live control
+plane (on a database of its own, since it creates and changes things at random), finds no 5xx and no
+response that contradicts the document."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import httpx
+import msgspec
+import pytest
+import schemathesis
+
+from control_plane.seed import ensure_platform_admin
+from shared.db.migrate import migrate
+from shared.settings import Settings
+from tests.conftest import Server
+from tests.control_plane.conftest import PASSWORD, start_control_plane
+from tests.control_plane.test_permissions import ENDPOINTS
+
+SCHEMATHESIS_CHECKS = ",".join([
+    "not_a_server_error", "status_code_conformance", "content_type_conformance", "response_headers_conformance",
+    "response_schema_conformance", "ignored_auth",
+])
+SCHEMATHESIS_MAX_EXAMPLES = 10  # per operation and phase: ~2,500 requests, well under a minute
+
+
+def test_openapi_document_is_served_valid_and_complete(control_plane: Server) -> None:
+    resp = httpx.get(control_plane.url + "/openapi.json")
+    assert resp.status_code == 200 and resp.headers["content-type"].startswith("application/json")
+    doc = resp.json()
+    assert doc["openapi"].startswith("3.1")
+    schemathesis.openapi.from_dict(doc).validate()  # against the OpenAPI 3.1 meta-schema
+    with pytest.raises(Exception):  # noqa: B017 - the validator really rejects a broken document
+        schemathesis.openapi.from_dict({**doc, "paths": {"/x": {"get": {"responses": "nope"}}}}).validate()
+
+    documented = {(path, method.upper()) for path, ops in doc["paths"].items() for method in ops}
+    served = {(p.replace(":int", ""), m) for p, m, _ in ENDPOINTS if p != "/openapi.json"}
+    assert served == documented
+    assert doc["components"]["securitySchemes"]["BearerAuth"]["scheme"] == "bearer"
+    error_ref = {"$ref": "#/components/schemas/ErrorBody"}
+    for path, ops in doc["paths"].items():
+        for method, op in ops.items():
+            errors = {code: r for code, r in op["responses"].items() if code.startswith("4")}
+            assert errors and all(r["content"]["application/json"]["schema"] == error_ref for r in errors.values())
+            public = "security" not in op
+            assert public == (path in ("/healthz", "/readyz") or (path.startswith("/v1/auth/")
+                              and path not in ("/v1/auth/logout", "/v1/auth/password"))), (method, path)
+            if not public:
+                assert "401" in errors, (method, path)
+    # Money is integer micro-units everywhere, never a float.
+    for name, schema in doc["components"]["schemas"].items():
+        for field, prop in schema.get("properties", {}).items():
+            if field.endswith("_micros"):
+                types = {prop.get("type")} | {o.get("type") for o in prop.get("oneOf", ())}
+                assert "integer" in types and "number" not in types, (name, field)
+    assert httpx.get(control_plane.url + "/docs").status_code == 200
+
+
+def _with_database(url: str, name: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc, f"/{name}", parts.query, parts.fragment))
+
+
+@pytest.fixture(scope="module")
+def fuzz_target(servers: tuple[str, str], settings: Settings) -> Iterator[tuple[Server, str]]:
+    """A control plane on a fresh database and Redis prefix of its own, and a platform admin's access token."""
+    admin_url, _ = servers
+    name = f"{urlsplit(settings.database_url).path.lstrip('/')}_fuzz"
+    isolated = msgspec.structs.replace(settings, database_url=_with_database(admin_url, name),
+                                       redis_prefix=f"{settings.redis_prefix}fuzz:")
+
+    async def create() -> str:
+        conn = await asyncpg.connect(admin_url)
+        await conn.execute(f'create database "{name}"')
+        await conn.close()
+        await migrate(isolated.database_url)
+        email = f"fuzz-{secrets.token_hex(3)}@example.com"
+        await ensure_platform_admin(isolated, email, PASSWORD)
+        return email
+
+    async def drop() -> None:
+        conn = await asyncpg.connect(admin_url)
+        await conn.execute(f'drop database if exists "{name}" with (force)')
+        await conn.close()
+
+    email = asyncio.run(create())
+    server = start_control_plane(isolated)
+    try:
+        resp = httpx.post(server.url + "/v1/auth/login", json={"email": email, "password": PASSWORD})
+        assert resp.status_code == 200, resp.text
+        yield server, resp.json()["access_token"]
+    finally:
+        server.stop()
+        asyncio.run(drop())
+
+
+def test_schemathesis_finds_no_server_errors_or_schema_violations(fuzz_target: tuple[Server, str]) -> None:
+    server, token = fuzz_target
+    started = time.monotonic()
+    run = subprocess.run(
+        [sys.executable, "-c", "import sys; from schemathesis.cli import schemathesis; sys.exit(schemathesis())",
+         "run", server.url + "/openapi.json",
+         "--header", f"Authorization: Bearer {token}",
+         "--checks", SCHEMATHESIS_CHECKS,
+         "--max-examples", str(SCHEMATHESIS_MAX_EXAMPLES),
+         "--seed", os.environ.get("RR_SCHEMATHESIS_SEED", "20261126"),
+         # Logging out would end the session every later request authenticates with.
+         "--exclude-path", "/v1/auth/logout",
+         "--workers", "2", "--request-timeout", "10", "--no-color"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "SCHEMATHESIS_HOOKS": ""},
+    )
+    output = run.stdout + run.stderr
+    assert run.returncode == 0, output[-6000:] + "\n--- control plane log ---\n" + server.log()[-3000:]
+    assert " passed" in output and time.monotonic() - started < 120
+    assert "Traceback" not in server.log() and "unhandled" not in server.log()
