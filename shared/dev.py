@@ -2,12 +2,14 @@
 
 Without `DATABASE_URL`/`REDIS_URL` it starts an embedded PostgreSQL and Redis in the data folder
 (`RR_DATA_DIR`, default `.data`); without `UPSTREAM_BASE_URL` it starts the local mock upstream. It then
-migrates, seeds the demo org and key, starts the proxy, prints a working curl command and waits. Ctrl-C or
-SIGTERM stops everything it started, newest first; if one of its processes dies, it stops the rest and
-exits non-zero.
+migrates, seeds the demo org and key and a demo platform admin, starts the proxy and the control plane,
+prints a working curl command, the control plane's URL and the admin login, and waits. Ctrl-C or SIGTERM
+stops everything it started, newest first; if one of its processes dies, it stops the rest and exits
+non-zero.
 
-Secrets the data folder needs across runs (key pepper, master key, the demo key) are generated on the first
-run into `<data>/dev.env` (mode 0600); values set in the environment take precedence.
+Secrets the data folder needs across runs (key pepper, master key, the demo key, the demo admin's password)
+are generated on the first run into `<data>/dev.env` (mode 0600); values set in the environment take
+precedence.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ __all__ = ["ChildProcess", "DevError", "DevStack", "load_dev_secrets", "main", "
 DEFAULT_DATA_DIR = ".data"
 DEV_ENV_FILE = "dev.env"
 DEMO_KEY_VAR = "RR_DEMO_API_KEY"
+DEMO_ADMIN_PASSWORD_VAR = "RR_DEMO_ADMIN_PASSWORD"
 MOCK_READY_TIMEOUT_S = 15.0
 PROXY_READY_TIMEOUT_S = 30.0
 PROXY_STOP_GRACE_S = 10.0
@@ -167,6 +170,7 @@ def load_dev_secrets(path: Path) -> dict[str, str]:
         "RR_KEY_PEPPER": lambda: secrets.token_urlsafe(24),  # 32 url-safe characters
         "RR_MASTER_KEY": lambda: base64.b64encode(secrets.token_bytes(32)).decode(),
         DEMO_KEY_VAR: _new_demo_key,
+        DEMO_ADMIN_PASSWORD_VAR: lambda: secrets.token_urlsafe(12),
     }
     changed = False
     for name, generate in missing.items():
@@ -295,6 +299,32 @@ def _check_proxy_port(settings: Settings) -> None:
     host, port = _client_host(settings.proxy_host), settings.proxy_port
     if _port_open(host, port):
         raise DevError(f"port {port} on {host} is already in use; set RR_PROXY_PORT to another port")
+    host, port = _client_host(settings.control_plane_host), settings.control_plane_port
+    if _port_open(host, port):
+        raise DevError(f"port {port} on {host} is already in use; set RR_CONTROL_PLANE_PORT to another port")
+
+
+def _seed_admin(settings: Settings, password: str, demo_org_id: int) -> str:
+    """The demo platform admin (also owner of the demo org); returns its email."""
+    import asyncpg
+
+    from control_plane.seed import seed_demo_admin
+
+    try:
+        return asyncio.run(seed_demo_admin(settings, password, demo_org_id))
+    except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
+        raise DevError(f"seeding the demo platform admin failed: {exc}") from exc
+
+
+def _start_control_plane(stack: DevStack, env: MutableMapping[str, str], settings: Settings, data_dir: Path) -> int:
+    host, port = _client_host(settings.control_plane_host), settings.control_plane_port
+    _say(f"starting the control plane on port {port} ...")
+    control_plane = stack.add("control plane", ChildProcess(
+        [sys.executable, "-m", "control_plane.main"], env=env, grace_s=CHILD_STOP_GRACE_S,
+        log_path=data_dir / "control-plane.log",
+    ))
+    _wait_http_ok(control_plane, "control plane", port, "/readyz", PROXY_READY_TIMEOUT_S, host=host)
+    return port
 
 
 def _start_proxy(stack: DevStack, env: MutableMapping[str, str], settings: Settings) -> int:
@@ -323,7 +353,8 @@ def _wait_http_ok(
         time.sleep(0.1)
 
 
-def _print_banner(*, postgres: str, redis: str, upstream: str, proxy_port: int, seed: DemoSeed) -> None:
+def _print_banner(*, postgres: str, redis: str, upstream: str, proxy_port: int, seed: DemoSeed,
+                  control_plane_port: int, admin_email: str, admin_password: str) -> None:
     base = f"http://127.0.0.1:{proxy_port}"
     key, chat_model = seed.api_key, seed.chat_model
     body = json.dumps(
@@ -339,6 +370,10 @@ def _print_banner(*, postgres: str, redis: str, upstream: str, proxy_port: int, 
         f"  Demo org    {seed.org_code}",
         f"  Demo key    {key}",
         f"  Models      {chat_model} (chat), {seed.embedding_model} (embeddings)",
+        "",
+        f"control plane: http://127.0.0.1:{control_plane_port}",
+        f"  Admin login {admin_email} / {admin_password}  (platform admin, owner of the demo org)",
+        f"  API docs    http://127.0.0.1:{control_plane_port}/docs  (OpenAPI: /openapi.json)",
         "",
         "Try it:",
         f"  curl {base}/v1/chat/completions -H \"Authorization: Bearer {key}\" "
@@ -368,6 +403,7 @@ def run(stack: DevStack, env: dict[str, str], data_dir: Path) -> None:
         if not env.get(name):
             env[name] = value
     demo_key = env.pop(DEMO_KEY_VAR)
+    admin_password = env.pop(DEMO_ADMIN_PASSWORD_VAR)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (env.get("PYTHONPATH"), str(_PROJECT_ROOT)) if p)
     # Fail on a bad setting or a taken port before starting anything (the URLs are filled in below).
     _check_proxy_port(load_settings({**env, "DATABASE_URL": env.get("DATABASE_URL") or "postgresql://",
@@ -385,8 +421,11 @@ def run(stack: DevStack, env: dict[str, str], data_dir: Path) -> None:
         [sys.executable, "-m", "shared.workers.main"], env=env, grace_s=PROXY_STOP_GRACE_S,
         log_path=data_dir / "worker.log",
     ))
+    admin_email = _seed_admin(settings, admin_password, seed.org_id)
     proxy_port = _start_proxy(stack, env, settings)
-    _print_banner(postgres=postgres, redis=redis, upstream=upstream, proxy_port=proxy_port, seed=seed)
+    control_plane_port = _start_control_plane(stack, env, settings, data_dir)
+    _print_banner(postgres=postgres, redis=redis, upstream=upstream, proxy_port=proxy_port, seed=seed,
+                  control_plane_port=control_plane_port, admin_email=admin_email, admin_password=admin_password)
     _watch(stack)
 
 

@@ -3,16 +3,22 @@ and a small portal client that signs users up, logs them in and gives them roles
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import secrets
 import sys
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit, urlunsplit
 
+import asyncpg
 import httpx
+import msgspec
 import pytest
 import pytest_asyncio
 
 from control_plane.seed import ensure_platform_admin
+from shared.db.migrate import migrate
 from shared.embedded import free_port
 from shared.settings import Settings
 from tests.conftest import Server, settings_env, start_server
@@ -36,6 +42,31 @@ def start_control_plane(settings: Settings, **overrides: object) -> Server:
     port = free_port()
     env = settings_env(settings, control_plane_port=port, **{**CONTROL_PLANE_OVERRIDES, **overrides})
     return start_server([sys.executable, "-m", "control_plane.main"], env, port, "/readyz", "control-plane")
+
+
+@contextlib.contextmanager
+def isolated_database(admin_url: str, settings: Settings, suffix: str) -> Iterator[Settings]:
+    """`settings` on a fresh, migrated database and a Redis prefix of their own, for tests that change
+    things at random or globally (fuzzing, the dev stack's seed); dropped afterwards."""
+    name = f"{urlsplit(settings.database_url).path.lstrip('/')}_{suffix}"
+    parts = urlsplit(admin_url)
+    isolated = msgspec.structs.replace(
+        settings, database_url=urlunsplit((parts.scheme, parts.netloc, f"/{name}", parts.query, parts.fragment)),
+        redis_prefix=f"{settings.redis_prefix}{suffix}:")
+
+    async def execute(sql: str) -> None:
+        conn = await asyncpg.connect(admin_url)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    asyncio.run(execute(f'create database "{name}"'))
+    try:
+        asyncio.run(migrate(isolated.database_url))
+        yield isolated
+    finally:
+        asyncio.run(execute(f'drop database if exists "{name}" with (force)'))
 
 
 @pytest.fixture(scope="session")

@@ -11,19 +11,15 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from urllib.parse import urlsplit, urlunsplit
 
-import asyncpg
 import httpx
-import msgspec
 import pytest
 import schemathesis
 
 from control_plane.seed import ensure_platform_admin
-from shared.db.migrate import migrate
 from shared.settings import Settings
 from tests.conftest import Server
-from tests.control_plane.conftest import PASSWORD, start_control_plane
+from tests.control_plane.conftest import PASSWORD, isolated_database, start_control_plane
 from tests.control_plane.test_permissions import ENDPOINTS
 
 SCHEMATHESIS_CHECKS = ",".join([
@@ -65,42 +61,19 @@ def test_openapi_document_is_served_valid_and_complete(control_plane: Server) ->
     assert httpx.get(control_plane.url + "/docs").status_code == 200
 
 
-def _with_database(url: str, name: str) -> str:
-    parts = urlsplit(url)
-    return urlunsplit((parts.scheme, parts.netloc, f"/{name}", parts.query, parts.fragment))
-
-
 @pytest.fixture(scope="module")
 def fuzz_target(servers: tuple[str, str], settings: Settings) -> Iterator[tuple[Server, str]]:
     """A control plane on a fresh database and Redis prefix of its own, and a platform admin's access token."""
-    admin_url, _ = servers
-    name = f"{urlsplit(settings.database_url).path.lstrip('/')}_fuzz"
-    isolated = msgspec.structs.replace(settings, database_url=_with_database(admin_url, name),
-                                       redis_prefix=f"{settings.redis_prefix}fuzz:")
-
-    async def create() -> str:
-        conn = await asyncpg.connect(admin_url)
-        await conn.execute(f'create database "{name}"')
-        await conn.close()
-        await migrate(isolated.database_url)
+    with isolated_database(servers[0], settings, "fuzz") as isolated:
         email = f"fuzz-{secrets.token_hex(3)}@example.com"
-        await ensure_platform_admin(isolated, email, PASSWORD)
-        return email
-
-    async def drop() -> None:
-        conn = await asyncpg.connect(admin_url)
-        await conn.execute(f'drop database if exists "{name}" with (force)')
-        await conn.close()
-
-    email = asyncio.run(create())
-    server = start_control_plane(isolated)
-    try:
-        resp = httpx.post(server.url + "/v1/auth/login", json={"email": email, "password": PASSWORD})
-        assert resp.status_code == 200, resp.text
-        yield server, resp.json()["access_token"]
-    finally:
-        server.stop()
-        asyncio.run(drop())
+        asyncio.run(ensure_platform_admin(isolated, email, PASSWORD))
+        server = start_control_plane(isolated)
+        try:
+            resp = httpx.post(server.url + "/v1/auth/login", json={"email": email, "password": PASSWORD})
+            assert resp.status_code == 200, resp.text
+            yield server, resp.json()["access_token"]
+        finally:
+            server.stop()
 
 
 def test_schemathesis_finds_no_server_errors_or_schema_violations(fuzz_target: tuple[Server, str]) -> None:
@@ -115,7 +88,7 @@ def test_schemathesis_finds_no_server_errors_or_schema_violations(fuzz_target: t
          "--seed", os.environ.get("RR_SCHEMATHESIS_SEED", "20261126"),
          # Logging out would end the session every later request authenticates with.
          "--exclude-path", "/v1/auth/logout",
-         "--workers", "2", "--request-timeout", "10", "--no-color"],
+         "--workers", "1", "--request-timeout", "10", "--no-color"],
         capture_output=True, text=True, timeout=300, env={**os.environ, "SCHEMATHESIS_HOOKS": ""},
     )
     output = run.stdout + run.stderr
