@@ -151,8 +151,11 @@ class AuthController(Controller):
         if not await cp.passwords.verify(stored, data.current_password):
             await cp.login_limiter.record_failure(principal.ip, principal.email)
             raise Unauthorized("The current password is incorrect.", code="invalid_credentials")
-        await cp.pool.execute("update users set password_hash = $2 where id = $1", principal.user_id,
-                              await cp.passwords.hash(data.new_password))
+        new_hash = await cp.passwords.hash(data.new_password)
+        async with cp.pool.acquire() as conn, conn.transaction():
+            await conn.execute("update users set password_hash = $2 where id = $1", principal.user_id, new_hash)
+            await audit.record(conn, principal, "user.password_change", "user", principal.user_id, org_id=None,
+                               before={"password": stored}, after={"password": new_hash})
         await cp.tokens.end_user_sessions(principal.user_id, keep=principal.session_id)
 
 

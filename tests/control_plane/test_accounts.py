@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import secrets
 
 import jwt
@@ -185,3 +186,14 @@ async def test_refresh_sessions_live_in_redis_under_the_prefix(portal: Portal, r
     assert stored[b"user"] == str(account.user_id).encode()
     assert account.refresh_token.split(".")[1].encode() not in b"".join(stored.values())  # only hashes
     assert 0 < await redis.ttl(key) <= settings.refresh_token_ttl_s
+
+
+async def test_password_change_is_audited_without_the_password(portal: Portal, db) -> None:
+    account = await portal.signup()
+    resp = await portal.request("POST", "/v1/auth/password", account,
+                                json={"current_password": PASSWORD, "new_password": "another password"})
+    assert resp.status_code == 204
+    row = await db.fetchrow("select * from audit_log where action = 'user.password_change' and actor_user_id = $1",
+                            account.user_id)
+    assert json.loads(row["changes"]) == {"password": {"before": "[redacted]", "after": "[redacted]"}}
+    assert row["actor_role"] == "user" and row["ip"] is not None
