@@ -136,3 +136,37 @@ async def test_suspending_an_org_stops_its_keys_within_seconds(
     assert suspend["changes"] == {"status": {"before": "active", "after": "suspended"}}
     assert suspend["actor_user_id"] == admin.user_id and suspend["actor_role"] == "platform_admin"
     assert suspend["ip"] == admin.ip
+
+
+async def _upstream_auth(mock: Server, model: str) -> list[str | None]:
+    async with httpx.AsyncClient(timeout=10) as http:
+        records = (await http.get(mock.url + "/_mock/requests")).json()
+    return [r["authorization"] for r in records if r["model"] == model]
+
+
+async def test_byok_credential_set_in_the_portal_is_used_by_the_proxy(
+        portal: Portal, funded, proxy: Server, factory: Factory, mock_upstream: Server, db) -> None:
+    owner, model, _ = funded
+    provider_id = await db.fetchval("select provider_id from routes where model = $1", model)
+    key = (await portal.request("POST", f"/v1/orgs/{owner.org_id}/keys", owner, json={"name": "b"})).json()["key"]
+    await factory.publish_config(proxy, key, model)
+    assert (await _chat(proxy, key, model)).status_code == 200
+    own = "sk-own-" + "7" * 20
+    resp = await portal.request("PUT", f"/v1/orgs/{owner.org_id}/byok/{provider_id}", owner, json={"api_key": own})
+    assert resp.status_code == 200 and own not in resp.text
+    await _until_upstream_sees(proxy, mock_upstream, key, model, lambda auth: auth == f"Bearer {own}")
+    # Deleted: requests go out with the platform's credential (none for this provider) again.
+    assert (await portal.request("DELETE", f"/v1/orgs/{owner.org_id}/byok/{provider_id}", owner)).status_code == 204
+    await _until_upstream_sees(proxy, mock_upstream, key, model, lambda auth: auth != f"Bearer {own}")
+
+
+async def _until_upstream_sees(proxy: Server, mock: Server, key: str, model: str, check, timeout: float = 3.0) -> None:
+    """Send requests until the upstream receives one whose Authorization passes `check` (the proxy learns of
+    the change through an event, within moments)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        assert (await _chat(proxy, key, model)).status_code == 200
+        if check((await _upstream_auth(mock, model))[-1]):
+            return
+        assert time.monotonic() < deadline, "the proxy never used the changed credential"
+        await asyncio.sleep(0.05)

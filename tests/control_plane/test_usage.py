@@ -8,6 +8,7 @@ import json
 import secrets
 
 from control_plane.logs import LogFilter, request_log_query
+from shared.billing import BillingScripts, rebuild_balance
 from tests.control_plane.conftest import Portal
 
 UTC = datetime.UTC
@@ -18,7 +19,7 @@ def _month_start(moment: datetime.datetime, months_ahead: int = 0) -> datetime.d
     return datetime.datetime(moment.year + year, month + 1, 1, tzinfo=UTC)
 
 
-async def test_balance_and_transactions(portal: Portal, redis, redis_keys) -> None:
+async def test_balance_and_transactions(portal: Portal, db, redis, redis_keys) -> None:
     owner = await portal.signup()
     admin = await portal.platform_admin()
     url = f"/v1/admin/orgs/{owner.org_id}/adjustments"
@@ -48,12 +49,17 @@ async def test_balance_and_transactions(portal: Portal, redis, redis_keys) -> No
     assert [t["amount_micros"] for t in rest["data"]] == [5_000_000] and rest["next_before_id"] is None
     filtered = await portal.request("GET", f"/v1/orgs/{owner.org_id}/transactions", owner, params={"kind": "topup"})
     assert filtered.json()["data"] == []
-    # The credit limit reaches the live balance when there is one.
+    # With a live balance (as after the org's first proxied request), the API shows it, adjustments move
+    # it, and a new credit limit reaches it at once.
+    await rebuild_balance(db, BillingScripts(redis), redis_keys, owner.org_id)
+    await portal.request("POST", url, admin, json={"amount_micros": 1_000, "reason": "live"})
+    balance = (await portal.request("GET", f"/v1/orgs/{owner.org_id}/balance", owner)).json()
+    assert balance["live_balance_micros"] == balance["balance_micros"] == 3_751_307
+    assert balance["reserved_micros"] == 0
     resp = await portal.request("PATCH", f"/v1/admin/orgs/{owner.org_id}", admin,
                                 json={"credit_limit_micros": 2_000_000})
     assert resp.status_code == 200 and resp.json()["credit_limit_micros"] == 2_000_000
-    live = await redis.hget(redis_keys.org(owner.org_id).balance, "credit")
-    assert live in (None, b"2000000")
+    assert await redis.hget(redis_keys.org(owner.org_id).balance, "credit") == b"2000000"
 
 
 async def test_usage_per_day_model_and_key(portal: Portal, db) -> None:
