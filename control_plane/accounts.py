@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import secrets
 import string
+import unicodedata
 
 import asyncpg
 
@@ -15,7 +16,8 @@ _CODE_ALPHABET = string.ascii_lowercase + string.digits
 
 def org_code_for(name: str) -> str:
     """A short, URL-safe, probably unique code: a slug of the name plus four random characters."""
-    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:20].strip("-") or "org"
+    ascii_name = unicodedata.normalize("NFKD", name).encode("ascii", "ignore").decode().lower()
+    slug = re.sub(r"[^a-z0-9]+", "-", ascii_name).strip("-")[:20].strip("-") or "org"
     return f"{slug}-{''.join(secrets.choice(_CODE_ALPHABET) for _ in range(4))}"
 
 

@@ -76,6 +76,8 @@ def _document(app: Litestar) -> None:
     """Check every endpoint's guard, and state its error responses and security in the OpenAPI document."""
     for path, method, handler in _route_handlers(app):
         scope = scope_of(_action_of(handler))
+        if scope == Scope.ORG and not path.startswith("/v1/orgs/{org_id:int}"):
+            raise RuntimeError(f"{method} {path}: an org action needs the org in the path as {{org_id:int}}")
         codes = {400, 422, *handler.opt.get("errors", ())}
         if scope != Scope.PUBLIC:
             codes.add(401)

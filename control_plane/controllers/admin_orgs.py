@@ -134,8 +134,8 @@ class AdminOrgsController(Controller):
                 sets = ", ".join(f"{name} = ${i}" for i, name in enumerate(fields, start=2))
                 after = await conn.fetchrow(f"update orgs set {sets} where id = $1 returning {ORG_COLUMNS}",
                                             org_id, *fields.values())
-                action = {"suspended": "org.suspend", "active": "org.resume"}.get(
-                    fields.get("status") if fields.get("status") != before["status"] else "", "org.admin_update")
+                new_status = fields.get("status") if fields.get("status") != before["status"] else None
+                action = {"suspended": "org.suspend", "active": "org.resume"}.get(new_status, "org.admin_update")
                 await audit.record(conn, principal, action, "org", org_id, org_id=org_id,
                                    before={k: before[k] for k in fields}, after={k: after[k] for k in fields})
         if {"status", "rpm_limit", "tpm_limit"} & fields.keys():

@@ -19,7 +19,7 @@ async def test_signup_creates_user_org_and_owner_membership(portal: Portal, db) 
     assert body["email"] == account.email and body["is_platform_admin"] is False
     [membership] = body["memberships"]
     assert membership["org_id"] == account.org_id and membership["role"] == "owner"
-    assert membership["org_code"].startswith("nicode-co-ltd-") or membership["org_code"].startswith("n-")
+    assert membership["org_code"].startswith("unicode-co-ltd-")
     row = await db.fetchrow("select password_hash from users where id = $1", account.user_id)
     assert row["password_hash"].startswith("$argon2id$") and PASSWORD not in row["password_hash"]
     assert await db.fetchval("select balance_micros from org_balances where org_id = $1", account.org_id) == 0
