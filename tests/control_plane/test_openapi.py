@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -76,7 +77,8 @@ def fuzz_target(servers: tuple[str, str], settings: Settings) -> Iterator[tuple[
             server.stop()
 
 
-def test_schemathesis_finds_no_server_errors_or_schema_violations(fuzz_target: tuple[Server, str]) -> None:
+def test_schemathesis_finds_no_server_errors_or_schema_violations(fuzz_target: tuple[Server, str],
+                                                                 tmp_path: Path) -> None:
     server, token = fuzz_target
     started = time.monotonic()
     run = subprocess.run(
@@ -90,6 +92,7 @@ def test_schemathesis_finds_no_server_errors_or_schema_violations(fuzz_target: t
          "--exclude-path", "/v1/auth/logout",
          "--workers", "1", "--request-timeout", "10", "--no-color"],
         capture_output=True, text=True, timeout=300, env={**os.environ, "SCHEMATHESIS_HOOKS": ""},
+        cwd=tmp_path,  # its state and report folders go there, not into the work tree
     )
     output = run.stdout + run.stderr
     assert run.returncode == 0, output[-6000:] + "\n--- control plane log ---\n" + server.log()[-3000:]
