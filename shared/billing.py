@@ -135,9 +135,12 @@ async def apply_ledger_entry(
             org_id, kind, amount_micros, external_id, reason, actor_user_id,
         )
         if txn_id is None:
-            existing = await conn.fetchval(
-                "select id from balance_transactions where kind = $1 and external_id = $2", kind, external_id)
-            return LedgerResult(existing, False)
+            existing = await conn.fetchrow(
+                "select id, org_id from balance_transactions where kind = $1 and external_id = $2", kind, external_id)
+            if existing["org_id"] != org_id:
+                # The same payment id credited to another org is a caller's bug, never an "already done".
+                raise ValueError(f"external id {external_id!r} belongs to another org's {kind}")
+            return LedgerResult(existing["id"], False)
         await conn.execute(
             "update org_balances set balance_micros = balance_micros + $2, updated_at = now() where org_id = $1",
             org_id, amount_micros,

@@ -281,6 +281,9 @@ async def test_top_up_is_idempotent_and_reaches_the_live_balance(
     first = await apply_ledger_entry(db, scripts, redis_keys, t.org_id, "topup", 2_000_000, external_id=payment)
     again = await apply_ledger_entry(db, scripts, redis_keys, t.org_id, "topup", 2_000_000, external_id=payment)
     assert first.created and not again.created and again.transaction_id == first.transaction_id
+    other_org = await factory.org()
+    with pytest.raises(ValueError, match="another org"):
+        await apply_ledger_entry(db, scripts, redis_keys, other_org, "topup", 2_000_000, external_id=payment)
     assert await pg_money(db, t.org_id) == (2_000_000, 2_000_000)
     assert (await live(redis, redis_keys, t.org_id))["balance"] == 2_000_000
     resp = await client.post(proxy.url + "/v1/chat/completions", headers=t.auth, json={"model": t.model, **CHAT})
