@@ -22,6 +22,7 @@ from shared.redis_keys import RedisKeys
 __all__ = [
     "CREDIT_KINDS",
     "BillingScripts",
+    "ExternalIdTaken",
     "LedgerResult",
     "RebuildResult",
     "UsageEvent",
@@ -108,6 +109,10 @@ async def rebuild_balance(pool: asyncpg.Pool, scripts: BillingScripts, keys: Red
     return RebuildResult(True, int(reply[1]))
 
 
+class ExternalIdTaken(ValueError):
+    """The external id (a payment or adjustment id) was already recorded for another org."""
+
+
 @dataclass(frozen=True, slots=True)
 class LedgerResult:
     transaction_id: int
@@ -139,7 +144,7 @@ async def apply_ledger_entry(
                 "select id, org_id from balance_transactions where kind = $1 and external_id = $2", kind, external_id)
             if existing["org_id"] != org_id:
                 # The same payment id credited to another org is a caller's bug, never an "already done".
-                raise ValueError(f"external id {external_id!r} belongs to another org's {kind}")
+                raise ExternalIdTaken(f"external id {external_id!r} belongs to another org's {kind}")
             return LedgerResult(existing["id"], False)
         await conn.execute(
             "update org_balances set balance_micros = balance_micros + $2, updated_at = now() where org_id = $1",

@@ -27,7 +27,7 @@ from control_plane.errors import Conflict, Invalid, NotFound
 from control_plane.permissions import require
 from control_plane.state import MAX_ID
 from shared.apikeys import publish_org_change
-from shared.billing import apply_ledger_entry
+from shared.billing import ExternalIdTaken, apply_ledger_entry
 
 # Set the credit limit of a live balance. Race prevented: writing to a balance that was just dropped would
 # create a hash without its `balance` field, which the reserve script would then take as a live balance of
@@ -152,12 +152,12 @@ class AdminOrgsController(Controller):
             raise Invalid("amount_micros must not be zero.")
         if not await cp.pool.fetchval("select 1 from orgs where id = $1", org_id):
             raise NotFound("No such org.")
-        result = await apply_ledger_entry(cp.pool, cp.scripts, cp.keys, org_id, "adjustment", data.amount_micros,
-                                          external_id=data.external_id, reason=data.reason,
-                                          actor_user_id=principal.user_id)
-        if not result.created and await cp.pool.fetchval(
-                "select org_id from balance_transactions where id = $1", result.transaction_id) != org_id:
-            raise Conflict("This external_id was already used for another org.", code="external_id_taken")
+        try:
+            result = await apply_ledger_entry(cp.pool, cp.scripts, cp.keys, org_id, "adjustment",
+                                              data.amount_micros, external_id=data.external_id, reason=data.reason,
+                                              actor_user_id=principal.user_id)
+        except ExternalIdTaken:
+            raise Conflict("This external_id was already used for another org.", code="external_id_taken") from None
         if result.created:
             await audit.record(cp.pool, principal, "balance.adjust", "balance_transaction", result.transaction_id,
                                org_id=org_id, after={"amount_micros": data.amount_micros, "reason": data.reason,

@@ -9,7 +9,7 @@ import httpx
 import orjson
 import pytest
 
-from shared.billing import BillingScripts, apply_ledger_entry
+from shared.billing import BillingScripts, ExternalIdTaken, apply_ledger_entry
 from shared.money import Price, cost_micros, format_usd, parse_usd
 from shared.redis_keys import RedisKeys
 from tests.conftest import Factory, Server, Tenant, wait_for_rows
@@ -282,7 +282,7 @@ async def test_top_up_is_idempotent_and_reaches_the_live_balance(
     again = await apply_ledger_entry(db, scripts, redis_keys, t.org_id, "topup", 2_000_000, external_id=payment)
     assert first.created and not again.created and again.transaction_id == first.transaction_id
     other_org = await factory.org()
-    with pytest.raises(ValueError, match="another org"):
+    with pytest.raises(ExternalIdTaken, match="another org"):
         await apply_ledger_entry(db, scripts, redis_keys, other_org, "topup", 2_000_000, external_id=payment)
     assert await pg_money(db, t.org_id) == (2_000_000, 2_000_000)
     assert (await live(redis, redis_keys, t.org_id))["balance"] == 2_000_000
