@@ -1,0 +1,433 @@
+"""Overhead bench: what does Rocket Relay add over calling the upstream directly, or through one nginx hop?
+
+    python -m bench.overhead [--duration 10] [--connections 8,64] [--proxy-workers 1] [--threads 1]
+
+Builds a private stack (scratch database `rr_bench_<random>`, its own Redis prefix, free ports), starts a
+fixed-answer upstream (nginx `return 200` if nginx is installed, else `bench.mock_upstream`), an nginx
+`proxy_pass` hop in front of it, and the relay routed to it; checks that one relay request answers 200; then
+drives each target with `wrk --latency` at each connection count and prints a table. Everything it started
+is stopped, and the database and Redis keys are dropped, on the way out (Ctrl-C included). See
+bench/README.md for what each number means.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import os
+import re
+import resource
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+from redis import Redis
+
+from shared.db.migrate import migrate
+from shared.embedded import free_port
+from shared.seed import seed_demo
+from shared.settings import ENV_NAMES, load_settings
+
+ROOT = Path(__file__).resolve().parent.parent
+CHAT = "/v1/chat/completions"
+# A realistic non-streaming OpenAI answer (644 bytes), served verbatim by the nginx upstream.
+ANSWER = (
+    '{"id":"chatcmpl-B9MHDbslfkBeAs8l4bebGdFOJ6PeG","object":"chat.completion","created":1741569952,'
+    '"model":"gpt-4o-mini-2024-07-18","choices":[{"index":0,"message":{"role":"assistant","content":'
+    '"Hello! How can I assist you today? If you have any questions, feel free to ask.",'
+    '"refusal":null,"annotations":[]},"logprobs":null,"finish_reason":"stop"}],"usage":'
+    '{"prompt_tokens":19,"completion_tokens":25,"total_tokens":44,"prompt_tokens_details":{"cached_tokens":0,'
+    '"audio_tokens":0},"completion_tokens_details":{"reasoning_tokens":0,"audio_tokens":0,'
+    '"accepted_prediction_tokens":0,"rejected_prediction_tokens":0}},'
+    '"system_fingerprint":"fp_06737a9306"}'
+)
+REQUEST = ('{"model":"gpt-4o-mini","messages":[{"role":"system","content":"You are a helpful assistant."},'
+           '{"role":"user","content":"Hello! Can you help me with something?"}],"max_tokens":64}')
+NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never through an http_proxy
+UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0, "h": 3_600_000.0}
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Stack:
+    tmp: Path
+    admin_url: str
+    redis_url: str
+    db_name: str = field(default_factory=lambda: f"rr_bench_{secrets.token_hex(4)}")
+    prefix: str = field(default_factory=lambda: f"rrbench:{secrets.token_hex(4)}:")
+    procs: dict[str, subprocess.Popen] = field(default_factory=dict)  # name -> process group leader
+    targets: dict[str, str] = field(default_factory=dict)  # name -> URL, in table order
+    api_key: str = ""
+    db_created: bool = False
+
+    @property
+    def db_url(self) -> str:
+        parts = urlsplit(self.admin_url)
+        return urlunsplit((parts.scheme, parts.netloc, f"/{self.db_name}", parts.query, parts.fragment))
+
+
+@dataclass
+class Run:
+    target: str
+    conns: int
+    requests: int = 0
+    rps: float = 0.0
+    p50: float = 0.0
+    p90: float = 0.0
+    p99: float = 0.0
+    non2xx: int = 0
+    socket_errors: int = 0
+    socket_detail: str = ""
+    server_cpu_ms: float = 0.0  # CPU of the target's own process group, per request
+    redis_cpu_us: float = 0.0  # Redis server CPU per request
+    wrk_cpu_pct: float = 0.0  # of one core
+    box_cpu_pct: float = 0.0  # of the whole machine
+    other_cores: float = 0.0  # CPU of everything else on the box (PostgreSQL included), in cores
+
+
+def spawn(stack: Stack, name: str, args: list[str], env: dict[str, str] | None = None) -> None:
+    """Start a child in its own process group (Ctrl-C reaches only us; we stop it), logging to tmp/name.log."""
+    with (stack.tmp / f"{name}.log").open("wb") as log:
+        stack.procs[name] = subprocess.Popen(args, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                             start_new_session=True)
+
+
+def stop(proc: subprocess.Popen, timeout: float = 15.0) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def http(url: str, body: bytes | None = None, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+    req = urllib.request.Request(url, data=body, headers=headers or {}, method="POST" if body else "GET")
+    try:
+        with NO_PROXY.open(req, timeout=5) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def wait_ready(stack: Stack, name: str, url: str, timeout: float = 30.0) -> None:
+    proc, deadline = stack.procs[name], time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"{name} exited with {proc.returncode}:\n{log_tail(stack, name)}")
+        try:
+            if http(url)[0] == 200:
+                return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise SystemExit(f"{name} not ready after {timeout:.0f} s:\n{log_tail(stack, name)}")
+
+
+def log_tail(stack: Stack, name: str, chars: int = 3000) -> str:
+    return (stack.tmp / f"{name}.log").read_text(errors="replace")[-chars:]
+
+
+async def admin_sql(stack: Stack, sql: str) -> None:
+    conn = await asyncpg.connect(stack.admin_url)
+    try:
+        await conn.execute(sql)
+    finally:
+        await conn.close()
+
+
+async def create_database(stack: Stack) -> None:
+    await admin_sql(stack, f'create database "{stack.db_name}"')
+    stack.db_created = True
+    await migrate(stack.db_url)
+
+
+def start_upstream(stack: Stack) -> str:
+    """The fixed-answer upstream (+ nginx hop); returns the upstream base URL the relay is routed to."""
+    if shutil.which("nginx") is None:
+        port = free_port()
+        spawn(stack, "mock", [sys.executable, "-m", "bench.mock_upstream", "--port", str(port)])
+        wait_ready(stack, "mock", f"http://127.0.0.1:{port}/_mock/health")
+        stack.targets["direct"] = f"http://127.0.0.1:{port}{CHAT}"
+        return f"http://127.0.0.1:{port}/v1"
+    up, hop = free_port(), free_port()
+    (stack.tmp / "nginx.conf").write_text(f"""
+worker_processes 1;
+pid nginx.pid;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path tmp_body; proxy_temp_path tmp_proxy; fastcgi_temp_path tmp_fcgi;
+    uwsgi_temp_path tmp_uwsgi; scgi_temp_path tmp_scgi;
+    keepalive_requests 1000000;
+    upstream fixed {{ server 127.0.0.1:{up}; keepalive 128; }}
+    server {{
+        listen 127.0.0.1:{up};
+        location = {CHAT} {{ default_type application/json; return 200 '{ANSWER}'; }}
+    }}
+    server {{
+        listen 127.0.0.1:{hop};
+        location / {{ proxy_pass http://fixed; proxy_http_version 1.1; proxy_set_header Connection ""; }}
+    }}
+}}
+""")
+    spawn(stack, "nginx", ["nginx", "-p", f"{stack.tmp}/", "-e", "stderr", "-c", "nginx.conf", "-g", "daemon off;"])
+    stack.targets["direct"] = f"http://127.0.0.1:{up}{CHAT}"
+    stack.targets["nginx-hop"] = f"http://127.0.0.1:{hop}{CHAT}"
+    wait_ready(stack, "nginx", stack.targets["nginx-hop"])
+    return f"http://127.0.0.1:{up}/v1"
+
+
+def start_relay(stack: Stack, upstream_base: str, workers: int) -> None:
+    """Seed the demo org/key/routes to the upstream, start `python -m proxy.main`, check one request."""
+    port = free_port()
+    settings = load_settings({}, database_url=stack.db_url, redis_url=stack.redis_url, redis_prefix=stack.prefix,
+                             key_pepper=secrets.token_urlsafe(24), proxy_port=port, proxy_workers=workers,
+                             master_key=base64.b64encode(secrets.token_bytes(32)).decode())
+    stack.api_key = asyncio.run(seed_demo(settings, upstream_base_url=upstream_base)).api_key
+    env = {k: v for k, v in os.environ.items() if k not in ENV_NAMES.values()}
+    env.update({var: str(getattr(settings, name)) for name, var in ENV_NAMES.items()})
+    spawn(stack, "relay", [sys.executable, "-m", "proxy.main"], env)
+    wait_ready(stack, "relay", f"http://127.0.0.1:{port}/readyz")
+    stack.targets["relay"] = f"http://127.0.0.1:{port}{CHAT}"
+    status, body = http(stack.targets["relay"], REQUEST.encode(),
+                        {"Authorization": f"Bearer {stack.api_key}", "Content-Type": "application/json"})
+    if status != 200 or b'"choices"' not in body:
+        raise SystemExit(f"relay check failed: {status} {body[:500]!r}\n{log_tail(stack, 'relay')}")
+
+
+def group_pids(pgid: int) -> list[int]:
+    """The processes of a server we started (its process group: main process and workers)."""
+    try:
+        import psutil
+    except ImportError:
+        pids = []
+        for entry in Path("/proc").iterdir():
+            try:
+                if entry.name.isdigit() and int((entry / "stat").read_text().rsplit(")", 1)[1].split()[2]) == pgid:
+                    pids.append(int(entry.name))
+            except (OSError, IndexError, ValueError):
+                continue
+        return pids
+    try:
+        root = psutil.Process(pgid)
+        return [root.pid, *(p.pid for p in root.children(recursive=True))]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def cpu_seconds(pgid: int) -> float:
+    """utime+stime, plus reaped children's, of a process group's processes, from /proc/<pid>/stat."""
+    total = 0.0
+    for pid in group_pids(pgid):
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += sum(int(f) for f in fields[11:15]) / TICK  # utime, stime, cutime, cstime
+    return total
+
+
+def peak_rss_mib(pgid: int) -> dict[int, float]:
+    """VmHWM (peak resident set) of each process of the group."""
+    peaks = {}
+    for pid in group_pids(pgid):
+        try:
+            peaks[pid] = int(re.search(r"VmHWM:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text())[1]) / 1024
+        except (OSError, TypeError):
+            continue
+    return peaks
+
+
+def box_cpu() -> tuple[int, int]:
+    """(busy, total) ticks of the whole machine since boot."""
+    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    return sum(values) - values[3] - values[4], sum(values)
+
+
+def redis_cpu(client: Redis) -> float:
+    info = client.info("cpu")
+    return float(info["used_cpu_sys"]) + float(info["used_cpu_user"])
+
+
+def parse_wrk(text: str, run: Run) -> None:
+    def ms(label: str) -> float:
+        match = re.search(rf"^\s*{label}%\s+([\d.]+)(us|ms|s|m|h)\s*$", text, re.M)
+        return float(match[1]) * UNITS[match[2]] if match else float("nan")
+
+    if (match := re.search(r"(\d+) requests in", text)) is None:
+        raise SystemExit(f"could not parse wrk output:\n{text}")
+    run.requests = int(match[1])
+    run.rps = float(re.search(r"Requests/sec:\s+([\d.]+)", text)[1])
+    run.p50, run.p90, run.p99 = ms("50"), ms("90"), ms("99")
+    if match := re.search(r"Non-2xx or 3xx responses:\s+(\d+)", text):
+        run.non2xx = int(match[1])
+    if match := re.search(r"Socket errors:\s+connect (\d+), read (\d+), write (\d+), timeout (\d+)", text):
+        run.socket_errors, run.socket_detail = sum(int(g) for g in match.groups()), match[0]
+
+
+def run_wrk(stack: Stack, target: str, conns: int, duration: int, threads: int, redis: Redis) -> Run:
+    """One wrk run against one target, with the CPU used meanwhile by each process group, wrk and Redis."""
+    run = Run(target, conns)
+    script = stack.tmp / "post.lua"
+    script.write_text(f'wrk.method = "POST"\nwrk.body = [==[{REQUEST}]==]\n'
+                      f'wrk.headers["Content-Type"] = "application/json"\n'
+                      f'wrk.headers["Authorization"] = "Bearer {stack.api_key}"\n')
+    args = ["wrk", f"-t{min(threads, conns)}", f"-c{conns}", f"-d{duration}s", "--timeout", "5s", "--latency",
+            "-s", str(script), stack.targets[target]]
+    own = stack.procs["relay" if target == "relay" else "nginx" if "nginx" in stack.procs else "mock"].pid
+    groups = [proc.pid for proc in stack.procs.values()]
+    cpu0, box0, redis0 = {g: cpu_seconds(g) for g in groups}, box_cpu(), redis_cpu(redis)
+    kids0, t0 = resource.getrusage(resource.RUSAGE_CHILDREN), time.monotonic()
+    out = subprocess.run(args, capture_output=True, text=True, timeout=duration + 60)
+    elapsed, kids1 = time.monotonic() - t0, resource.getrusage(resource.RUSAGE_CHILDREN)  # wrk: the one reaped
+    cpu1, box1, redis1 = {g: cpu_seconds(g) for g in groups}, box_cpu(), redis_cpu(redis)
+    if out.returncode != 0:
+        raise SystemExit(f"wrk failed ({out.returncode}): {out.stderr or out.stdout}")
+    parse_wrk(out.stdout, run)
+    done = max(run.requests, 1)
+    wrk_s = kids1.ru_utime + kids1.ru_stime - kids0.ru_utime - kids0.ru_stime
+    ours_s = sum(cpu1[g] - cpu0[g] for g in groups) + wrk_s + redis1 - redis0
+    run.server_cpu_ms = (cpu1[own] - cpu0[own]) * 1000 / done
+    run.redis_cpu_us = (redis1 - redis0) * 1_000_000 / done
+    run.wrk_cpu_pct = 100 * wrk_s / elapsed
+    run.box_cpu_pct = 100 * (box1[0] - box0[0]) / max(box1[1] - box0[1], 1)
+    run.other_cores = ((box1[0] - box0[0]) / TICK - ours_s) / elapsed
+    return run
+
+
+async def request_log_rows(stack: Stack, expected: int, wait_s: float = 15.0) -> list[asyncpg.Record]:
+    """Rows per (status, error) once the count reaches `expected` or stops growing for 2 s."""
+    conn = await asyncpg.connect(stack.db_url)
+    try:
+        last, stable_since, deadline = -1, time.monotonic(), time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            count = await conn.fetchval("select count(*) from request_logs")
+            if count != last:
+                last, stable_since = count, time.monotonic()
+            if count >= expected or time.monotonic() - stable_since > 2.0:
+                break
+            await asyncio.sleep(0.25)
+        return await conn.fetch("select status_code, error_code, count(*) as n from request_logs "
+                                "group by 1, 2 order by 3 desc")
+    finally:
+        await conn.close()
+
+
+def report(stack: Stack, runs: list[Run], sent: int, log_rows: list[asyncpg.Record]) -> None:
+    head = ("target", "conns", "req/s", "p50 ms", "p90 ms", "p99 ms", "non-2xx", "sock err", "server CPU ms/req",
+            "wrk CPU %", "box CPU %", "other cores")
+    print("\n| " + " | ".join(head) + " |\n|" + "|".join("---" for _ in head) + "|")
+    for r in runs:
+        print(f"| {r.target} | {r.conns} | {r.rps:,.0f} | {r.p50:.2f} | {r.p90:.2f} | {r.p99:.2f} | {r.non2xx} | "
+              f"{r.socket_errors} | {r.server_cpu_ms:.3f} | {r.wrk_cpu_pct:.0f} | {r.box_cpu_pct:.0f} | "
+              f"{r.other_cores:.2f} |")
+    print()
+    for r in (r for r in runs if r.target == "relay"):
+        print(f"relay at {r.conns} connections: Redis server CPU {r.redis_cpu_us:.0f} µs/request"
+              + (f"; {r.socket_detail}" if r.socket_errors else ""))
+    main_pid = stack.procs["relay"].pid
+    peaks = peak_rss_mib(main_pid)
+    workers = ", ".join(f"{mib:.1f}" for pid, mib in peaks.items() if pid != main_pid)
+    print(f"relay peak RSS: workers {workers} MiB; granian main {peaks.get(main_pid, 0):.1f} MiB")
+    by_status = ", ".join(f"{row['status_code']}{'/' + row['error_code'] if row['error_code'] else ''}: {row['n']}"
+                          for row in log_rows)
+    print(f"request_logs rows written: {sum(row['n'] for row in log_rows)} for {sent} relay requests completed "
+          f"by clients (wrk stops with up to `conns` requests in flight per run); by status: {by_status}")
+    problems = [line for line in log_tail(stack, "relay", 10**8).splitlines()
+                if " ERROR " in line or " WARNING " in line or "Traceback" in line]
+    print(f"relay log: {len(problems)} warning/error lines" + "".join(f"\n  {p[:200]}" for p in problems[:10]))
+    by = {(r.target, r.conns): r for r in runs}
+    top = max(r.conns for r in runs)
+    low = 8 if 8 in {r.conns for r in runs} else min(r.conns for r in runs)
+    base = "nginx-hop" if "nginx-hop" in stack.targets else "direct"
+    relay, direct = by[("relay", low)], by[("direct", low)]
+    print(f"relay/{base} throughput: {by[('relay', top)].rps / by[(base, top)].rps:.3f}")
+    print(f"added latency p50: {relay.p50 - direct.p50:.2f} ms, p99: {relay.p99 - direct.p99:.2f} ms "
+          f"(at {low} connections)")
+
+
+@contextmanager
+def bench_stack(keep_tmp: bool) -> Iterator[Stack]:
+    """A Stack whose processes, database, Redis keys and temp dir are removed on exit, whatever happens."""
+    stack = Stack(Path(tempfile.mkdtemp(prefix="rr-bench-")),
+                  os.environ.get("DATABASE_URL") or "postgresql://postgres@127.0.0.1:5432/postgres",
+                  os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/0")
+    try:
+        yield stack
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the clean-up short
+        steps = [*(partial(stop, proc) for proc in reversed(stack.procs.values())),
+                 partial(asyncio.run, admin_sql(stack, f'drop database if exists "{stack.db_name}" with (force)'))
+                 if stack.db_created else None, partial(drop_redis_keys, stack)]
+        for step in filter(None, steps):
+            try:
+                step()
+            except Exception as exc:
+                print(f"clean-up step failed: {exc!r}", file=sys.stderr)
+        if keep_tmp:
+            print(f"configs and logs kept in {stack.tmp}", file=sys.stderr)
+        else:
+            shutil.rmtree(stack.tmp, ignore_errors=True)
+
+
+def drop_redis_keys(stack: Stack) -> None:
+    with Redis.from_url(stack.redis_url) as client:
+        for key in client.scan_iter(match=f"{stack.prefix}*", count=1000):
+            client.delete(key)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="bench.overhead", description=__doc__.split("\n\n")[0])
+    p.add_argument("--duration", type=int, default=10, help="seconds per wrk run")
+    p.add_argument("--connections", default="8,64", help="comma-separated connection counts")
+    p.add_argument("--proxy-workers", type=int, default=1)
+    p.add_argument("--threads", type=int, default=1, help="wrk threads")
+    p.add_argument("--warmup", type=int, default=2, help="seconds of unrecorded load per target first")
+    p.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (configs, logs)")
+    args = p.parse_args(argv)
+    conns = sorted({int(c) for c in args.connections.split(",")})
+    if shutil.which("wrk") is None:
+        raise SystemExit("wrk is not installed (apt-get install wrk)")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the clean-up on kill, too
+    with bench_stack(args.keep_tmp) as stack, Redis.from_url(stack.redis_url) as redis:
+        asyncio.run(create_database(stack))
+        start_relay(stack, start_upstream(stack), args.proxy_workers)
+        print(f"upstream: {'nginx' if 'nginx' in stack.procs else 'bench.mock_upstream'}; relay workers: "
+              f"{args.proxy_workers}; wrk threads: {args.threads}; {args.duration} s per run", flush=True)
+        sent = 1  # the verification request; warm-up requests count too: they write request_logs rows
+        for target in stack.targets if args.warmup > 0 else ():
+            warm = run_wrk(stack, target, max(conns), args.warmup, args.threads, redis)
+            sent += warm.requests if target == "relay" else 0
+        runs = []
+        for c in conns:
+            for target in stack.targets:
+                runs.append(run := run_wrk(stack, target, c, args.duration, args.threads, redis))
+                sent += run.requests if target == "relay" else 0
+                print(f"  {target:<10} c={c:<4} {run.rps:>9,.0f} req/s  p50 {run.p50:.2f} ms  p99 {run.p99:.2f} ms"
+                      f"  non-2xx {run.non2xx}  socket errors {run.socket_errors}", flush=True)
+        if stack.procs["relay"].poll() is not None:
+            print(f"relay exited during the bench:\n{log_tail(stack, 'relay')}")
+        report(stack, runs, sent, asyncio.run(request_log_rows(stack, sent)))
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except KeyboardInterrupt:
+        sys.exit("interrupted; everything the bench started has been stopped and removed")
