@@ -1,13 +1,15 @@
 """Overhead bench: what does Rocket Relay add over calling the upstream directly, or through one nginx hop?
 
     python -m bench.overhead [--duration 10] [--connections 8,64] [--proxy-workers 1] [--threads 1]
+                             [--peers litellm,portkey]
 
 Builds a private stack (scratch database `rr_bench_<random>`, its own Redis prefix, free ports), starts a
 fixed-answer upstream (nginx `return 200` if nginx is installed, else `bench.mock_upstream`), an nginx
 `proxy_pass` hop in front of it, and the relay routed to it; checks that one relay request answers 200; then
-drives each target with `wrk --latency` at each connection count and prints a table. Everything it started
-is stopped, and the database and Redis keys are dropped, on the way out (Ctrl-C included). See
-bench/README.md for what each number means.
+drives each target with `wrk --latency` at each connection count and prints a table. With `--peers`, LiteLLM's
+proxy and Portkey's gateway (installed by `python -m bench.peers setup`) are targets too, routed to the same
+upstream and driven with the same load. Everything it started is stopped, and the database and Redis keys are
+dropped, on the way out (Ctrl-C included). See bench/README.md for what each number means.
 """
 
 from __future__ import annotations
@@ -71,6 +73,8 @@ class Stack:
     prefix: str = field(default_factory=lambda: f"rrbench:{secrets.token_hex(4)}:")
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)  # name -> process group leader
     targets: dict[str, str] = field(default_factory=dict)  # name -> URL, in table order
+    headers: dict[str, dict[str, str]] = field(default_factory=dict)  # name -> request headers (auth, routing)
+    owner: dict[str, str] = field(default_factory=dict)  # target -> the process (group) serving it
     api_key: str = ""
     db_created: bool = False
 
@@ -97,6 +101,8 @@ class Run:
     wrk_cpu_pct: float = 0.0  # of one core
     box_cpu_pct: float = 0.0  # of the whole machine
     other_cores: float = 0.0  # CPU of everything else on the box (PostgreSQL included), in cores
+    rss_mib: float = 0.0  # resident set of the target's process group after the run
+    duration: int = 0
 
 
 def spawn(stack: Stack, name: str, args: list[str], env: dict[str, str] | None = None) -> None:
@@ -116,10 +122,11 @@ def stop(proc: subprocess.Popen, timeout: float = 15.0) -> None:
             proc.wait()
 
 
-def http(url: str, body: bytes | None = None, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+def http(url: str, body: bytes | None = None, headers: dict[str, str] | None = None,
+         timeout: float = 5) -> tuple[int, bytes]:
     req = urllib.request.Request(url, data=body, headers=headers or {}, method="POST" if body else "GET")
     try:
-        with NO_PROXY.open(req, timeout=5) as resp:
+        with NO_PROXY.open(req, timeout=timeout) as resp:
             return resp.status, resp.read()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read()
@@ -164,6 +171,7 @@ def start_upstream(stack: Stack) -> str:
         spawn(stack, "mock", [sys.executable, "-m", "bench.mock_upstream", "--port", str(port)])
         wait_ready(stack, "mock", f"http://127.0.0.1:{port}/_mock/health")
         stack.targets["direct"] = f"http://127.0.0.1:{port}{CHAT}"
+        stack.owner["direct"] = "mock"
         return f"http://127.0.0.1:{port}/v1"
     up, hop = free_port(), free_port()
     (stack.tmp / "nginx.conf").write_text(f"""
@@ -189,6 +197,7 @@ http {{
     spawn(stack, "nginx", ["nginx", "-p", f"{stack.tmp}/", "-e", "stderr", "-c", "nginx.conf", "-g", "daemon off;"])
     stack.targets["direct"] = f"http://127.0.0.1:{up}{CHAT}"
     stack.targets["nginx-hop"] = f"http://127.0.0.1:{hop}{CHAT}"
+    stack.owner["direct"] = stack.owner["nginx-hop"] = "nginx"
     wait_ready(stack, "nginx", stack.targets["nginx-hop"])
     return f"http://127.0.0.1:{up}/v1"
 
@@ -205,10 +214,35 @@ def start_relay(stack: Stack, upstream_base: str, workers: int) -> None:
     spawn(stack, "relay", [sys.executable, "-m", "proxy.main"], env)
     wait_ready(stack, "relay", f"http://127.0.0.1:{port}/readyz")
     stack.targets["relay"] = f"http://127.0.0.1:{port}{CHAT}"
-    status, body = http(stack.targets["relay"], REQUEST.encode(),
-                        {"Authorization": f"Bearer {stack.api_key}", "Content-Type": "application/json"})
+    stack.headers["relay"] = {"Authorization": f"Bearer {stack.api_key}"}
+    stack.owner["relay"] = "relay"
+    check_target(stack, "relay")
+
+
+def check_target(stack: Stack, target: str) -> None:
+    """One chat request through a target; stop the bench unless it answers 200 with a completion."""
+    status, body = http(stack.targets[target], REQUEST.encode(),
+                        {**stack.headers.get(target, {}), "Content-Type": "application/json"}, timeout=60)
     if status != 200 or b'"choices"' not in body:
-        raise SystemExit(f"relay check failed: {status} {body[:500]!r}\n{log_tail(stack, 'relay')}")
+        raise SystemExit(f"{target} check failed: {status} {body[:500]!r}\n"
+                         f"{log_tail(stack, stack.owner.get(target, target))}")
+
+
+def start_peers(stack: Stack, names: list[str], upstream_base: str, workers: int) -> None:
+    """Start LiteLLM / Portkey (bench.peers) routed to the same upstream; check one request through each."""
+    from bench import peers
+
+    for name in names:
+        port = free_port()
+        if name == "litellm":
+            peer = peers.litellm_peer(stack.tmp, port, upstream_base, "gpt-4o-mini", workers,
+                                      f"sk-bench-{secrets.token_hex(8)}")
+        else:
+            peer = peers.portkey_peer(port, upstream_base)
+        spawn(stack, name, peer.args, peer.env)
+        wait_ready(stack, name, peer.ready_url, timeout=120)
+        stack.targets[name], stack.headers[name], stack.owner[name] = peer.url, peer.headers, name
+        check_target(stack, name)
 
 
 def group_pids(pgid: int) -> list[int]:
@@ -243,12 +277,13 @@ def cpu_seconds(pgid: int) -> float:
     return total
 
 
-def peak_rss_mib(pgid: int) -> dict[int, float]:
-    """VmHWM (peak resident set) of each process of the group."""
+def peak_rss_mib(pgid: int, field: str = "VmHWM") -> dict[int, float]:
+    """VmHWM (peak resident set), or another /proc/<pid>/status size such as VmRSS, of each process of the group."""
     peaks = {}
     for pid in group_pids(pgid):
         try:
-            peaks[pid] = int(re.search(r"VmHWM:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text())[1]) / 1024
+            status = Path(f"/proc/{pid}/status").read_text()
+            peaks[pid] = int(re.search(rf"{field}:\s+(\d+) kB", status)[1]) / 1024
         except (OSError, TypeError):
             continue
     return peaks
@@ -281,20 +316,33 @@ def parse_wrk(text: str, run: Run) -> None:
         run.socket_errors, run.socket_detail = sum(int(g) for g in match.groups()), match[0]
 
 
-def run_wrk(stack: Stack, target: str, conns: int, duration: int, threads: int, redis: Redis) -> Run:
+def lua_script(headers: dict[str, str], body: str = REQUEST) -> str:
+    """The wrk script of a target: POST the chat request with the target's headers."""
+    lines = ['wrk.method = "POST"', f"wrk.body = [==[{body}]==]", 'wrk.headers["Content-Type"] = "application/json"']
+    lines += [f"wrk.headers[{lua_string(k)}] = {lua_string(v)}" for k, v in headers.items()]
+    return "\n".join(lines) + "\n"
+
+
+def lua_string(value: str) -> str:
+    """A double-quoted Lua string literal."""
+    escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\r", "\\r")
+    return f'"{escaped}"'
+
+
+def run_wrk(stack: Stack, target: str, conns: int, duration: int, threads: int, redis: Redis, *,
+            timeout_s: int = 5, script: Path | None = None) -> Run:
     """One wrk run against one target, with the CPU used meanwhile by each process group, wrk and Redis."""
-    run = Run(target, conns)
-    script = stack.tmp / "post.lua"
-    script.write_text(f'wrk.method = "POST"\nwrk.body = [==[{REQUEST}]==]\n'
-                      f'wrk.headers["Content-Type"] = "application/json"\n'
-                      f'wrk.headers["Authorization"] = "Bearer {stack.api_key}"\n')
-    args = ["wrk", f"-t{min(threads, conns)}", f"-c{conns}", f"-d{duration}s", "--timeout", "5s", "--latency",
-            "-s", str(script), stack.targets[target]]
-    own = stack.procs["relay" if target == "relay" else "nginx" if "nginx" in stack.procs else "mock"].pid
+    run = Run(target, conns, duration=duration)
+    if script is None:
+        script = stack.tmp / f"post-{target}.lua"
+        script.write_text(lua_script(stack.headers.get(target, {})))
+    args = ["wrk", f"-t{min(threads, conns)}", f"-c{conns}", f"-d{duration}s", "--timeout", f"{timeout_s}s",
+            "--latency", "-s", str(script), stack.targets[target]]
+    own = stack.procs[stack.owner[target]].pid
     groups = [proc.pid for proc in stack.procs.values()]
     cpu0, box0, redis0 = {g: cpu_seconds(g) for g in groups}, box_cpu(), redis_cpu(redis)
     kids0, t0 = resource.getrusage(resource.RUSAGE_CHILDREN), time.monotonic()
-    out = subprocess.run(args, capture_output=True, text=True, timeout=duration + 60)
+    out = subprocess.run(args, capture_output=True, text=True, timeout=duration + timeout_s + 60)
     elapsed, kids1 = time.monotonic() - t0, resource.getrusage(resource.RUSAGE_CHILDREN)  # wrk: the one reaped
     cpu1, box1, redis1 = {g: cpu_seconds(g) for g in groups}, box_cpu(), redis_cpu(redis)
     if out.returncode != 0:
@@ -308,6 +356,7 @@ def run_wrk(stack: Stack, target: str, conns: int, duration: int, threads: int, 
     run.wrk_cpu_pct = 100 * wrk_s / elapsed
     run.box_cpu_pct = 100 * (box1[0] - box0[0]) / max(box1[1] - box0[1], 1)
     run.other_cores = ((box1[0] - box0[0]) / TICK - ours_s) / elapsed
+    run.rss_mib = sum(peak_rss_mib(own, "VmRSS").values())
     return run
 
 
@@ -330,13 +379,7 @@ async def request_log_rows(stack: Stack, expected: int, wait_s: float = 15.0) ->
 
 
 def report(stack: Stack, runs: list[Run], sent: int, log_rows: list[asyncpg.Record]) -> None:
-    head = ("target", "conns", "req/s", "p50 ms", "p90 ms", "p99 ms", "non-2xx", "sock err", "server CPU ms/req",
-            "wrk CPU %", "box CPU %", "other cores")
-    print("\n| " + " | ".join(head) + " |\n|" + "|".join("---" for _ in head) + "|")
-    for r in runs:
-        print(f"| {r.target} | {r.conns} | {r.rps:,.0f} | {r.p50:.2f} | {r.p90:.2f} | {r.p99:.2f} | {r.non2xx} | "
-              f"{r.socket_errors} | {r.server_cpu_ms:.3f} | {r.wrk_cpu_pct:.0f} | {r.box_cpu_pct:.0f} | "
-              f"{r.other_cores:.2f} |")
+    print_table(runs)
     print()
     for r in (r for r in runs if r.target == "relay"):
         print(f"relay at {r.conns} connections: Redis server CPU {r.redis_cpu_us:.0f} µs/request"
@@ -355,11 +398,44 @@ def report(stack: Stack, runs: list[Run], sent: int, log_rows: list[asyncpg.Reco
     by = {(r.target, r.conns): r for r in runs}
     top = max(r.conns for r in runs)
     low = 8 if 8 in {r.conns for r in runs} else min(r.conns for r in runs)
+    for line in peer_lines(runs, [t for t in stack.targets if t not in ("direct", "nginx-hop", "relay")]):
+        print(line)
     base = "nginx-hop" if "nginx-hop" in stack.targets else "direct"
     relay, direct = by[("relay", low)], by[("direct", low)]
     print(f"relay/{base} throughput: {by[('relay', top)].rps / by[(base, top)].rps:.3f}")
     print(f"added latency p50: {relay.p50 - direct.p50:.2f} ms, p99: {relay.p99 - direct.p99:.2f} ms "
           f"(at {low} connections)")
+
+
+def print_table(runs: list[Run]) -> None:
+    head = ("target", "conns", "req/s", "p50 ms", "p90 ms", "p99 ms", "non-2xx", "sock err", "server CPU ms/req",
+            "RSS MiB", "wrk CPU %", "box CPU %", "other cores")
+    print("\n| " + " | ".join(head) + " |\n|" + "|".join("---" for _ in head) + "|")
+    for r in runs:
+        print(f"| {r.target} | {r.conns} | {r.rps:,.0f} | {r.p50:.2f} | {r.p90:.2f} | {r.p99:.2f} | {r.non2xx} | "
+              f"{r.socket_errors} | {r.server_cpu_ms:.3f} | {r.rss_mib:.0f} | {r.wrk_cpu_pct:.0f} | "
+              f"{r.box_cpu_pct:.0f} | {r.other_cores:.2f} |")
+
+
+def peer_lines(runs: list[Run], peers: list[str]) -> list[str]:
+    """Relay vs each peer: throughput and CPU per request at every connection count, added latency at 8."""
+    by = {(r.target, r.conns): r for r in runs}
+    lines = []
+    for peer in peers:
+        for conns in sorted({r.conns for r in runs}):
+            relay, other = by.get(("relay", conns)), by.get((peer, conns))
+            if relay is None or other is None:
+                continue
+            cpu = (f"{other.server_cpu_ms / relay.server_cpu_ms:.1f}" if relay.server_cpu_ms > 0 else "n/a")
+            lines.append(f"relay/{peer} at {conns} connections: throughput {ratio(relay.rps, other.rps)}, "
+                         f"{peer}/relay CPU per request {cpu}; {peer} p50 {other.p50:.2f} ms, p99 {other.p99:.2f} ms"
+                         f", errors {other.non2xx} non-2xx + {other.socket_errors} socket"
+                         + (f" ({other.socket_detail})" if other.socket_errors else ""))
+    return lines
+
+
+def ratio(a: float, b: float) -> str:
+    return f"{a / b:,.1f}" if b > 0 else "n/a (peer completed no request)"
 
 
 @contextmanager
@@ -400,24 +476,41 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=1, help="wrk threads")
     p.add_argument("--warmup", type=int, default=2, help="seconds of unrecorded load per target first")
     p.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (configs, logs)")
+    p.add_argument("--peers", default="", help="comma-separated peers to add as targets: litellm,portkey")
+    p.add_argument("--peer-duration", type=int, default=30, help="seconds per wrk run against a peer")
+    p.add_argument("--peer-timeout", type=int, default=30, help="wrk --timeout (seconds) against a peer")
     args = p.parse_args(argv)
     conns = sorted({int(c) for c in args.connections.split(",")})
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is not installed (apt-get install wrk)")
+    from bench.peers import parse_peers
+
+    peer_names = parse_peers(args.peers)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the clean-up on kill, too
     with bench_stack(args.keep_tmp) as stack, Redis.from_url(stack.redis_url) as redis:
         asyncio.run(create_database(stack))
-        start_relay(stack, start_upstream(stack), args.proxy_workers)
+        upstream_base = start_upstream(stack)
+        start_relay(stack, upstream_base, args.proxy_workers)
+        start_peers(stack, peer_names, upstream_base, args.proxy_workers)
         print(f"upstream: {'nginx' if 'nginx' in stack.procs else 'bench.mock_upstream'}; relay workers: "
-              f"{args.proxy_workers}; wrk threads: {args.threads}; {args.duration} s per run", flush=True)
+              f"{args.proxy_workers}; wrk threads: {args.threads}; {args.duration} s per run"
+              + (f" ({args.peer_duration} s, timeout {args.peer_timeout} s for {', '.join(peer_names)})"
+                 if peer_names else ""), flush=True)
+
+        def wrk(target: str, c: int, seconds: int) -> Run:
+            if target in peer_names:
+                return run_wrk(stack, target, c, args.peer_duration if seconds == args.duration else seconds,
+                               args.threads, redis, timeout_s=args.peer_timeout)
+            return run_wrk(stack, target, c, seconds, args.threads, redis)
+
         sent = 1  # the verification request; warm-up requests count too: they write request_logs rows
         for target in stack.targets if args.warmup > 0 else ():
-            warm = run_wrk(stack, target, max(conns), args.warmup, args.threads, redis)
+            warm = wrk(target, max(conns), args.warmup)
             sent += warm.requests if target == "relay" else 0
         runs = []
         for c in conns:
             for target in stack.targets:
-                runs.append(run := run_wrk(stack, target, c, args.duration, args.threads, redis))
+                runs.append(run := wrk(target, c, args.duration))
                 sent += run.requests if target == "relay" else 0
                 print(f"  {target:<10} c={c:<4} {run.rps:>9,.0f} req/s  p50 {run.p50:.2f} ms  p99 {run.p99:.2f} ms"
                       f"  non-2xx {run.non2xx}  socket errors {run.socket_errors}", flush=True)
