@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run test lint bench clean
+.PHONY: install run test lint bench bench-peers clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,10 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.overhead
+
+# LiteLLM's proxy and Portkey's gateway into bench/.peers/ (idempotent), for `bench.overhead --peers ...`.
+bench-peers: $(STAMP)
+	$(BIN)/python -m bench.peers setup
 
 clean:
 	rm -rf $(VENV) .data .pytest_cache .ruff_cache

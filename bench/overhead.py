@@ -42,7 +42,7 @@ from redis import Redis
 from shared.db.migrate import migrate
 from shared.embedded import free_port
 from shared.seed import seed_demo
-from shared.settings import ENV_NAMES, load_settings
+from shared.settings import ENV_NAMES, Settings, load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 CHAT = "/v1/chat/completions"
@@ -76,6 +76,9 @@ class Stack:
     headers: dict[str, dict[str, str]] = field(default_factory=dict)  # name -> request headers (auth, routing)
     owner: dict[str, str] = field(default_factory=dict)  # target -> the process (group) serving it
     api_key: str = ""
+    # Secrets of the relay's settings, the same for every relay this stack starts (keys stay valid).
+    key_pepper: str = field(default_factory=lambda: secrets.token_urlsafe(24))
+    master_key: str = field(default_factory=lambda: base64.b64encode(secrets.token_bytes(32)).decode())
     db_created: bool = False
 
     @property
@@ -202,13 +205,21 @@ http {{
     return f"http://127.0.0.1:{up}/v1"
 
 
+def relay_settings(stack: Stack, port: int = 8080, workers: int = 1) -> Settings:
+    return load_settings({}, database_url=stack.db_url, redis_url=stack.redis_url, redis_prefix=stack.prefix,
+                         key_pepper=stack.key_pepper, proxy_port=port, proxy_workers=workers,
+                         master_key=stack.master_key)
+
+
 def start_relay(stack: Stack, upstream_base: str, workers: int) -> None:
-    """Seed the demo org/key/routes to the upstream, start `python -m proxy.main`, check one request."""
+    """Seed the demo org/key/routes to the upstream, start `python -m proxy.main`, check one request.
+
+    Called again on the same stack (after `stop_relay`), it keeps the demo key and points the demo provider
+    at `upstream_base`."""
     port = free_port()
-    settings = load_settings({}, database_url=stack.db_url, redis_url=stack.redis_url, redis_prefix=stack.prefix,
-                             key_pepper=secrets.token_urlsafe(24), proxy_port=port, proxy_workers=workers,
-                             master_key=base64.b64encode(secrets.token_bytes(32)).decode())
-    stack.api_key = asyncio.run(seed_demo(settings, upstream_base_url=upstream_base)).api_key
+    settings = relay_settings(stack, port, workers)
+    stack.api_key = asyncio.run(seed_demo(settings, upstream_base_url=upstream_base,
+                                          demo_api_key=stack.api_key or None)).api_key
     env = {k: v for k, v in os.environ.items() if k not in ENV_NAMES.values()}
     env.update({var: str(getattr(settings, name)) for name, var in ENV_NAMES.items()})
     spawn(stack, "relay", [sys.executable, "-m", "proxy.main"], env)
@@ -217,6 +228,12 @@ def start_relay(stack: Stack, upstream_base: str, workers: int) -> None:
     stack.headers["relay"] = {"Authorization": f"Bearer {stack.api_key}"}
     stack.owner["relay"] = "relay"
     check_target(stack, "relay")
+
+
+def stop_relay(stack: Stack) -> None:
+    if (proc := stack.procs.pop("relay", None)) is not None:
+        stop(proc)
+    stack.targets.pop("relay", None)
 
 
 def check_target(stack: Stack, target: str) -> None:
