@@ -514,11 +514,12 @@ def main(argv: list[str] | None = None) -> None:
               + (f" ({args.peer_duration} s, timeout {args.peer_timeout} s for {', '.join(peer_names)})"
                  if peer_names else ""), flush=True)
 
-        def wrk(target: str, c: int, seconds: int) -> Run:
+        def wrk(target: str, c: int, seconds: int | None = None) -> Run:
+            """A measured run (seconds None: --duration, or --peer-duration for a peer) or a warm-up."""
             if target in peer_names:
-                return run_wrk(stack, target, c, args.peer_duration if seconds == args.duration else seconds,
-                               args.threads, redis, timeout_s=args.peer_timeout)
-            return run_wrk(stack, target, c, seconds, args.threads, redis)
+                return run_wrk(stack, target, c, seconds or args.peer_duration, args.threads, redis,
+                               timeout_s=args.peer_timeout)
+            return run_wrk(stack, target, c, seconds or args.duration, args.threads, redis)
 
         sent = 1  # the verification request; warm-up requests count too: they write request_logs rows
         for target in stack.targets if args.warmup > 0 else ():
@@ -527,7 +528,7 @@ def main(argv: list[str] | None = None) -> None:
         runs = []
         for c in conns:
             for target in stack.targets:
-                runs.append(run := wrk(target, c, args.duration))
+                runs.append(run := wrk(target, c))
                 sent += run.requests if target == "relay" else 0
                 print(f"  {target:<10} c={c:<4} {run.rps:>9,.0f} req/s  p50 {run.p50:.2f} ms  p99 {run.p99:.2f} ms"
                       f"  non-2xx {run.non2xx}  socket errors {run.socket_errors}", flush=True)
