@@ -95,6 +95,14 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # Bounds of the request-log retention (days) an org may choose for itself.
     log_retention_min_days: int = 1
     log_retention_max_days: int = 400
+    # Retention of orgs that chose none (within the bounds above). rr-worker deletes older rows in batches
+    # and drops request_logs partitions wholly older than log_retention_max_days, which no org may exceed.
+    log_retention_default_days: int = 90
+    # usage_records are billing evidence: their partitions are dropped only once wholly older than this.
+    usage_retention_days: int = 2555  # about 7 years
+    # How often rr-worker enforces retention, and at most how many request-log rows one delete removes.
+    retention_interval_s: float = 3600.0
+    retention_batch_size: int = 5000
     # New prices apply no sooner than this after they are entered: every proxy must have loaded a price
     # (change event, or at worst its periodic refresh) before any request can start under it.
     price_min_lead_s: float = 60.0
@@ -110,9 +118,13 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
                         "refresh_token_ttl_s", "login_window_s", "login_max_failures_per_ip",
                         "login_max_failures_per_email", "password_time_cost", "password_memory_kib",
                         "log_retention_min_days", "price_min_lead_s")
+        _check_positive(self, "usage_retention_days", "retention_interval_s", "retention_batch_size")
         if self.log_retention_max_days < self.log_retention_min_days:
             raise SettingsError(f"{ENV_NAMES['log_retention_max_days']} must be at least "
                                 f"{ENV_NAMES['log_retention_min_days']}")
+        if not self.log_retention_min_days <= self.log_retention_default_days <= self.log_retention_max_days:
+            raise SettingsError(f"{ENV_NAMES['log_retention_default_days']} must lie between "
+                                f"{ENV_NAMES['log_retention_min_days']} and {ENV_NAMES['log_retention_max_days']}")
         if self.jwt_secret and len(self.jwt_secret) < 32:
             raise SettingsError(f"{ENV_NAMES['jwt_secret']} must be at least 32 characters")
         if self.max_request_duration_s >= self.reservation_ttl_s:

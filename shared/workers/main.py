@@ -1,7 +1,9 @@
-"""`rr-worker`: the background workers of one process — the billing flusher and the partition manager.
+"""`rr-worker`: the background workers of one process — the billing flusher, the partition manager and
+retention (expired partitions dropped, request logs past each org's retention deleted in batches).
 
 Stateless apart from PostgreSQL and Redis: run as many copies as you like; the flusher's shard leases
-keep them from stepping on each other. SIGTERM/SIGINT stop it after the batch in hand.
+keep them from stepping on each other, and one retention pass runs at a time. SIGTERM/SIGINT stop it after
+the batch in hand.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import asyncpg
 from shared.redis_client import connect_redis
 from shared.settings import Settings, SettingsError, load_settings
 from shared.workers.flusher import BillingFlusher
+from shared.workers.retention import enforce_retention
 
 log = logging.getLogger("rocket_relay.worker")
 
@@ -44,8 +47,10 @@ async def run_workers(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    tasks = [asyncio.create_task(flusher.run()), asyncio.create_task(manage_partitions(pool, stop))]
-    log.info("worker started: billing flusher (%d shards), partition manager", settings.billing_shards)
+    tasks = [asyncio.create_task(flusher.run()), asyncio.create_task(manage_partitions(pool, stop)),
+             asyncio.create_task(enforce_retention(pool, settings, stop))]
+    log.info("worker started: billing flusher (%d shards), partition manager, retention every %.0f s",
+             settings.billing_shards, settings.retention_interval_s)
     await stop.wait()
     flusher.stop()
     await asyncio.wait(tasks, timeout=15)
