@@ -87,17 +87,33 @@ async def httpx_client(url: str) -> tuple[Post, Callable[[], Awaitable[None]]]:
     return post, client.aclose
 
 
-CLIENTS = {"aiohttp": aiohttp_client, "pyreqwest": pyreqwest_client, "httpx": httpx_client}
+async def h1_client(url: str) -> tuple[Post, Callable[[], Awaitable[None]]]:
+    from proxy.h1 import H1Pool
+
+    pool = H1Pool(max_connections=1000)
+    base, _, path = url.partition("/chat")
+    headers = [("content-type", "application/json"), ("authorization", "Bearer x")]
+    body = REQUEST.encode()
+
+    async def post() -> bytes:
+        resp = await pool.post(base, "/chat" + path, headers, body, connect_timeout_s=5, read_timeout_s=30)
+        return await resp.read()
+
+    return post, pool.close
+
+
+CLIENTS = {"h1 (proxy.h1)": h1_client, "aiohttp": aiohttp_client, "pyreqwest": pyreqwest_client,
+           "httpx": httpx_client}
 
 
 async def compare(url: str, seconds: float, concurrency: int) -> None:
-    print(f"{'client':<10} {'req/s':>8} {'CPU µs/req':>11}   ({concurrency} concurrent, {seconds:.0f} s, one process)")
+    print(f"{'client':<14} {'req/s':>8} {'CPU µs/req':>11}   ({concurrency} concurrent, {seconds:.0f} s, one process)")
     for name, make in CLIENTS.items():
         post, close = await make(url)
         await _drive(post, 1.0, concurrency)  # warm the pool
         done, cpu = await _drive(post, seconds, concurrency)
         await close()
-        print(f"{name:<10} {done / seconds:>8,.0f} {1e6 * cpu / done:>11,.0f}")
+        print(f"{name:<14} {done / seconds:>8,.0f} {1e6 * cpu / done:>11,.0f}")
 
 
 def main() -> None:

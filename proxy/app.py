@@ -31,6 +31,7 @@ from proxy.upstream import UpstreamClient
 from shared.crypto import box_from_settings
 from shared.redis_client import connect_redis
 from shared.redis_keys import RedisKeys
+from shared.redis_pipeline import PipelinedRedis
 from shared.settings import Settings, load_settings
 
 __all__ = ["ProxyApp", "ProxyState", "create_app"]
@@ -56,7 +57,9 @@ class ProxyState:
             negative_ttl_s=settings.key_negative_cache_ttl_s, redis_ttl_s=settings.redis_key_cache_ttl_s,
         )
         self.catalogue = Catalogue({})
-        self.biller = Biller(settings, pool, redis, self.keys)
+        self.fast_redis = PipelinedRedis(settings.redis_url, connections=settings.redis_pipeline_connections,
+                                         timeout_s=settings.redis_timeout_s)
+        self.biller = Biller(settings, pool, redis, self.fast_redis, self.keys)
         self.breakers = CircuitBreakers(threshold=settings.breaker_threshold, cooldown_s=settings.breaker_cooldown_s)
         self.byok = ByokCredentials(pool, self.box, ttl_s=60.0)
         self.upstream = UpstreamClient(pool_size=settings.upstream_pool_size,
@@ -83,6 +86,7 @@ class ProxyState:
         await self.biller.close()
         await self.log_writer.close()
         await self.upstream.close()
+        await self.fast_redis.aclose()
         await self.redis.aclose()
         await self.pool.close()
 

@@ -20,15 +20,18 @@ from redis.exceptions import RedisError
 
 from proxy.errors import ProxyError
 from shared.apikeys import KeyRecord
-from shared.billing import BillingScripts, UsageEvent, rebuild_balance
+from shared.billing import BillingScripts, UsageEvent, lua_source, rebuild_balance
 from shared.money import Price, format_usd, worst_case_micros
 from shared.redis_keys import RedisKeys
+from shared.redis_pipeline import LuaScript, PipelinedRedis
 from shared.settings import Settings
 
 __all__ = ["Biller", "InsufficientQuota", "RateLimited", "Reservation"]
 
 log = logging.getLogger("rocket_relay.billing")
 _encode_event = msgspec.msgpack.Encoder().encode
+_RESERVE = LuaScript(lua_source("reserve"))
+_SETTLE = LuaScript(lua_source("settle"))
 
 
 class RateLimited(ProxyError):
@@ -74,11 +77,13 @@ def _reset_in(now: float) -> bytes:
 
 
 class Biller:
-    def __init__(self, settings: Settings, pool: asyncpg.Pool, redis: Redis, keys: RedisKeys) -> None:
+    def __init__(self, settings: Settings, pool: asyncpg.Pool, redis: Redis, fast: PipelinedRedis,
+                 keys: RedisKeys) -> None:
         self._settings = settings
         self._pool = pool
         self._keys = keys
-        self._scripts = BillingScripts(redis)
+        self._fast = fast  # the two hot-path scripts
+        self._scripts = BillingScripts(redis)  # the rare ones (balance rebuild)
         self._ttl_ms = settings.reservation_ttl_s * 1000
         self._default_org_rpm = settings.default_org_rpm
         self._default_org_tpm = settings.default_org_tpm
@@ -97,11 +102,11 @@ class Biller:
                 key.org_rpm_limit or self._default_org_rpm, key.org_tpm_limit or self._default_org_tpm,
                 int(started * 1000), self._ttl_ms, key.monthly_spend_cap_micros or 0]
         try:
-            reply = await self._scripts.reserve(keys=keys, args=args)
+            reply = await self._fast.evalsha(_RESERVE, keys, args)
             if reply[0] == 0:  # no live balance yet (or Redis lost it): rebuild from PostgreSQL, then retry
                 if await rebuild_balance(self._pool, self._scripts, self._keys, key.org_id) is None:
                     raise BillingUnavailable("This organization has no balance account.")
-                reply = await self._scripts.reserve(keys=keys, args=args)
+                reply = await self._fast.evalsha(_RESERVE, keys, args)
         except (RedisError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             log.warning("reservation failed: %s", type(exc).__name__)
             raise BillingUnavailable("Billing is temporarily unavailable; the request was not forwarded.") from None
@@ -150,7 +155,7 @@ class Biller:
         args = [res.request_id, cost, actual_tokens - res.est_tokens, res.key_id, res.org_id, res.epoch,
                 _encode_event(event) if event is not None else b""]  # no event: a failed request, release only
         try:
-            await self._scripts.settle(keys=keys, args=args)
+            await self._fast.evalsha(_SETTLE, keys, args)
         except (RedisError, OSError) as exc:
             log.error("settlement of %s failed (%s: %s); retrying in the background", res.request_id,
                       type(exc).__name__, exc)
@@ -165,7 +170,7 @@ class Biller:
         while time.monotonic() < deadline:
             await asyncio.sleep(delay)
             try:
-                await self._scripts.settle(keys=keys, args=args)
+                await self._fast.evalsha(_SETTLE, keys, args)
                 return
             except (RedisError, OSError):
                 delay = min(delay * 2, 5.0)

@@ -84,9 +84,14 @@ class ClientAddress:
         return peer
 
 
+_DRAIN_MAX = 16 * 1024 * 1024  # an oversized body up to this is read and dropped, so the client sees the 413
+
+
 async def read_body(receive: Receive, limit: int, declared: int | None) -> bytes:
     """The whole request body, or 413 as soon as it is known to exceed `limit` bytes."""
     if declared is not None and declared > limit:
+        if declared <= _DRAIN_MAX:
+            await _discard_body(receive, _DRAIN_MAX)
         raise BodyTooLarge(f"The request body exceeds the limit of {limit} bytes.")
     chunks = []
     size = 0
@@ -98,10 +103,24 @@ async def read_body(receive: Receive, limit: int, declared: int | None) -> bytes
         if chunk:
             size += len(chunk)
             if size > limit:
+                if message.get("more_body", False):
+                    await _discard_body(receive, _DRAIN_MAX - size)
                 raise BodyTooLarge(f"The request body exceeds the limit of {limit} bytes.")
             chunks.append(chunk)
         if not message.get("more_body", False):
             return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+async def _discard_body(receive: Receive, budget: int) -> None:
+    """Read and drop the rest of a body: a client still sending when the answer comes would see the
+    connection reset instead of the 413. Past `budget` bytes it is not worth it; the connection closes."""
+    while budget > 0:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+        budget -= len(message.get("body", b""))
+        if not message.get("more_body", False):
+            return
 
 
 async def send_response(send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]],

@@ -27,6 +27,7 @@ __all__ = [
     "RebuildResult",
     "UsageEvent",
     "apply_ledger_entry",
+    "lua_source",
     "rebuild_balance",
 ]
 
@@ -51,12 +52,17 @@ class UsageEvent(msgspec.Struct, frozen=True, array_like=True):
     byok: bool = False
 
 
+def lua_source(name: str) -> str:
+    """The text of one of the billing scripts in `shared/lua/`."""
+    return (_LUA / f"{name}.lua").read_text()
+
+
 class BillingScripts:
     """The billing Lua scripts registered on one Redis client."""
 
     def __init__(self, redis: Redis) -> None:
         def load(name: str):
-            return redis.register_script((_LUA / f"{name}.lua").read_text())
+            return redis.register_script(lua_source(name))
 
         self.reserve = load("reserve")
         self.settle = load("settle")

@@ -44,6 +44,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     upstream_connect_timeout_s: float = 5.0
     upstream_read_timeout_s: float = 120.0
     upstream_pool_size: int = 1000
+    # The pipelined Redis connections of the hot-path script calls (per proxy process), and the timeout
+    # after which an unanswered Redis call fails the request (503) instead of hanging it.
+    redis_pipeline_connections: int = 2
+    redis_timeout_s: float = 5.0
 
     key_cache_ttl_s: float = 5.0
     key_negative_cache_ttl_s: float = 2.0
@@ -109,7 +113,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
 
     def __post_init__(self) -> None:
         _check_positive(self, "proxy_port", "proxy_workers", "max_body_bytes", "upstream_pool_size",
-                        "log_batch_size", "log_flush_interval_ms", "log_buffer_max")
+                        "log_batch_size", "log_flush_interval_ms", "log_buffer_max",
+                        "redis_pipeline_connections", "redis_timeout_s")
         _check_positive(self, "upstream_connect_timeout_s", "upstream_read_timeout_s", "key_cache_ttl_s",
                         "billing_shards", "reservation_ttl_s", "max_request_duration_s", "default_max_output_tokens",
                         "flusher_batch_size", "flusher_block_ms", "flusher_lease_ms", "max_attempts",

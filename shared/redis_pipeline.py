@@ -1,0 +1,193 @@
+"""A lean, pipelined Redis client for the proxy's two hot-path script calls.
+
+redis-py spends ~60–100 µs of Python per call on pool checkout, command packing and reply handling — a third
+of the relay's CPU per request (see `bench/RESULTS.md`). This client does only what the hot path needs:
+`EVALSHA` (re-loading the script on NOSCRIPT) over a few long-lived connections, answered in order, with
+hiredis (C) packing commands and parsing replies. Concurrent requests share a connection, so their calls
+pipeline without waiting for a checkout, and the calls made in one turn of the event loop leave in one
+socket write.
+
+Everything else (caches, pub/sub, the control plane, the workers) keeps using redis-py. Errors are redis-py's
+exception classes, so callers handle one family: `ResponseError` for a script error, `ConnectionError` when
+the connection drops, `TimeoutError` when Redis does not answer within the timeout (the connection is then
+dropped, failing everything queued on it, and the next call reconnects).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from collections import deque
+from typing import Any
+
+import hiredis
+from redis.connection import parse_url
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+__all__ = ["LuaScript", "PipelinedRedis"]
+
+_pack = hiredis.pack_command
+
+
+class LuaScript:
+    """A script's source and SHA-1, so calls send the SHA and the source only after a NOSCRIPT."""
+
+    __slots__ = ("sha", "source")
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.sha = hashlib.sha1(source.encode()).hexdigest()
+
+
+class _Connection(asyncio.Protocol):
+    """One socket to Redis: replies come back in the order the commands went out."""
+
+    def __init__(self) -> None:
+        self._reader = hiredis.Reader(replyError=ResponseError)
+        self._waiters: deque[asyncio.Future] = deque()
+        self._sent_at: deque[float] = deque()
+        self._transport: asyncio.Transport | None = None
+        self._outbox: list[bytes] = []
+        self.closed = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        reader = self._reader
+        reader.feed(data)
+        waiters, sent_at = self._waiters, self._sent_at
+        while (reply := reader.gets()) is not False:
+            fut = waiters.popleft()
+            sent_at.popleft()
+            if fut.done():  # the caller was cancelled; the reply is dropped, the order is kept
+                continue
+            if isinstance(reply, ResponseError):
+                fut.set_exception(reply)
+            else:
+                fut.set_result(reply)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.fail(RedisConnectionError("Connection to Redis lost."))
+
+    def fail(self, error: Exception) -> None:
+        self.closed = True
+        while self._waiters:
+            fut = self._waiters.popleft()
+            if not fut.done():
+                fut.set_exception(error)
+        self._sent_at.clear()
+        if self._transport is not None:
+            self._transport.abort()
+
+    def send(self, command: bytes, loop: asyncio.AbstractEventLoop) -> asyncio.Future:
+        """Queue a command; the commands queued in one turn of the event loop go out in one write."""
+        fut = loop.create_future()
+        self._waiters.append(fut)
+        self._sent_at.append(time.monotonic())
+        if not self._outbox:
+            loop.call_soon(self._flush)
+        self._outbox.append(command)
+        return fut
+
+    def _flush(self) -> None:
+        # One syscall for every request that reached Redis in this turn, instead of one per call.
+        outbox, self._outbox = self._outbox, []
+        if not self.closed:
+            self._transport.write(outbox[0] if len(outbox) == 1 else b"".join(outbox))  # type: ignore[union-attr]
+
+    def oldest_wait(self, now: float) -> float:
+        return now - self._sent_at[0] if self._sent_at else 0.0
+
+
+class PipelinedRedis:
+    """`EVALSHA` over `connections` pipelined sockets, chosen round-robin."""
+
+    def __init__(self, url: str, *, connections: int = 1, timeout_s: float = 5.0) -> None:
+        self._params = parse_url(url)
+        if self._params.get("ssl"):
+            raise ValueError("PipelinedRedis does not support TLS (rediss://); use a plain or unix URL")
+        self._size = connections
+        self._timeout_s = timeout_s
+        self._conns: list[_Connection | None] = [None] * connections
+        self._next = 0
+        self._connecting: dict[int, asyncio.Task] = {}
+        self._watchdog: asyncio.Task | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def evalsha(self, script: LuaScript, keys: list, args: list) -> Any:
+        """Run `script` and return its reply (bytes, ints and lists, as redis-py returns them)."""
+        command = _pack(("EVALSHA", script.sha, len(keys), *keys, *args))
+        try:
+            return await self._call(command)
+        except ResponseError as exc:
+            if not str(exc).startswith("NOSCRIPT"):
+                raise
+        await self._call(_pack(("SCRIPT", "LOAD", script.source)))
+        return await self._call(command)
+
+    async def execute(self, *parts: Any) -> Any:
+        """Run one plain command (for tests and health checks)."""
+        return await self._call(_pack(parts))
+
+    async def _call(self, command: bytes) -> Any:
+        slot = self._next
+        self._next = (slot + 1) % self._size
+        conn = self._conns[slot]
+        if conn is None or conn.closed:
+            conn = await self._connect(slot)
+        return await conn.send(command, self._loop)  # type: ignore[arg-type]
+
+    async def _connect(self, slot: int) -> _Connection:
+        task = self._connecting.get(slot)
+        if task is None:  # one connect per slot, however many callers are waiting for it
+            task = asyncio.ensure_future(self._open())
+            self._connecting[slot] = task
+            task.add_done_callback(lambda _t: self._connecting.pop(slot, None))
+        conn = await asyncio.shield(task)
+        self._conns[slot] = conn
+        return conn
+
+    async def _open(self) -> _Connection:
+        loop = self._loop = asyncio.get_running_loop()
+        params = self._params
+        try:
+            if "path" in params:
+                coro = loop.create_unix_connection(_Connection, params["path"])
+            else:
+                coro = loop.create_connection(_Connection, params.get("host", "localhost"), params.get("port", 6379))
+            _, conn = await asyncio.wait_for(coro, self._timeout_s)
+        except (OSError, TimeoutError) as exc:
+            raise RedisConnectionError(f"Cannot connect to Redis ({type(exc).__name__}).") from None
+        setup = []
+        if params.get("password"):
+            user = params.get("username")
+            setup.append(("AUTH", user, params["password"]) if user else ("AUTH", params["password"]))
+        if params.get("db"):
+            setup.append(("SELECT", params["db"]))
+        for parts in setup:
+            await asyncio.wait_for(conn.send(_pack(parts), loop), self._timeout_s)
+        if self._watchdog is None or self._watchdog.done():
+            self._watchdog = asyncio.ensure_future(self._watch())
+        return conn
+
+    async def _watch(self) -> None:
+        """Drop a connection whose oldest call waited longer than the timeout (Redis hung or unreachable):
+        a per-call timer would cost more than the call itself."""
+        period = max(self._timeout_s / 4, 0.05)
+        while True:
+            await asyncio.sleep(period)
+            now = time.monotonic()
+            for conn in self._conns:
+                if conn is not None and not conn.closed and conn.oldest_wait(now) > self._timeout_s:
+                    conn.fail(RedisTimeoutError(f"Redis did not answer within {self._timeout_s:g} s."))
+
+    async def aclose(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        for conn in self._conns:
+            if conn is not None and not conn.closed:
+                conn.fail(RedisConnectionError("Client closed."))
