@@ -84,12 +84,15 @@ class RequestRecord:
         )
 
 
+# The staging table is created once per connection. Its client_ip is text, cast on the move: asyncpg would
+# otherwise parse every address with the ipaddress module, a few µs per row on the hot process.
 _STAGE_DDL = (
     "create temp table if not exists request_logs_stage "
-    "(like request_logs including defaults) on commit delete rows"
+    "(like request_logs including defaults) on commit delete rows; "
+    "alter table request_logs_stage alter column client_ip type text"
 )
-_MOVE_SQL = f"insert into request_logs ({', '.join(COLUMNS)}) select {', '.join(COLUMNS)} " \
-            "from request_logs_stage on conflict do nothing"
+_MOVE_SQL = "insert into request_logs ({}) select {} from request_logs_stage on conflict do nothing".format(
+    ", ".join(COLUMNS), ", ".join("client_ip::inet" if c == "client_ip" else c for c in COLUMNS))
 
 
 class RequestLogWriter:
@@ -134,7 +137,9 @@ class RequestLogWriter:
     async def _run(self) -> None:
         backoff = self._interval
         while True:
-            if not self._rows and not self._closing:
+            if len(self._rows) < self._batch_size and not self._closing:
+                # Wait for a full batch or the interval, even with rows pending: writing whatever came in
+                # during the last write would make a stream of tiny batches, each paying the round trips.
                 try:
                     await asyncio.wait_for(self._wake.wait(), self._interval)
                 except TimeoutError:
@@ -170,18 +175,20 @@ class RequestLogWriter:
 
     async def _write(self, batch: list[tuple]) -> None:
         async with self._pool.acquire() as conn:
-            for attempt in (1, 2):
+            for attempt in (1, 2, 3):
                 try:
                     async with conn.transaction():
-                        await conn.execute(_STAGE_DDL)
                         await conn.copy_records_to_table("request_logs_stage", records=batch, columns=COLUMNS)
                         await conn.execute(_MOVE_SQL)
                     return
-                except asyncpg.CheckViolationError:
-                    raise
+                except asyncpg.UndefinedTableError:
+                    if attempt == 3:
+                        raise
+                    await conn.execute(_STAGE_DDL)  # a new connection: create its staging table, then again
+                    continue
                 except asyncpg.PostgresError as exc:
                     # A row for a month without a partition (the partition manager is late): create it.
-                    if attempt == 1 and "no partition" in str(exc):
+                    if attempt < 3 and "no partition" in str(exc):
                         await conn.execute("select rr_ensure_month_partitions('request_logs', 2)")
                         continue
                     raise

@@ -134,3 +134,26 @@ async def test_untrusted_peer_cannot_spoof_its_address(client: httpx.AsyncClient
         assert str((await _row(db, trace))["client_ip"]) == "127.0.0.1"
     finally:
         strict.stop()
+
+
+async def test_a_missing_month_partition_is_created_and_the_batch_lands(db) -> None:
+    """Rows for a month whose partition is missing (the partition manager was late) are not lost."""
+    from datetime import UTC, datetime, timedelta
+
+    from proxy.records import RequestLogWriter, RequestRecord
+
+    month = (datetime.now(UTC).replace(day=1) + timedelta(days=70)).replace(day=1)  # two months ahead
+    part = f"request_logs_y{month:%Y}m{month:%m}"
+    await db.execute(f"drop table if exists {part}")
+    writer = RequestLogWriter(db, batch_size=10, interval_s=0.05, buffer_max=100)
+    writer.start()
+    try:
+        rec = RequestRecord(f"r-{secrets.token_hex(6)}", None, "/v1/chat/completions", "POST", "10.1.2.3", "t/1")
+        rec.created_at = month + timedelta(hours=1)
+        rec.status_code = 200
+        writer.add(rec)
+        row = (await wait_for_rows(db, "select * from request_logs where request_id = $1", rec.request_id))[0]
+        assert str(row["client_ip"]) == "10.1.2.3" and row["created_at"] == rec.created_at
+        assert await db.fetchval("select to_regclass($1) is not null", part)
+    finally:
+        await writer.close()
