@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import math
+import os
 import signal
 import sys
 import time
@@ -28,8 +29,10 @@ import orjson
 
 from bench.overhead import (
     CHAT,
+    TICK,
     Stack,
     bench_stack,
+    box_cpu,
     cpu_seconds,
     create_database,
     log_tail,
@@ -310,9 +313,15 @@ def main(argv: list[str] | None = None) -> None:
         print(f"upstream: bench.mock_upstream, {args.chunks} chunks, first {args.ttft_ms:g} ms after the headers, "
               f"then every {args.chunk_delay_ms:g} ms; relay workers: {args.proxy_workers}; {rounds * args.concurrency}"
               f" streams per target, {args.concurrency} at a time, targets interleaved", flush=True)
+        groups = [proc.pid for proc in stack.procs.values()]
+        ours0, box0, t0 = sum(map(cpu_seconds, groups)) + sum(os.times()[:2]), box_cpu(), time.monotonic()
         results = asyncio.run(measure(stack, targets, rounds, args.concurrency, args.warmup_rounds,
                                  args.timeout))
-        print()
+        ours1, box1, elapsed = sum(map(cpu_seconds, groups)) + sum(os.times()[:2]), box_cpu(), time.monotonic() - t0
+        other = ((box1[0] - box0[0]) / TICK - (ours1 - ours0)) / elapsed
+        print(f"\nmachine during the run: {100 * (box1[0] - box0[0]) / max(box1[1] - box0[1], 1):.0f} % busy; "
+              f"other cores {other:.2f} (CPU not used by the bench's servers or client, Redis and PostgreSQL "
+              f"included; well above 0.2 means the run competed with something else: repeat it)")
         for line in summary(results, args.chunks, args.chunk_delay_ms):
             print(line)
         for r in results:
