@@ -46,7 +46,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     upstream_pool_size: int = 1000
     # The pipelined Redis connections of the hot-path script calls (per proxy process), and the timeout
     # after which an unanswered Redis call fails the request (503) instead of hanging it.
-    redis_pipeline_connections: int = 2
+    redis_pipeline_connections: int = 1
     redis_timeout_s: float = 5.0
 
     key_cache_ttl_s: float = 5.0
