@@ -117,7 +117,7 @@ class AdminOrgsController(Controller):
                where m.org_id = $1 and m.role = 'owner' order by u.email""", org_id)
         keys = await cp.pool.fetchval(
             "select count(*) from api_keys where org_id = $1 and revoked_at is null", org_id)
-        return AdminOrgDetail(org_view(row), balance or 0, [r["email"] for r in owners], keys)
+        return AdminOrgDetail(org_view(row, cp.settings), balance or 0, [r["email"] for r in owners], keys)
 
     @patch("/{org_id:int}", guards=[require("platform.orgs.manage")])
     async def update_org(self, cp: CP, principal: Caller, org_id: IdParam,
@@ -142,7 +142,7 @@ class AdminOrgsController(Controller):
             await publish_org_change(cp.redis, cp.keys, cp.pool, org_id, cp.settings.redis_key_cache_ttl_s)
         if "credit_limit_micros" in fields:
             await cp.redis.eval(_SET_CREDIT, 1, cp.keys.org(org_id).balance, after["credit_limit_micros"])
-        return org_view(after)
+        return org_view(after, cp.settings)
 
     @post("/{org_id:int}/adjustments", guards=[require("platform.balance.adjust")], opt={"errors": (409,)})
     async def adjust_balance(self, cp: CP, principal: Caller, org_id: IdParam,

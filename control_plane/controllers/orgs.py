@@ -24,6 +24,8 @@ from control_plane.errors import Conflict, Forbidden, Invalid, NotFound
 from control_plane.permissions import allowed, require
 from control_plane.principal import Principal
 from control_plane.state import ControlPlane
+from shared.settings import Settings
+from shared.workers.retention import effective_log_retention_days
 
 Role = Literal["owner", "admin", "developer", "billing", "viewer"]
 OrgName = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
@@ -50,7 +52,8 @@ class Org(msgspec.Struct, frozen=True):
     billing_email: str | None
     alert_emails: list[str]
     low_balance_threshold_micros: int | None
-    request_log_retention_days: int | None  # None: the platform's retention
+    request_log_retention_days: int | None  # None: the platform's default retention
+    effective_request_log_retention_days: int  # what the retention worker applies (default and bounds resolved)
     rpm_limit: int | None
     tpm_limit: int | None
     credit_limit_micros: int
@@ -87,8 +90,10 @@ ORG_COLUMNS = """id, name, code, status, created_at, billing_email, alert_emails
                   request_log_retention_days, rpm_limit, tpm_limit, credit_limit_micros"""
 
 
-def org_view(row: asyncpg.Record) -> Org:
-    return Org(**{f: row[f] for f in Org.__struct_fields__})
+def org_view(row: asyncpg.Record, settings: Settings) -> Org:
+    stored = {f: row[f] for f in Org.__struct_fields__ if f != "effective_request_log_retention_days"}
+    return Org(**stored, effective_request_log_retention_days=effective_log_retention_days(
+        settings, row["request_log_retention_days"]))
 
 
 async def _update_org(cp: ControlPlane, principal: Principal, org_id: int, fields: dict, action: str) -> Org:
@@ -101,7 +106,7 @@ async def _update_org(cp: ControlPlane, principal: Principal, org_id: int, field
             await audit.record(conn, principal, action, "org", org_id, org_id=org_id,
                                before={k: before[k] for k in fields}, after={k: after[k] for k in fields})
             before = after
-    return org_view(before)
+    return org_view(before, cp.settings)
 
 
 class OrgsController(Controller):
@@ -117,7 +122,7 @@ class OrgsController(Controller):
             actor = replace(principal, scope="org", org_id=org["id"], role="owner")
             await audit.record(conn, actor, "org.create", "org", org["id"], org_id=org["id"],
                                after={"name": org["name"], "code": org["code"]})
-        return org_view(org)
+        return org_view(org, cp.settings)
 
     @get("/", guards=[require("orgs.list")])
     async def list_mine(self, cp: CP, principal: Caller) -> list[OrgSummary]:
@@ -129,7 +134,8 @@ class OrgsController(Controller):
 
     @get("/{org_id:int}", guards=[require("org.read")])
     async def get_org(self, cp: CP, org_id: IdParam) -> Org:
-        return org_view(await cp.pool.fetchrow(f"select {ORG_COLUMNS} from orgs where id = $1", org_id))
+        return org_view(await cp.pool.fetchrow(f"select {ORG_COLUMNS} from orgs where id = $1", org_id),
+                        cp.settings)
 
     @patch("/{org_id:int}", guards=[require("org.update")])
     async def update(self, cp: CP, principal: Caller, org_id: IdParam, data: JSONBody[OrgUpdate]) -> Org:

@@ -87,11 +87,13 @@ async def test_org_settings_and_their_bounds(portal: Portal, settings) -> None:
     url = f"/v1/orgs/{owner.org_id}"
     resp = await portal.request("PATCH", url, owner, json={"request_log_retention_days": 7, "name": "Renamed"})
     assert resp.status_code == 200 and resp.json()["request_log_retention_days"] == 7
+    assert resp.json()["effective_request_log_retention_days"] == 7
     too_long = settings.log_retention_max_days + 1
     resp = await portal.request("PATCH", url, owner, json={"request_log_retention_days": too_long})
     assert resp.status_code == 422 and str(settings.log_retention_max_days) in resp.json()["error"]["message"]
     resp = await portal.request("PATCH", url, owner, json={"request_log_retention_days": None})
     assert resp.status_code == 200 and resp.json()["request_log_retention_days"] is None
+    assert resp.json()["effective_request_log_retention_days"] == settings.log_retention_default_days
     assert resp.json()["name"] == "Renamed"
 
     resp = await portal.request("PATCH", url + "/billing-settings", owner, json={
