@@ -14,8 +14,8 @@ from pathlib import Path
 import httpx
 
 from shared.embedded import start_embedded_redis
-from tests.conftest import ROOT, Server, Tenant, settings_env, start_proxy, wait_for_rows
-from tests.proxy.test_endpoints import CHAT, configure_mock
+from tests.conftest import ROOT, Factory, Server, Tenant, settings_env, start_proxy, wait_for_rows
+from tests.proxy.test_endpoints import CHAT, configure_mock, mock_requests
 
 
 async def test_sigterm_finishes_in_flight_requests_and_flushes_records(
@@ -54,6 +54,40 @@ async def test_readyz_reports_a_lost_redis(settings) -> None:
             assert resp.status_code == 503
             assert resp.json()["checks"] == {"postgres": True, "redis": False}
             assert (await http.get(server.url + "/healthz")).status_code == 200  # still alive
+    finally:
+        server.stop()
+        redis.stop()
+
+
+async def test_model_requests_get_503_while_redis_is_down_and_recover_when_it_returns(
+    settings, factory: Factory, mock_upstream: Server,
+) -> None:
+    org_id = await factory.org()
+    _, api_key = await factory.key(org_id)
+    model = await factory.model(await factory.provider(mock_upstream.url + "/v1"))
+    data_dir = Path(tempfile.mkdtemp(prefix="rr-redis-down-"))
+    redis = start_embedded_redis(data_dir)
+    server = start_proxy(settings, redis_url=redis.url, redis_timeout_s=1)
+    auth = {"authorization": f"Bearer {api_key}"}
+    body = {"model": model, **CHAT}
+    try:
+        async with httpx.AsyncClient(timeout=30) as http:
+            url = server.url + "/v1/chat/completions"
+            assert (await http.post(url, headers=auth, json=body)).status_code == 200
+            forwarded = len(await mock_requests(mock_upstream))
+            redis.stop()
+            started = time.monotonic()
+            resp = await http.post(url, headers=auth, json=body)
+            assert resp.status_code == 503 and resp.json()["error"]["code"] == "billing_unavailable"
+            assert time.monotonic() - started < 5
+            assert len(await mock_requests(mock_upstream)) == forwarded  # nothing unbilled went upstream
+            redis = start_embedded_redis(data_dir, port=redis.port)  # back, and empty: balances are rebuilt
+            for _ in range(50):
+                resp = await http.post(url, headers=auth, json=body)
+                if resp.status_code == 200:
+                    break
+                await asyncio.sleep(0.1)
+            assert resp.status_code == 200, resp.text
     finally:
         server.stop()
         redis.stop()
