@@ -472,6 +472,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--streams", type=int, default=1000, help="concurrent open streams of the streams phase")
     p.add_argument("--stream-seconds", type=float, default=20, help="how long each of them lasts")
     p.add_argument("--png", default=str(ROOT / "bench" / "scaling.png"), help="where to write the plot")
+    p.add_argument("--note", default="", help="text added to the plot's title (e.g. the commit measured)")
     p.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (logs, wrk scripts)")
     args = p.parse_args(argv)
     phases = [ph.strip() for ph in args.only.split(",") if ph.strip()]
@@ -501,7 +502,8 @@ def main(argv: list[str] | None = None) -> None:
     for line in table(points):
         print(line)
     title = (f"Rocket Relay scaling, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC; wrk {args.connections} connections, "
-             f"{args.duration} s per point; relay workers {args.proxy_workers} unless said")
+             f"{args.duration} s per point; relay workers {args.proxy_workers} unless said"
+             + (f"; {args.note}" if args.note else ""))
     plot(points, Path(args.png), title)
     print(f"\nplot: {args.png}")
 
