@@ -1,12 +1,14 @@
 """Overhead bench: what does Rocket Relay add over calling the upstream directly, or through one nginx hop?
 
     python -m bench.overhead [--duration 10] [--connections 8,64] [--proxy-workers 1] [--threads 1]
-                             [--peers litellm,portkey]
+                             [--peers litellm,portkey] [--rate 1000]
 
 Builds a private stack (scratch database `rr_bench_<random>`, its own Redis prefix, free ports), starts a
 fixed-answer upstream (nginx `return 200` if nginx is installed, else `bench.mock_upstream`), an nginx
 `proxy_pass` hop in front of it, and the relay routed to it; checks that one relay request answers 200; then
-drives each target with `wrk --latency` at each connection count and prints a table. With `--peers`, LiteLLM's
+drives each target with `wrk --latency` at each connection count (peak), then at a fixed moderate rate over 8
+connections (`--rate`, for added latency without queueing), and prints a table. The billing flusher
+(`rr-worker`) runs beside the relay, so usage events go into PostgreSQL during the runs. With `--peers`, LiteLLM's
 proxy and Portkey's gateway (installed by `python -m bench.peers setup`) are targets too, routed to the same
 upstream and driven with the same load. Everything it started is stopped, and the database and Redis keys are
 dropped, on the way out (Ctrl-C included). See bench/README.md for what each number means.
@@ -106,6 +108,10 @@ class Run:
     other_cores: float = 0.0  # CPU of everything else on the box (PostgreSQL included), in cores
     rss_mib: float = 0.0  # resident set of the target's process group after the run
     duration: int = 0
+    rate: int = 0  # 0: as fast as wrk goes (peak); else the fixed total request rate of the run
+    redis_calls: float = 0.0  # Redis commands (all clients) per request
+    evalsha_calls: float = 0.0  # of which script calls
+    worker_cpu_ms: float = 0.0  # rr-worker (billing flusher) CPU per request
 
 
 def spawn(stack: Stack, name: str, args: list[str], env: dict[str, str] | None = None) -> None:
@@ -223,6 +229,8 @@ def start_relay(stack: Stack, upstream_base: str, workers: int) -> None:
     env = {k: v for k, v in os.environ.items() if k not in ENV_NAMES.values()}
     env.update({var: str(getattr(settings, name)) for name, var in ENV_NAMES.items()})
     spawn(stack, "relay", [sys.executable, "-m", "proxy.main"], env)
+    if "worker" not in stack.procs:  # the billing flusher: the usage stream goes into PostgreSQL meanwhile
+        spawn(stack, "worker", [sys.executable, "-m", "shared.workers.main"], env)
     wait_ready(stack, "relay", f"http://127.0.0.1:{port}/readyz")
     stack.targets["relay"] = f"http://127.0.0.1:{port}{CHAT}"
     stack.headers["relay"] = {"Authorization": f"Bearer {stack.api_key}"}
@@ -333,10 +341,13 @@ def parse_wrk(text: str, run: Run) -> None:
         run.socket_errors, run.socket_detail = sum(int(g) for g in match.groups()), match[0]
 
 
-def lua_script(headers: dict[str, str], body: str = REQUEST) -> str:
-    """The wrk script of a target: POST the chat request with the target's headers."""
+def lua_script(headers: dict[str, str], body: str = REQUEST, delay_ms: float = 0.0) -> str:
+    """The wrk script of a target: POST the chat request with the target's headers; with `delay_ms`, each
+    connection waits that long before each request (a fixed rate; wrk's latency excludes the wait)."""
     lines = ['wrk.method = "POST"', f"wrk.body = [==[{body}]==]", 'wrk.headers["Content-Type"] = "application/json"']
     lines += [f"wrk.headers[{lua_string(k)}] = {lua_string(v)}" for k, v in headers.items()]
+    if delay_ms > 0:
+        lines.append(f"function delay() return {delay_ms:g} end")
     return "\n".join(lines) + "\n"
 
 
@@ -346,22 +357,29 @@ def lua_string(value: str) -> str:
     return f'"{escaped}"'
 
 
+def redis_command_calls(client: Redis) -> dict[str, int]:
+    return {name: stats["calls"] for name, stats in client.info("commandstats").items()}
+
+
 def run_wrk(stack: Stack, target: str, conns: int, duration: int, threads: int, redis: Redis, *,
-            timeout_s: int = 5, script: Path | None = None) -> Run:
-    """One wrk run against one target, with the CPU used meanwhile by each process group, wrk and Redis."""
-    run = Run(target, conns, duration=duration)
+            timeout_s: int = 5, script: Path | None = None, rate: int = 0) -> Run:
+    """One wrk run against one target, with the CPU used meanwhile by each process group, wrk and Redis.
+    `rate` > 0: a fixed total rate of that many requests per second instead of wrk's peak."""
+    run = Run(target, conns, duration=duration, rate=rate)
     if script is None:
-        script = stack.tmp / f"post-{target}.lua"
-        script.write_text(lua_script(stack.headers.get(target, {})))
+        script = stack.tmp / f"post-{target}-{rate}.lua"
+        script.write_text(lua_script(stack.headers.get(target, {}), delay_ms=1000 * conns / rate if rate else 0))
     args = ["wrk", f"-t{min(threads, conns)}", f"-c{conns}", f"-d{duration}s", "--timeout", f"{timeout_s}s",
             "--latency", "-s", str(script), stack.targets[target]]
     own = stack.procs[stack.owner[target]].pid
     groups = [proc.pid for proc in stack.procs.values()]
     cpu0, box0, redis0 = {g: cpu_seconds(g) for g in groups}, box_cpu(), redis_cpu(redis)
+    calls0 = redis_command_calls(redis)
     kids0, t0 = resource.getrusage(resource.RUSAGE_CHILDREN), time.monotonic()
     out = subprocess.run(args, capture_output=True, text=True, timeout=duration + timeout_s + 60)
     elapsed, kids1 = time.monotonic() - t0, resource.getrusage(resource.RUSAGE_CHILDREN)  # wrk: the one reaped
     cpu1, box1, redis1 = {g: cpu_seconds(g) for g in groups}, box_cpu(), redis_cpu(redis)
+    calls1 = redis_command_calls(redis)
     if out.returncode != 0:
         raise SystemExit(f"wrk failed ({out.returncode}): {out.stderr or out.stdout}")
     parse_wrk(out.stdout, run)
@@ -370,6 +388,13 @@ def run_wrk(stack: Stack, target: str, conns: int, duration: int, threads: int, 
     ours_s = sum(cpu1[g] - cpu0[g] for g in groups) + wrk_s + redis1 - redis0
     run.server_cpu_ms = (cpu1[own] - cpu0[own]) * 1000 / done
     run.redis_cpu_us = (redis1 - redis0) * 1_000_000 / done
+    delta = {name: calls1[name] - calls0.get(name, 0) for name in calls1}
+    delta["cmdstat_info"] = delta.get("cmdstat_info", 0) - 1  # our own INFO
+    run.redis_calls = sum(delta.values()) / done
+    run.evalsha_calls = delta.get("cmdstat_evalsha", 0) / done
+    if "worker" in stack.procs and target == "relay":
+        worker = stack.procs["worker"].pid
+        run.worker_cpu_ms = (cpu1[worker] - cpu0[worker]) * 1000 / done
     run.wrk_cpu_pct = 100 * wrk_s / elapsed
     run.box_cpu_pct = 100 * (box1[0] - box0[0]) / max(box1[1] - box0[1], 1)
     run.other_cores = ((box1[0] - box0[0]) / TICK - ours_s) / elapsed
@@ -399,7 +424,10 @@ def report(stack: Stack, runs: list[Run], sent: int, log_rows: list[asyncpg.Reco
     print_table(runs)
     print()
     for r in (r for r in runs if r.target == "relay"):
-        print(f"relay at {r.conns} connections: Redis server CPU {r.redis_cpu_us:.0f} µs/request"
+        print(f"relay at {r.conns} connections{f' and {r.rate:,} req/s' if r.rate else ''}: Redis server CPU "
+              f"{r.redis_cpu_us:.0f} µs/request; script calls (EVALSHA) per request {r.evalsha_calls:.2f}, Redis "
+              f"commands per request {r.redis_calls:.1f} (those inside the scripts and the flusher's included); "
+              f"billing flusher CPU {r.worker_cpu_ms:.3f} ms/request"
               + (f"; {r.socket_detail}" if r.socket_errors else ""))
     main_pid = stack.procs["relay"].pid
     peaks = peak_rss_mib(main_pid)
@@ -412,6 +440,8 @@ def report(stack: Stack, runs: list[Run], sent: int, log_rows: list[asyncpg.Reco
     problems = [line for line in log_tail(stack, "relay", 10**8).splitlines()
                 if " ERROR " in line or " WARNING " in line or "Traceback" in line]
     print(f"relay log: {len(problems)} warning/error lines" + "".join(f"\n  {p[:200]}" for p in problems[:10]))
+    paced = [r for r in runs if r.rate]
+    runs = [r for r in runs if not r.rate]
     by = {(r.target, r.conns): r for r in runs}
     top = max(r.conns for r in runs)
     low = 8 if 8 in {r.conns for r in runs} else min(r.conns for r in runs)
@@ -419,9 +449,17 @@ def report(stack: Stack, runs: list[Run], sent: int, log_rows: list[asyncpg.Reco
         print(line)
     base = "nginx-hop" if "nginx-hop" in stack.targets else "direct"
     relay, direct = by[("relay", low)], by[("direct", low)]
-    print(f"relay/{base} throughput: {by[('relay', top)].rps / by[(base, top)].rps:.3f}")
-    print(f"added latency p50: {relay.p50 - direct.p50:.2f} ms, p99: {relay.p99 - direct.p99:.2f} ms "
-          f"(at {low} connections)")
+    peak = f"{relay.p50 - direct.p50:.2f} ms p50, {relay.p99 - direct.p99:.2f} ms p99 (at {low} connections, peak)"
+    if paced:
+        at = {r.target: r for r in paced}
+        if "relay" in at and "direct" in at:
+            r, d = at["relay"], at["direct"]
+            print(f"added latency at peak load: {peak}")
+            print(f"relay/{base} throughput: {by[('relay', top)].rps / by[(base, top)].rps:.3f}; added latency "
+                  f"p50: {r.p50 - d.p50:.2f} ms, p99: {r.p99 - d.p99:.2f} ms (at {r.conns} connections, "
+                  f"{r.rate:,} req/s)")
+            return
+    print(f"relay/{base} throughput: {by[('relay', top)].rps / by[(base, top)].rps:.3f}; added latency {peak}")
 
 
 def print_table(runs: list[Run]) -> None:
@@ -429,7 +467,8 @@ def print_table(runs: list[Run]) -> None:
             "RSS MiB", "wrk CPU %", "box CPU %", "other cores")
     print("\n| " + " | ".join(head) + " |\n|" + "|".join("---" for _ in head) + "|")
     for r in runs:
-        print(f"| {r.target} | {r.conns} | {r.rps:,.0f} | {r.p50:.2f} | {r.p90:.2f} | {r.p99:.2f} | {r.non2xx} | "
+        conns = f"{r.conns} @ {r.rate:,}/s" if r.rate else str(r.conns)
+        print(f"| {r.target} | {conns} | {r.rps:,.0f} | {r.p50:.2f} | {r.p90:.2f} | {r.p99:.2f} | {r.non2xx} | "
               f"{r.socket_errors} | {r.server_cpu_ms:.3f} | {r.rss_mib:.0f} | {r.wrk_cpu_pct:.0f} | "
               f"{r.box_cpu_pct:.0f} | {r.other_cores:.2f} |")
 
@@ -496,6 +535,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--peers", default="", help="comma-separated peers to add as targets: litellm,portkey")
     p.add_argument("--peer-duration", type=int, default=30, help="seconds per wrk run against a peer")
     p.add_argument("--peer-timeout", type=int, default=30, help="wrk --timeout (seconds) against a peer")
+    p.add_argument("--rate", type=int, default=1000,
+                   help="after the peak runs, measure latency at this fixed total rate over 8 connections (0: skip)")
     args = p.parse_args(argv)
     conns = sorted({int(c) for c in args.connections.split(",")})
     if shutil.which("wrk") is None:
@@ -532,6 +573,12 @@ def main(argv: list[str] | None = None) -> None:
                 sent += run.requests if target == "relay" else 0
                 print(f"  {target:<10} c={c:<4} {run.rps:>9,.0f} req/s  p50 {run.p50:.2f} ms  p99 {run.p99:.2f} ms"
                       f"  non-2xx {run.non2xx}  socket errors {run.socket_errors}", flush=True)
+        for target in ("direct", "nginx-hop", "relay") if args.rate > 0 else ():
+            if target in stack.targets:
+                runs.append(run := run_wrk(stack, target, 8, args.duration, args.threads, redis, rate=args.rate))
+                sent += run.requests if target == "relay" else 0
+                print(f"  {target:<10} c=8 at {args.rate:,} req/s: p50 {run.p50:.2f} ms  p90 {run.p90:.2f} ms  "
+                      f"p99 {run.p99:.2f} ms  non-2xx {run.non2xx}", flush=True)
         if stack.procs["relay"].poll() is not None:
             print(f"relay exited during the bench:\n{log_tail(stack, 'relay')}")
         report(stack, runs, sent, asyncio.run(request_log_rows(stack, sent)))
