@@ -73,6 +73,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     default_org_tpm: int = 0
     flusher_batch_size: int = 2000
     flusher_block_ms: int = 500
+    flusher_interval_ms: int = 200  # a shard's stream is read at most this often unless it has a backlog
     flusher_lease_ms: int = 10_000
     # Test-only fault injection: a named point where a worker process exits abruptly (see shared.failpoints).
     failpoint: str = ""
@@ -117,7 +118,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
                         "redis_pipeline_connections", "redis_timeout_s")
         _check_positive(self, "upstream_connect_timeout_s", "upstream_read_timeout_s", "key_cache_ttl_s",
                         "billing_shards", "reservation_ttl_s", "max_request_duration_s", "default_max_output_tokens",
-                        "flusher_batch_size", "flusher_block_ms", "flusher_lease_ms", "max_attempts",
+                        "flusher_batch_size", "flusher_block_ms", "flusher_interval_ms", "flusher_lease_ms",
+                        "max_attempts",
                         "failover_budget_s", "breaker_threshold", "breaker_cooldown_s")
         _check_positive(self, "control_plane_port", "control_plane_workers", "access_token_ttl_s",
                         "refresh_token_ttl_s", "login_window_s", "login_max_failures_per_ip",

@@ -160,13 +160,21 @@ class BillingFlusher:
             if next_start in (b"0-0", "0-0"):
                 break
             start = next_start
-        # 2. New entries, as they come.
+        # 2. New entries, as they come, but a shard is read at most once per interval unless it has a backlog:
+        # flushing every event the moment it arrives would pay a transaction and four Redis calls per event.
+        interval_s = self._settings.flusher_interval_ms / 1000
+        read_at, full = 0.0, False
         while not self._stopping.is_set():
+            if not full and (wait := read_at + interval_s - time.monotonic()) > 0:
+                await self._sleep(wait)
             await self._hold(shard, token)
+            read_at = time.monotonic()
             reply = await self._redis.xreadgroup(group, self._consumer, {stream: ">"}, count=batch,
                                                  block=self._settings.flusher_block_ms)
+            full = False
             for _, entries in reply or ():
                 if entries:
+                    full = len(entries) >= batch
                     await self._flush(shard, token, stream, entries)
 
     async def _flush(self, shard: int, token: str, stream: str, entries: list) -> None:
