@@ -468,7 +468,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--workers", default="1,2", help="worker counts of the workers phase")
     p.add_argument("--keys", default="100,100000", help="active key counts of the keys phase")
     p.add_argument("--log-rows", type=int, default=10_000_000, help="rows put into request_logs")
-    p.add_argument("--log-months", type=int, default=4, help="monthly partitions they spread over (this one too)")
+    p.add_argument("--log-months", type=int, default=3,
+                   help="monthly partitions they spread over, this one included (3: within the default 90-day "
+                        "retention, so rr-worker's retention pass has nothing to delete)")
     p.add_argument("--streams", type=int, default=1000, help="concurrent open streams of the streams phase")
     p.add_argument("--stream-seconds", type=float, default=20, help="how long each of them lasts")
     p.add_argument("--png", default=str(ROOT / "bench" / "scaling.png"), help="where to write the plot")
