@@ -52,13 +52,13 @@ class ProxyState:
         self.redis = redis
         self.keys = RedisKeys(settings.redis_prefix, settings.billing_shards)
         self.box = box_from_settings(settings.master_key_bytes, settings.master_key_id, settings.old_master_keys_map)
+        self.fast_redis = PipelinedRedis(settings.redis_url, connections=settings.redis_pipeline_connections,
+                                         timeout_s=settings.redis_timeout_s)
         self.auth = Authenticator(
-            pool, redis, self.keys, settings.key_pepper.encode(), ttl_s=settings.key_cache_ttl_s,
+            pool, self.fast_redis, self.keys, settings.key_pepper.encode(), ttl_s=settings.key_cache_ttl_s,
             negative_ttl_s=settings.key_negative_cache_ttl_s, redis_ttl_s=settings.redis_key_cache_ttl_s,
         )
         self.catalogue = Catalogue({})
-        self.fast_redis = PipelinedRedis(settings.redis_url, connections=settings.redis_pipeline_connections,
-                                         timeout_s=settings.redis_timeout_s)
         self.biller = Biller(settings, pool, redis, self.fast_redis, self.keys)
         self.breakers = CircuitBreakers(threshold=settings.breaker_threshold, cooldown_s=settings.breaker_cooldown_s)
         self.byok = ByokCredentials(pool, self.box, ttl_s=60.0)

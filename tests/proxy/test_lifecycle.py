@@ -64,6 +64,7 @@ async def test_model_requests_get_503_while_redis_is_down_and_recover_when_it_re
 ) -> None:
     org_id = await factory.org()
     _, api_key = await factory.key(org_id)
+    _, unused_key = await factory.key(org_id)
     model = await factory.model(await factory.provider(mock_upstream.url + "/v1"))
     data_dir = Path(tempfile.mkdtemp(prefix="rr-redis-down-"))
     redis = start_embedded_redis(data_dir)
@@ -81,6 +82,10 @@ async def test_model_requests_get_503_while_redis_is_down_and_recover_when_it_re
             assert resp.status_code == 503 and resp.json()["error"]["code"] == "billing_unavailable"
             assert time.monotonic() - started < 5
             assert len(await mock_requests(mock_upstream)) == forwarded  # nothing unbilled went upstream
+            # Keys are still checked (from PostgreSQL) while Redis is away: a key not cached yet works for
+            # what needs no billing.
+            models = await http.get(server.url + "/v1/models", headers={"authorization": f"Bearer {unused_key}"})
+            assert models.status_code == 200 and model in {m["id"] for m in models.json()["data"]}
             redis = start_embedded_redis(data_dir, port=redis.port)  # back, and empty: balances are rebuilt
             for _ in range(50):
                 resp = await http.post(url, headers=auth, json=body)
