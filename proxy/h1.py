@@ -260,14 +260,16 @@ class _Connection(asyncio.Protocol):
 class H1Pool:
     """Keep-alive connections to any number of upstream origins, at most `max_connections` open at once."""
 
-    def __init__(self, *, max_connections: int = 1000, keepalive_s: float = 15.0) -> None:
+    def __init__(self, *, max_connections: int = 1000, keepalive_s: float = 15.0,
+                 tls: ssl.SSLContext | None = None) -> None:
+        """`tls`: the context for https origins (default: the system's trust store, hostnames verified)."""
         self.loop = asyncio.get_running_loop()
         self._max = max_connections
         self._keepalive_s = keepalive_s
         self._open = 0
         self._slot_waiters: deque[asyncio.Future] = deque()
         self._origins: dict[str, _Origin] = {}
-        self._tls: ssl.SSLContext | None = None
+        self._tls = tls
         self._closed = False
 
     async def post(self, base_url: str, path: str, headers: list[tuple[str, str]], body: bytes, *,
