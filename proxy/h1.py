@@ -86,12 +86,21 @@ class H1Response:
             self._waiter = None
 
     async def read(self) -> bytes:
-        """The whole body."""
-        while not self.complete:
+        """The whole body. What has arrived is taken as it comes, so a body larger than the back-pressure
+        mark never stalls its own socket."""
+        parts: list[bytes] = []
+        body = self.body
+        while True:
+            if body:
+                taken = sum(map(len, body))
+                parts += body
+                body.clear()
+                self._conn.consumed(self, taken)
+            if self.complete:
+                return parts[0] if len(parts) == 1 else b"".join(parts)
             if self.error is not None:
                 raise self.error
             await self._wait()
-        return b"".join(self.body)
 
     async def chunks(self) -> AsyncIterator[bytes]:
         """Body bytes as they arrive (already de-chunked)."""
@@ -100,7 +109,7 @@ class H1Response:
         while True:
             if body:
                 data = body.popleft()
-                conn.consumed(len(data))
+                conn.consumed(self, len(data))
                 yield data
             elif self.complete:
                 return
@@ -189,6 +198,10 @@ class _Connection(asyncio.Protocol):
         resp.complete = True
         self._response = None
         self._stop_timer()
+        self._buffered = 0  # what the finished answer still holds is its reader's, not this socket's
+        if self._paused and self._transport is not None:
+            self._paused = False
+            self._transport.resume_reading()
         reusable = self._parser.should_keep_alive() and not self.closed
         resp._wake()
         if reusable:
@@ -198,7 +211,9 @@ class _Connection(asyncio.Protocol):
 
     # -- used by the pool and the response
 
-    def consumed(self, n: int) -> None:
+    def consumed(self, resp: H1Response, n: int) -> None:
+        if resp is not self._response:  # a finished answer read after its connection moved on
+            return
         self._buffered -= n
         if self._paused and self._buffered < _LOW_WATER and self._transport is not None:
             self._paused = False

@@ -352,3 +352,23 @@ async def test_https_upstream_is_verified_against_the_trust_store(tmp_path: Path
         await default.close()
     finally:
         server.close()
+
+
+async def test_large_answers_read_whole_back_to_back_on_one_connection() -> None:
+    """Answers past the back-pressure mark, read with read() (no chunk loop): the buffer must not stall
+    the socket, and the connection must be reusable afterwards."""
+    payload = bytes(range(256)) * 8 * 1024  # 2 MiB
+
+    async def handler(reader, writer):
+        while True:
+            await up.read_request(reader)
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % len(payload) + payload)
+            await writer.drain()
+
+    async with Upstream(handler) as up:
+        pool = H1Pool()
+        for _ in range(3):
+            resp = await _post(pool, up.url, read_timeout_s=3)
+            assert await asyncio.wait_for(resp.read(), 5) == payload
+        assert up.connections == 1
+        await pool.close()
