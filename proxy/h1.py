@@ -321,10 +321,10 @@ class H1Pool:
                 if not conn.closed and now - conn.idle_since < self._keepalive_s:
                     return conn
                 conn.abort(None)
-        while self._open >= self._max:
+        while self._open >= self._max:  # at the cap: wait for a slot, within the connect timeout
             waiter = self.loop.create_future()
             self._slot_waiters.append(waiter)
-            await waiter
+            await asyncio.wait_for(waiter, connect_timeout_s)
             if idle and not fresh:
                 return await self._acquire(origin, connect_timeout_s)
         self._open += 1

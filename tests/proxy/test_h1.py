@@ -274,6 +274,22 @@ async def test_connection_cap_makes_callers_wait_instead_of_failing() -> None:
         await pool.close()
 
 
+async def test_waiting_for_a_connection_slot_is_bounded_by_the_connect_timeout() -> None:
+    async def handler(reader, writer):
+        await up.read_request(reader)
+        await asyncio.sleep(5)  # holds the only connection
+
+    async with Upstream(handler) as up:
+        pool = H1Pool(max_connections=1)
+        busy = asyncio.ensure_future(_post(pool, up.url))
+        await asyncio.sleep(0.1)
+        with pytest.raises(TimeoutError):
+            await pool.post(up.url, "/x", [], b"{}", connect_timeout_s=0.2, read_timeout_s=5)
+        busy.cancel()
+        await asyncio.gather(busy, return_exceptions=True)
+        await pool.close()
+
+
 async def test_cancelled_caller_closes_its_connection_and_others_are_unaffected() -> None:
     async def handler(reader, writer):
         while True:
