@@ -151,6 +151,21 @@ async def test_embeddings(client: httpx.AsyncClient, proxy: Server, mock_upstrea
     assert wrong.json()["error"]["code"] == "model_not_supported"
 
 
+async def test_answer_larger_than_a_megabyte_is_relayed_whole(
+    client: httpx.AsyncClient, proxy: Server, mock_upstream: Server, factory: Factory,
+) -> None:
+    """Past the upstream client's back-pressure mark (1 MiB), a non-streamed answer still arrives whole."""
+    model = await factory.model(await factory.provider(mock_upstream.url + "/v1"), kind="embedding")
+    _, api_key = await factory.key()
+    await factory.publish_config(proxy, api_key, model)
+    inputs = [f"item {i}" for i in range(30_000)]
+    resp = await client.post(proxy.url + "/v1/embeddings", headers={"authorization": f"Bearer {api_key}"},
+                             json={"model": model, "input": inputs}, timeout=30)
+    assert resp.status_code == 200, resp.text[:300]
+    assert len(resp.content) > 2 * 1024 * 1024
+    assert [d["index"] for d in resp.json()["data"]] == list(range(30_000))
+
+
 async def test_models_lists_only_what_the_key_may_use(
     client: httpx.AsyncClient, proxy: Server, mock_upstream: Server, factory: Factory
 ) -> None:
