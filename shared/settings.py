@@ -167,6 +167,12 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     def master_key_bytes(self) -> bytes:
         return base64.b64decode(self.master_key)
 
+    def effective_log_retention_days(self, org_days: int | None) -> int:
+        """The request-log retention that applies to an org: its own, else the platform default, always within
+        the platform bounds (which may have changed since the org chose its value)."""
+        days = self.log_retention_default_days if org_days is None else org_days
+        return min(max(days, self.log_retention_min_days), self.log_retention_max_days)
+
     @property
     def old_master_keys_map(self) -> dict[str, bytes]:
         keys = {}

@@ -25,7 +25,6 @@ from control_plane.permissions import allowed, require
 from control_plane.principal import Principal
 from control_plane.state import ControlPlane
 from shared.settings import Settings
-from shared.workers.retention import effective_log_retention_days
 
 Role = Literal["owner", "admin", "developer", "billing", "viewer"]
 OrgName = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
@@ -92,8 +91,8 @@ ORG_COLUMNS = """id, name, code, status, created_at, billing_email, alert_emails
 
 def org_view(row: asyncpg.Record, settings: Settings) -> Org:
     stored = {f: row[f] for f in Org.__struct_fields__ if f != "effective_request_log_retention_days"}
-    return Org(**stored, effective_request_log_retention_days=effective_log_retention_days(
-        settings, row["request_log_retention_days"]))
+    return Org(**stored, effective_request_log_retention_days=settings.effective_log_retention_days(
+        row["request_log_retention_days"]))
 
 
 async def _update_org(cp: ControlPlane, principal: Principal, org_id: int, fields: dict, action: str) -> Org:

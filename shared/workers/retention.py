@@ -31,7 +31,7 @@ import asyncpg
 
 from shared.settings import Settings
 
-__all__ = ["RetentionResult", "effective_log_retention_days", "enforce_retention", "run_retention_pass"]
+__all__ = ["RetentionResult", "enforce_retention", "run_retention_pass"]
 
 log = logging.getLogger("rocket_relay.retention")
 
@@ -53,13 +53,6 @@ class RetentionResult:
     orgs_trimmed: int = 0  # orgs that lost rows to those deletes
     batches: int = 0  # delete statements that removed rows
     completed: bool = True  # false: stopped early (worker shutting down)
-
-
-def effective_log_retention_days(settings: Settings, org_days: int | None) -> int:
-    """The request-log retention that applies to an org: its own, else the platform default, always within
-    the platform bounds (which may have changed since the org chose its value)."""
-    days = settings.log_retention_default_days if org_days is None else org_days
-    return min(max(days, settings.log_retention_min_days), settings.log_retention_max_days)
 
 
 async def run_retention_pass(pool: asyncpg.Pool, settings: Settings, *, stop: asyncio.Event | None = None,
@@ -91,7 +84,7 @@ async def _pass(conn: asyncpg.Connection, settings: Settings, stop: asyncio.Even
     partitions = await conn.fetch(
         "select partition::text as name, lower_bound from rr_month_partitions('request_logs')")
     targets: list[tuple[int | None, int]] = [
-        (r["id"], effective_log_retention_days(settings, r["request_log_retention_days"]))
+        (r["id"], settings.effective_log_retention_days(r["request_log_retention_days"]))
         for r in await conn.fetch("select id, request_log_retention_days from orgs order by id")
     ]
     targets.append((None, settings.log_retention_default_days))  # rows of no org (e.g. unknown keys)

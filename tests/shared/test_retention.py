@@ -26,7 +26,7 @@ import pytest_asyncio
 from shared.db.migrate import migrate
 from shared.settings import Settings, SettingsError
 from shared.workers import retention
-from shared.workers.retention import RetentionResult, effective_log_retention_days, run_retention_pass
+from shared.workers.retention import RetentionResult, run_retention_pass
 from tests.conftest import ROOT, Factory, _with_database, settings_env, stop_process
 
 PARENTS = ("request_logs", "usage_records")
@@ -341,7 +341,7 @@ def test_retention_settings_and_effective_days(settings: Settings) -> None:
         with pytest.raises(SettingsError, match=variable):
             _with(settings, **changes)
     config = _with(settings, log_retention_min_days=3, log_retention_max_days=100, log_retention_default_days=30)
-    assert effective_log_retention_days(config, None) == 30
-    assert effective_log_retention_days(config, 7) == 7
-    assert effective_log_retention_days(config, 1) == 3  # chosen before the minimum was raised
-    assert effective_log_retention_days(config, 365) == 100  # no org keeps logs past the maximum
+    assert config.effective_log_retention_days(None) == 30
+    assert config.effective_log_retention_days(7) == 7
+    assert config.effective_log_retention_days(1) == 3  # chosen before the minimum was raised
+    assert config.effective_log_retention_days(365) == 100  # no org keeps logs past the maximum
