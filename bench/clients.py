@@ -92,7 +92,7 @@ async def h1_client(url: str) -> tuple[Post, Callable[[], Awaitable[None]]]:
 
     pool = H1Pool(max_connections=1000)
     base, _, path = url.partition("/chat")
-    headers = [("content-type", "application/json"), ("authorization", "Bearer x")]
+    headers = b"content-type: application/json\r\nauthorization: Bearer x\r\n"
     body = REQUEST.encode()
 
     async def post() -> bytes:

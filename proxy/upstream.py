@@ -21,8 +21,9 @@ __all__ = ["UpstreamClient", "UpstreamResponse"]
 
 _JSON = "application/json"
 _ANTHROPIC_VERSION = "2023-06-01"
-_OPENAI_HEADERS = [("content-type", _JSON), ("accept-encoding", "identity")]
-_ANTHROPIC_HEADERS = [*_OPENAI_HEADERS, ("anthropic-version", _ANTHROPIC_VERSION)]
+# The constant header lines of each format, encoded once; only the credential line is built per request.
+_OPENAI_HEADERS = b"content-type: application/json\r\naccept-encoding: identity\r\n"
+_ANTHROPIC_HEADERS = _OPENAI_HEADERS + f"anthropic-version: {_ANTHROPIC_VERSION}\r\n".encode()
 
 
 class UpstreamResponse:
@@ -80,9 +81,11 @@ class UpstreamClient:
         """POST `body` to the route's provider; raise UpstreamError on a failure worth surfacing."""
         assert self._pool is not None, "UpstreamClient.start() was not called"
         if route.api_format == "anthropic":
-            headers = [*_ANTHROPIC_HEADERS, ("x-api-key", credential)] if credential else _ANTHROPIC_HEADERS
+            headers = (_ANTHROPIC_HEADERS + b"x-api-key: " + credential.encode("latin-1") + b"\r\n"
+                       if credential else _ANTHROPIC_HEADERS)
         else:
-            headers = [*_OPENAI_HEADERS, ("authorization", f"Bearer {credential}")] if credential else _OPENAI_HEADERS
+            headers = (_OPENAI_HEADERS + b"authorization: Bearer " + credential.encode("latin-1") + b"\r\n"
+                       if credential else _OPENAI_HEADERS)
         try:
             resp = await self._pool.post(route.base_url, path, headers, body,
                                          connect_timeout_s=min(route.connect_timeout_s, self._max_connect),

@@ -60,7 +60,7 @@ class Upstream:
 
 
 async def _post(pool: H1Pool, url: str, body: bytes = b'{"x":1}', read_timeout_s: float = 5.0):
-    return await pool.post(url, "/v1/chat/completions", [("content-type", "application/json")], body,
+    return await pool.post(url, "/v1/chat/completions", b"content-type: application/json\r\n", body,
                            connect_timeout_s=2.0, read_timeout_s=read_timeout_s)
 
 
@@ -284,7 +284,7 @@ async def test_waiting_for_a_connection_slot_is_bounded_by_the_connect_timeout()
         busy = asyncio.ensure_future(_post(pool, up.url))
         await asyncio.sleep(0.1)
         with pytest.raises(TimeoutError):
-            await pool.post(up.url, "/x", [], b"{}", connect_timeout_s=0.2, read_timeout_s=5)
+            await pool.post(up.url, "/x", b"", b"{}", connect_timeout_s=0.2, read_timeout_s=5)
         busy.cancel()
         await asyncio.gather(busy, return_exceptions=True)
         await pool.close()
