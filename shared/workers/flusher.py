@@ -34,6 +34,7 @@ from shared import failpoints
 from shared.billing import UsageEvent
 from shared.redis_keys import RedisKeys
 from shared.settings import Settings
+from shared.workers import sleep_unless_stopped
 
 __all__ = ["BillingFlusher"]
 
@@ -132,10 +133,7 @@ class BillingFlusher:
                 await self._sleep(1.0)
 
     async def _sleep(self, seconds: float) -> None:
-        try:
-            await asyncio.wait_for(self._stopping.wait(), seconds)
-        except TimeoutError:
-            pass
+        await sleep_unless_stopped(self._stopping, seconds)
 
     async def _hold(self, shard: int, token: str) -> None:
         if not await self._renew(keys=[self._keys.flusher_lease(shard)], args=[token, self._settings.flusher_lease_ms]):

@@ -17,6 +17,7 @@ import asyncpg
 
 from shared.redis_client import connect_redis
 from shared.settings import Settings, SettingsError, load_settings
+from shared.workers import sleep_unless_stopped
 from shared.workers.flusher import BillingFlusher
 from shared.workers.retention import enforce_retention
 
@@ -33,10 +34,7 @@ async def manage_partitions(pool: asyncpg.Pool, stop: asyncio.Event) -> None:
                 await pool.fetchval("select rr_ensure_month_partitions($1, 2)", table)
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             log.warning("partition check failed (%s)", type(exc).__name__)
-        try:
-            await asyncio.wait_for(stop.wait(), PARTITION_CHECK_INTERVAL_S)
-        except TimeoutError:
-            pass
+        await sleep_unless_stopped(stop, PARTITION_CHECK_INTERVAL_S)
 
 
 async def run_workers(settings: Settings) -> None:

@@ -30,6 +30,7 @@ from datetime import datetime, timedelta
 import asyncpg
 
 from shared.settings import Settings
+from shared.workers import sleep_unless_stopped
 
 __all__ = ["RetentionResult", "enforce_retention", "run_retention_pass"]
 
@@ -166,7 +167,4 @@ async def enforce_retention(pool: asyncpg.Pool, settings: Settings, stop: asynci
                          result.partitions_dropped.get("request_logs", 0),
                          result.partitions_dropped.get("usage_records", 0), result.rows_deleted,
                          result.orgs_trimmed, result.batches, time.monotonic() - started)
-        try:
-            await asyncio.wait_for(stop.wait(), settings.retention_interval_s)
-        except TimeoutError:
-            pass
+        await sleep_unless_stopped(stop, settings.retention_interval_s)
