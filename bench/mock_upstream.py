@@ -32,9 +32,14 @@ Knobs, at three levels, later overriding earlier:
   require_api_key   if set, ``Authorization: Bearer <k>`` or ``x-api-key: <k>`` must match it, else 401
   tool_call         chat and messages: answer with a call of this tool name, arguments {"city": "Paris"}
                     (finish_reason "tool_calls" / stop_reason "tool_use"; streamed as two argument fragments)
+  ignore_max_tokens generate ``chunks`` pieces whatever ``max_tokens`` says (an upstream ignoring the cap)
+  break_after_headers  send 200 and the headers, then half of a JSON answer (or no stream event), then
+                    break the connection
+  stall_after_headers  send 200 and the headers, then nothing until the client goes away
 
 Usage numbers: prompt tokens = ceil(characters / 4), at least 1, over all message / prompt / input
-texts; completion tokens = pieces generated = min(chunks, max_tokens); when ``max_tokens`` cuts the
+texts; completion tokens = pieces generated = min(chunks, max_tokens), times ``max(n, best_of)`` as
+OpenAI bills them (the JSON answer has ``n`` choices; a stream carries choice 0); when ``max_tokens`` cuts the
 answer, finish_reason is "length" (Anthropic stop_reason "max_tokens").  Runtime config and recorded
 requests are per worker process: with ``--workers > 1`` configure through the defaults.
 """
@@ -107,6 +112,9 @@ class Settings:
     omit_usage: bool = False
     require_api_key: str | None = None
     tool_call: str | None = None
+    ignore_max_tokens: bool = False
+    break_after_headers: bool = False
+    stall_after_headers: bool = False
 
 
 _NUM, _INT, _OPT_INT, _BOOL = (int, float), (int,), (int, type(None)), (bool,)
@@ -114,6 +122,7 @@ FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "latency_ms": _NUM, "ttft_ms": _NUM, "chunk_delay_ms": _NUM, "chunks": _INT, "status": _OPT_INT,
     "error_rate": _NUM, "error_status": _INT, "fail_after_chunks": _OPT_INT, "hang": _BOOL,
     "omit_usage": _BOOL, "require_api_key": (str, type(None)), "tool_call": (str, type(None)),
+    "ignore_max_tokens": _BOOL, "break_after_headers": _BOOL, "stall_after_headers": _BOOL,
 }
 
 
@@ -190,6 +199,15 @@ def embedding_inputs(value: Any) -> list[Any] | None:
         if all(isinstance(v, str | list) for v in value):
             return value
     return None
+
+
+def choice_counts(body: dict[str, Any]) -> tuple[int, int]:
+    """(choices returned, candidates generated and billed): ``n`` and ``max(n, best_of)``, 1 when unset."""
+    def count(key: str) -> int:
+        value = body.get(key)
+        return value if isinstance(value, int) and not isinstance(value, bool) and 0 < value <= 1024 else 1
+    n = count("n")
+    return n, max(n, count("best_of"))
 
 
 def parse_max_tokens(body: dict[str, Any], keys: tuple[str, ...]) -> int | None:
@@ -469,14 +487,28 @@ class MockUpstream:
         except ValueError as exc:
             return await send_error(call.send, 400, str(exc), anthropic=call.anthropic)
         chunks = call.settings.chunks
-        n = chunks if limit is None else min(chunks, limit)
+        n = chunks if limit is None or call.settings.ignore_max_tokens else min(chunks, limit)
         self.pieces.ensure(n)
         if not await self.preflight(call):
             return
+        if call.settings.break_after_headers or call.settings.stall_after_headers:
+            return await self.fail_after_headers(call)
         if call.body.get("stream") is True:
             await self.stream(call, build_stream(call, n, n < chunks))
         else:
             await send_json(call.send, 200, build_json(call, n, n < chunks))
+
+    async def fail_after_headers(self, call: Call) -> None:
+        """200 and headers, then a broken or stalled body: failures a client cannot see in the status."""
+        streaming = call.body.get("stream") is True
+        body = b"" if streaming else b'{"id":"chatcmpl-broken","choices":[{"index":0,'
+        headers = SSE_HEADERS if streaming else [*JSON_HEADERS, (b"content-length", b"%d" % (len(body) * 2))]
+        await call.send({"type": "http.response.start", "status": 200, "headers": headers})
+        await call.send({"type": "http.response.body", "body": body, "more_body": True})
+        if call.settings.stall_after_headers:
+            await call.pacer.sleep(HANG_SECONDS * 1000)
+            return
+        raise MockStreamAbort("mock answer broken after its headers (break_after_headers)")
 
     async def stream(self, call: Call, plan: StreamPlan) -> None:
         """Send a stream plan, honouring ttft_ms / chunk_delay_ms / fail_after_chunks."""
@@ -518,20 +550,21 @@ class MockUpstream:
         out: dict[str, Any] = {
             "id": new_id("chatcmpl-"), "object": "chat.completion", "created": int(time.time()),
             "model": call.model, "system_fingerprint": "fp_mock",
-            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": reason}],
+            "choices": [{"index": i, "message": message, "logprobs": None, "finish_reason": reason}
+                        for i in range(choice_counts(call.body)[0])],
         }
         if not call.settings.omit_usage:
-            out["usage"] = openai_usage(estimate_tokens(call.body.get("messages")), n)
+            out["usage"] = openai_usage(estimate_tokens(call.body.get("messages")), n * choice_counts(call.body)[1])
         return out
 
     def completion_json(self, call: Call, n: int, cut: bool) -> dict[str, Any]:
         out: dict[str, Any] = {
             "id": new_id("cmpl-"), "object": "text_completion", "created": int(time.time()), "model": call.model,
-            "choices": [{"text": "".join(self.pieces.texts[:n]), "index": 0, "logprobs": None,
-                         "finish_reason": "length" if cut else "stop"}],
+            "choices": [{"text": "".join(self.pieces.texts[:n]), "index": i, "logprobs": None,
+                         "finish_reason": "length" if cut else "stop"} for i in range(choice_counts(call.body)[0])],
         }
         if not call.settings.omit_usage:
-            out["usage"] = openai_usage(estimate_tokens(call.body.get("prompt")), n)
+            out["usage"] = openai_usage(estimate_tokens(call.body.get("prompt")), n * choice_counts(call.body)[1])
         return out
 
     def openai_stream(self, call: Call, n: int, cut: bool, *, chat: bool) -> StreamPlan:
@@ -564,7 +597,7 @@ class MockUpstream:
             tail = [p + b'"","finish_reason":' + reason + b"}]" + end]
         if include_usage:
             prompt = estimate_tokens(call.body.get("messages" if chat else "prompt"))
-            usage = orjson.dumps(openai_usage(prompt, n))
+            usage = orjson.dumps(openai_usage(prompt, n * choice_counts(call.body)[1]))
             tail.append(prefix + b',"choices":[],"usage":' + usage + b"}\n\n")
         tail.append(DONE)
         return StreamPlan(head, pieces, b"".join(tail))

@@ -42,23 +42,29 @@ def client_format(path: str) -> str:
 
 def upstream_request(
     path: str, upstream_format: str, upstream_model: str, body: bytes, parsed: dict | None,
-    *, same_model: bool, inject_usage: bool, default_max_tokens: int,
+    *, same_model: bool, inject_usage: bool, output_cap: tuple[str, int] | None,
 ) -> tuple[str, bytes, dict | None]:
-    """(upstream path, body, parsed client body for reuse by the next attempt)."""
+    """(upstream path, body, parsed client body for reuse by the next attempt).
+
+    `output_cap`: (field, tokens) to add when the client set no output cap, so the upstream is held to
+    what the reservation assumed (`proxy.bounds`)."""
     client = client_format(path)
     if client == upstream_format:
         upstream_path = "/messages" if client == ANTHROPIC else path[3:]  # base URLs end in /v1
-        if same_model and not inject_usage:
+        if same_model and not inject_usage and output_cap is None:
             return upstream_path, body, parsed  # pass the client's bytes through untouched
         parsed = parsed if parsed is not None else orjson.loads(body)
         out = {**parsed, "model": upstream_model}
         if inject_usage:
             out["stream_options"] = {**(parsed.get("stream_options") or {}), "include_usage": True}
+        if output_cap is not None:
+            out[output_cap[0]] = output_cap[1]
         return upstream_path, orjson.dumps(out), parsed
     parsed = parsed if parsed is not None else orjson.loads(body)
     try:
         if upstream_format == ANTHROPIC:
-            translated = openai_to_anthropic_request(parsed, upstream_model, default_max_tokens=default_max_tokens)
+            cap = output_cap[1] if output_cap is not None else 0  # 0: the client set one
+            translated = openai_to_anthropic_request(parsed, upstream_model, default_max_tokens=cap)
             return "/messages", orjson.dumps(translated), parsed
         return "/chat/completions", orjson.dumps(anthropic_to_openai_request(parsed, upstream_model)), parsed
     except TranslationError as exc:

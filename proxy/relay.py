@@ -8,12 +8,15 @@ needs something changed, and passed through as bytes otherwise.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Annotated
 
 import msgspec
 
 from proxy.billing import Reservation
+from proxy.bounds import Bound, request_bound
 from proxy.errors import ByokRejected, InvalidRequest, ModelUnavailable, UpstreamError
 from proxy.formats import (
     OPENAI,
@@ -39,6 +42,8 @@ if TYPE_CHECKING:
 
 __all__ = ["is_model_path", "relay"]
 
+log = logging.getLogger("rocket_relay.relay")
+
 
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
 
@@ -53,6 +58,7 @@ class ChatBody(msgspec.Struct):
     stream: bool = False
     max_tokens: PositiveInt | None = None
     max_completion_tokens: PositiveInt | None = None
+    n: PositiveInt | None = None
     stream_options: StreamOptions | None = None
 
 
@@ -61,6 +67,8 @@ class CompletionBody(msgspec.Struct):
     prompt: msgspec.Raw
     stream: bool = False
     max_tokens: PositiveInt | None = None
+    n: PositiveInt | None = None
+    best_of: PositiveInt | None = None
     stream_options: StreamOptions | None = None
 
 
@@ -116,14 +124,12 @@ async def relay(state: ProxyState, path: str, scope: Scope, receive: Receive, se
     price = entry.price_at(rec.started_wall)
     if price is None:
         raise ModelUnavailable(f"The model `{request.model}` has no price configured.", param="model")
-    max_output = 0 if path == "/v1/embeddings" else (
-        getattr(request, "max_completion_tokens", None) or getattr(request, "max_tokens", None)
-        or state.settings.default_max_output_tokens)
-    reservation = await state.biller.reserve(key, rec.request_id, price, len(body), max_output,
+    bound = request_bound(path, request, body, state.settings)
+    reservation = await state.biller.reserve(key, rec.request_id, price, bound.prompt_tokens, bound.output_tokens,
                                              rec.started_wall, out_headers)
     produced = Produced()
     try:
-        await _forward(state, entry, path, body, request, stream, receive, send, rec, out_headers, produced)
+        await _forward(state, entry, path, body, request, stream, bound, receive, send, rec, out_headers, produced)
     finally:
         event = _usage_event(rec, reservation, produced, len(body))
         rec.cost_micros = await state.biller.settle(
@@ -149,16 +155,23 @@ def _usage_event(rec: RequestRecord, res: Reservation, produced: Produced, body_
         rec.prompt_tokens = -(-body_bytes // 4)
         rec.completion_tokens = produced.content_events or -(-produced.answer_bytes // 4)
     prompt, completion = rec.prompt_tokens, rec.completion_tokens or 0
+    cost = cost_micros(res.price, prompt, completion, byok=rec.byok)
+    # Never more than the reservation (what the balance, credit limit and spend cap allowed when the request
+    # was accepted): an upstream that ignored the cap leaves the excess uncharged and on record.
+    charged = min(cost, res.amount)
+    if charged < cost:
+        log.warning("request %s: usage (%d prompt, %d completion tokens) exceeds its reservation; %d µ$ uncharged",
+                    rec.request_id, prompt, completion, cost - charged)
     return UsageEvent(
         request_id=rec.request_id, created_us=res.started_us, org_id=res.org_id, api_key_id=res.key_id,
         model=rec.model or "", provider=rec.provider, route_id=rec.route_id, prompt_tokens=prompt,
-        completion_tokens=completion, cost_micros=cost_micros(res.price, prompt, completion, byok=rec.byok),
-        price_id=res.price.id, byok=rec.byok,
+        completion_tokens=completion, cost_micros=charged, price_id=res.price.id, byok=rec.byok,
+        uncharged_micros=cost - charged,
     )
 
 
-async def _forward(state: ProxyState, entry: ModelEntry, path: str, body: bytes, request: Body,
-                   stream: bool, receive: Receive, send: Send, rec: RequestRecord,
+async def _forward(state: ProxyState, entry: ModelEntry, path: str, body: bytes, request: Body, stream: bool,
+                   bound: Bound, receive: Receive, send: Send, rec: RequestRecord,
                    out_headers: list[tuple[bytes, bytes]], produced: Produced) -> None:
     # OpenAI streams: ask the upstream for usage even when the client did not, and hide that chunk from it.
     options = getattr(request, "stream_options", None)
@@ -169,14 +182,14 @@ async def _forward(state: ProxyState, entry: ModelEntry, path: str, body: bytes,
     if not attempts:
         raise InvalidRequest(f"The model `{entry.name}` cannot be used with {path}.", param="model",
                              code="model_not_supported")
-    route, resp = await _open_upstream(state, attempts, path, body, request.model, stream and not client_usage, rec)
-    inject_usage = stream and not client_usage and route.api_format == OPENAI == client_format(path)
+    opened = await _open_upstream(state, attempts, path, body, request.model, stream, client_usage, bound, rec)
+    route = opened.route
 
-    if resp.status != 200 or not stream:
-        raw = await resp.read()
+    if opened.meter is None:  # a whole answer (or an error), already read
+        raw = opened.raw
         rec.mark_first_byte()
         try:
-            status, answer, parsed = translate_answer(path, route.api_format, resp.status, raw, request.model)
+            status, answer, parsed = translate_answer(path, route.api_format, opened.status, raw, request.model)
         except TranslationError:
             raise UpstreamError(f"The upstream provider {route.provider} sent an answer that could not be read.",
                                 retryable=False) from None
@@ -190,22 +203,38 @@ async def _forward(state: ProxyState, entry: ModelEntry, path: str, body: bytes,
         else:
             rec.error_code = "upstream_rejected_request"
         rec.status_code = status
-        content_type = resp.content_type.encode() if route.api_format == client_format(path) else b"application/json"
+        content_type = opened.content_type.encode() if route.api_format == client_format(path) else b"application/json"
         await send_response(send, status, answer, out_headers, content_type)
         return
     rec.status_code = 200
     produced.billable = True
-    meter = stream_transformer(path, route.api_format, request.model, inject_usage=inject_usage,
-                               client_usage=client_usage)
     try:
-        await _relay_stream(resp, receive, send, rec, out_headers, meter, state.settings.max_request_duration_s,
-                            path, produced)
+        await _relay_stream(opened, receive, send, rec, out_headers, state.settings.max_request_duration_s, path,
+                            produced)
     finally:
-        produced.content_events = getattr(meter, "events", 0)
+        produced.content_events = getattr(opened.meter, "events", 0)
+
+
+class Opened:
+    """An attempt's answer far enough in to commit to: a non-streamed body read whole, or a stream whose
+    first bytes for the client are in hand. Until then a failure is invisible to the client, so it fails over."""
+
+    __slots__ = ("chunks", "content_type", "first", "meter", "raw", "resp", "route", "status")
+
+    def __init__(self, route: Route, resp: UpstreamResponse, raw: bytes = b"", meter: StreamTransformer | None = None,
+                 chunks: AsyncIterator[bytes] | None = None, first: bytes = b"") -> None:
+        self.route = route
+        self.resp = resp
+        self.status = resp.status
+        self.content_type = resp.content_type
+        self.raw = raw
+        self.meter = meter
+        self.chunks = chunks
+        self.first = first
 
 
 async def _open_upstream(state: ProxyState, attempts: list[Attempt], path: str, body: bytes, model: str,
-                         openai_stream_without_usage: bool, rec: RequestRecord) -> tuple[Route, UpstreamResponse]:
+                         stream: bool, client_usage: bool, bound: Bound, rec: RequestRecord) -> Opened:
     """Try the planned routes in order until one answers. Only failures before any byte reached the client
     get here, so failing over is invisible to it; the failover budget bounds the whole search."""
     parsed: dict | None = None
@@ -218,30 +247,52 @@ async def _open_upstream(state: ProxyState, attempts: list[Attempt], path: str, 
         rec.attempts += 1
         rec.provider, rec.route_id, rec.upstream_model, rec.byok = (route.provider, route.id, route.upstream_model,
                                                                     attempt.byok)
+        inject_usage = stream and not client_usage and route.api_format == OPENAI == client
         upstream_path, payload, parsed = upstream_request(
             path, route.api_format, route.upstream_model, body, parsed, same_model=route.upstream_model == model,
-            inject_usage=openai_stream_without_usage and route.api_format == OPENAI == client,
-            default_max_tokens=state.settings.default_max_output_tokens)
+            inject_usage=inject_usage, output_cap=bound.forward)
         now = time.monotonic()
         breakers.attempt(route.id, now)
         try:
             resp = await state.upstream.send(route, upstream_path, payload, attempt.credential)
+            opened = await _commit(route, resp, path, model, stream, inject_usage, client_usage)
         except UpstreamError as exc:
             last_error = exc
-            if exc.code == "upstream_auth_failed" and attempt.byok:
-                # The org's own key was refused: say so, and never fall back to ours behind its back.
+            if attempt.byok and exc.code in ("upstream_auth_failed", "upstream_credential_unusable"):
+                # The org's own key was refused (or cannot be sent): say so, and never fall back to ours.
                 raise ByokRejected(
                     f"The provider {route.provider} rejected your organization's BYOK credential; "
-                    "update it in the portal.") from None
+                    "update it in the portal." if exc.code == "upstream_auth_failed" else
+                    f"Your organization's BYOK credential for {route.provider} holds characters that cannot be "
+                    "sent in an HTTP header; update it in the portal.") from None
             if exc.status != 429:
                 breakers.failure(route.id, time.monotonic())
             if not exc.retryable or time.perf_counter() > deadline:
                 raise
             continue
         breakers.success(route.id)
-        return route, resp
+        return opened
     assert last_error is not None
     raise last_error
+
+
+async def _commit(route: Route, resp: UpstreamResponse, path: str, model: str, stream: bool, inject_usage: bool,
+                  client_usage: bool) -> Opened:
+    """Read an answer until it can no longer fail over: the whole body, or a stream's first client bytes."""
+    if resp.status != 200 or not stream:
+        return Opened(route, resp, await resp.read())
+    meter = stream_transformer(path, route.api_format, model, inject_usage=inject_usage, client_usage=client_usage)
+    chunks = resp.chunks()
+    first = b""
+    try:
+        async for chunk in chunks:  # left suspended on `break`: the pump goes on from here
+            first = meter.feed(chunk)
+            if first:
+                break
+    except UpstreamError:
+        resp.close()
+        raise
+    return Opened(route, resp, meter=meter, chunks=chunks, first=first)
 
 
 def _take_usage(usage: object, rec: RequestRecord) -> None:
@@ -251,11 +302,13 @@ def _take_usage(usage: object, rec: RequestRecord) -> None:
         rec.completion_tokens = completion if isinstance(completion, int) else 0
 
 
-async def _relay_stream(resp: UpstreamResponse, receive: Receive, send: Send, rec: RequestRecord,
-                        out_headers: list[tuple[bytes, bytes]], meter: StreamTransformer, max_duration_s: float,
-                        path: str, produced: Produced) -> None:
+async def _relay_stream(opened: Opened, receive: Receive, send: Send, rec: RequestRecord,
+                        out_headers: list[tuple[bytes, bytes]], max_duration_s: float, path: str,
+                        produced: Produced) -> None:
+    meter, resp = opened.meter, opened.resp
+    assert meter is not None and opened.chunks is not None
     await send({"type": "http.response.start", "status": 200, "headers": [*_SSE_HEADERS, *out_headers]})
-    pump = asyncio.ensure_future(_pump(resp, send, rec, meter, path, produced))
+    pump = asyncio.ensure_future(_pump(opened.chunks, opened.first, send, rec, meter, path, produced))
     watcher = asyncio.ensure_future(_wait_for_disconnect(receive))
     try:
         await asyncio.wait((pump, watcher), timeout=max_duration_s, return_when=asyncio.FIRST_COMPLETED)
@@ -279,10 +332,14 @@ async def _relay_stream(resp: UpstreamResponse, receive: Receive, send: Send, re
         raise pump.exception()  # an unexpected bug: let the app's error handler log it
 
 
-async def _pump(resp: UpstreamResponse, send: Send, rec: RequestRecord, meter: StreamTransformer, path: str,
-                produced: Produced) -> None:
+async def _pump(chunks: AsyncIterator[bytes], first: bytes, send: Send, rec: RequestRecord,
+                meter: StreamTransformer, path: str, produced: Produced) -> None:
     try:
-        async for chunk in resp.chunks():
+        if first:
+            rec.mark_first_byte()
+            produced.answer_bytes += len(first)
+            await send({"type": "http.response.body", "body": first, "more_body": True})
+        async for chunk in chunks:
             out = meter.feed(chunk)
             if out:
                 rec.mark_first_byte()

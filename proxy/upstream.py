@@ -14,16 +14,22 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 from proxy.errors import UpstreamError, UpstreamTimeout
-from proxy.h1 import ConnectFailed, H1Pool, H1Response
+from proxy.h1 import ConnectFailed, H1Pool, H1Response, UnsafeRequest, is_header_value
 from proxy.routing import Route
 
-__all__ = ["UpstreamClient", "UpstreamResponse"]
+__all__ = ["UnusableCredential", "UpstreamClient", "UpstreamResponse"]
 
 _JSON = "application/json"
 _ANTHROPIC_VERSION = "2023-06-01"
 # The constant header lines of each format, encoded once; only the credential line is built per request.
 _OPENAI_HEADERS = b"content-type: application/json\r\naccept-encoding: identity\r\n"
 _ANTHROPIC_HEADERS = _OPENAI_HEADERS + f"anthropic-version: {_ANTHROPIC_VERSION}\r\n".encode()
+
+
+class UnusableCredential(UpstreamError):
+    """The route's credential cannot be put in a header (control characters, non-ASCII): never sent."""
+
+    code = "upstream_credential_unusable"
 
 
 class UpstreamResponse:
@@ -80,11 +86,15 @@ class UpstreamClient:
     async def send(self, route: Route, path: str, body: bytes, credential: str | None) -> UpstreamResponse:
         """POST `body` to the route's provider; raise UpstreamError on a failure worth surfacing."""
         assert self._pool is not None, "UpstreamClient.start() was not called"
+        if credential and not is_header_value(credential):
+            # Stored values are checked when saved; this holds for rows written before that, or by hand.
+            raise UnusableCredential(f"The credential for {route.provider} holds characters that cannot be sent "
+                                     "in an HTTP header.")
         if route.api_format == "anthropic":
-            headers = (_ANTHROPIC_HEADERS + b"x-api-key: " + credential.encode("latin-1") + b"\r\n"
+            headers = (_ANTHROPIC_HEADERS + b"x-api-key: " + credential.encode("ascii") + b"\r\n"
                        if credential else _ANTHROPIC_HEADERS)
         else:
-            headers = (_OPENAI_HEADERS + b"authorization: Bearer " + credential.encode("latin-1") + b"\r\n"
+            headers = (_OPENAI_HEADERS + b"authorization: Bearer " + credential.encode("ascii") + b"\r\n"
                        if credential else _OPENAI_HEADERS)
         try:
             resp = await self._pool.post(route.base_url, path, headers, body,
@@ -96,8 +106,12 @@ class UpstreamClient:
             raise UpstreamError(f"Could not connect to the upstream provider {route.provider}.") from None
         except ConnectionError:
             raise UpstreamError(f"The upstream provider {route.provider} broke the connection.") from None
+        except UnsafeRequest:
+            raise UpstreamError(f"The route to {route.provider} has an upstream URL or path that cannot be sent.",
+                                code="upstream_misconfigured") from None
         except ValueError:
-            raise UpstreamError(f"The route to {route.provider} has an unusable upstream URL.") from None
+            raise UpstreamError(f"The route to {route.provider} has an unusable upstream URL.",
+                                code="upstream_misconfigured") from None
         status = resp.status
         if status < 400 or status in (400, 404, 409, 413, 422):
             return UpstreamResponse(resp)

@@ -50,6 +50,7 @@ class UsageEvent(msgspec.Struct, frozen=True, array_like=True):
     cost_micros: int
     price_id: int | None
     byok: bool = False
+    uncharged_micros: int = 0  # the cost beyond the reservation, not charged (see proxy.bounds)
 
 
 def lua_source(name: str) -> str:

@@ -69,6 +69,13 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     reservation_ttl_s: int = 3600
     max_request_duration_s: int = 1800
     default_max_output_tokens: int = 4096
+    # What one request may ask for at most (400 beyond): output tokens per choice, and choices (n, best_of).
+    # A reservation is cap × choices of output, so these also bound what one request can hold.
+    max_output_tokens: int = 1_000_000
+    max_choices: int = 128
+    # Prompt tokens reserved per image reference on top of the body's bytes: an image given by URL costs
+    # far more tokens than its bytes in the body (a high-detail image: ~1,100 for OpenAI, ~1,600 Anthropic).
+    reserve_tokens_per_image: int = 3000
     default_org_rpm: int = 0  # 0: unlimited
     default_org_tpm: int = 0
     flusher_batch_size: int = 2000
@@ -118,6 +125,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
                         "redis_pipeline_connections", "redis_timeout_s")
         _check_positive(self, "upstream_connect_timeout_s", "upstream_read_timeout_s", "key_cache_ttl_s",
                         "billing_shards", "reservation_ttl_s", "max_request_duration_s", "default_max_output_tokens",
+                        "max_output_tokens", "max_choices", "reserve_tokens_per_image",
                         "flusher_batch_size", "flusher_block_ms", "flusher_interval_ms", "flusher_lease_ms",
                         "max_attempts",
                         "failover_budget_s", "breaker_threshold", "breaker_cooldown_s")

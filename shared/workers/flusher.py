@@ -41,20 +41,21 @@ __all__ = ["BillingFlusher"]
 log = logging.getLogger("rocket_relay.flusher")
 _decode_event = msgspec.msgpack.Decoder(UsageEvent).decode
 _STAGE_COLUMNS = ("created_at", "request_id", "org_id", "api_key_id", "model", "provider", "route_id",
-                  "prompt_tokens", "completion_tokens", "cost_micros", "price_id", "byok")
+                  "prompt_tokens", "completion_tokens", "cost_micros", "price_id", "byok", "uncharged_micros")
 _STAGE_DDL = """create temp table if not exists usage_stage (
     created_at timestamptz, request_id text, org_id bigint, api_key_id bigint, model text, provider text,
     route_id bigint, prompt_tokens integer, completion_tokens integer, cost_micros bigint, price_id bigint,
-    byok boolean) on commit delete rows"""
+    byok boolean, uncharged_micros bigint) on commit delete rows"""
 _WRITE_SQL = """
 with txn as (
     select org_id, nextval(pg_get_serial_sequence('balance_transactions', 'id')) as id
     from (select distinct org_id from usage_stage) o
 ), ins as (
     insert into usage_records (created_at, request_id, org_id, api_key_id, model, provider, route_id,
-                               prompt_tokens, completion_tokens, cost_micros, price_id, byok, transaction_id)
+                               prompt_tokens, completion_tokens, cost_micros, price_id, byok, uncharged_micros,
+                               transaction_id)
     select s.created_at, s.request_id, s.org_id, s.api_key_id, s.model, s.provider, s.route_id,
-           s.prompt_tokens, s.completion_tokens, s.cost_micros, s.price_id, s.byok, t.id
+           s.prompt_tokens, s.completion_tokens, s.cost_micros, s.price_id, s.byok, s.uncharged_micros, t.id
     from usage_stage s join txn t using (org_id)
     on conflict do nothing
     returning org_id, transaction_id, cost_micros
@@ -189,7 +190,7 @@ class BillingFlusher:
                 continue
             rows.append((datetime.fromtimestamp(e.created_us / 1_000_000, UTC), e.request_id, e.org_id,
                          e.api_key_id, e.model, e.provider, e.route_id, e.prompt_tokens, e.completion_tokens,
-                         e.cost_micros, e.price_id, e.byok))
+                         e.cost_micros, e.price_id, e.byok, e.uncharged_micros))
         last_ms, last_seq = _id_parts(ids[-1] if isinstance(ids[-1], bytes) else ids[-1].encode())
         delay = 0.2
         while True:
