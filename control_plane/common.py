@@ -21,7 +21,9 @@ from control_plane.state import MAX_ID, ControlPlane
 __all__ = [
     "CP",
     "DEPENDENCIES",
+    "VISIBLE_ASCII",
     "Caller",
+    "Credential",
     "Email",
     "IdParam",
     "LimitParam",
@@ -29,10 +31,19 @@ __all__ = [
     "NonNegMicros",
     "PerMinute",
     "PositiveId",
+    "WireName",
     "mask_secret",
     "set_fields",
     "utc",
 ]
+
+# Values that end up in an upstream request's header lines or body (credentials, upstream model names):
+# visible ASCII only, so no stored value can add a CR/LF (a header line or a whole second request) or a byte
+# the proxy could not send. The proxy checks again when it sends (proxy/h1.py).
+# `(?!\n)`: Python's `$` also matches before a final newline, which would let "key\n" through.
+VISIBLE_ASCII = r"^[\x21-\x7e]+$(?!\n)"
+Credential = Annotated[str, msgspec.Meta(min_length=1, max_length=4096, pattern=VISIBLE_ASCII)]
+WireName = Annotated[str, msgspec.Meta(min_length=1, max_length=200, pattern=VISIBLE_ASCII)]
 
 
 def _provide_cp(request: Request) -> ControlPlane:
@@ -58,7 +69,8 @@ LimitParam = Annotated[int, Parameter(ge=1, le=200, description="Page size.")]
 Micros = Annotated[int, msgspec.Meta(ge=-MAX_ID, le=MAX_ID, description="Micro-units: 1 USD = 1,000,000.")]
 NonNegMicros = Annotated[int, msgspec.Meta(ge=0, le=MAX_ID, description="Micro-units: 1 USD = 1,000,000.")]
 PerMinute = Annotated[int, msgspec.Meta(ge=1, le=2**31 - 1)]
-Email = Annotated[str, msgspec.Meta(min_length=3, max_length=254, pattern=r"^[^@\s]+@[^@\s]+$")]
+Email = Annotated[str, msgspec.Meta(min_length=3, max_length=254,
+                                    pattern=r"^[^@\s\x00-\x1f\x7f]+@[^@\s\x00-\x1f\x7f]+$(?!\n)")]
 
 
 def utc(value: datetime.datetime) -> datetime.datetime:

@@ -260,11 +260,12 @@ async def _open_upstream(state: ProxyState, attempts: list[Attempt], path: str, 
             last_error = exc
             if attempt.byok and exc.code in ("upstream_auth_failed", "upstream_credential_unusable"):
                 # The org's own key was refused (or cannot be sent): say so, and never fall back to ours.
-                raise ByokRejected(
-                    f"The provider {route.provider} rejected your organization's BYOK credential; "
-                    "update it in the portal." if exc.code == "upstream_auth_failed" else
-                    f"Your organization's BYOK credential for {route.provider} holds characters that cannot be "
-                    "sent in an HTTP header; update it in the portal.") from None
+                if exc.code == "upstream_auth_failed":
+                    raise ByokRejected(f"The provider {route.provider} rejected your organization's BYOK "
+                                       "credential; update it in the portal.") from None
+                raise ByokRejected(f"Your organization's BYOK credential for {route.provider} holds characters "
+                                   "that cannot be sent in an HTTP header; update it in the portal.",
+                                   code="byok_credential_unusable") from None
             if exc.status != 429:
                 breakers.failure(route.id, time.monotonic())
             if not exc.retryable or time.perf_counter() > deadline:

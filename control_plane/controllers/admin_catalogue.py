@@ -21,13 +21,25 @@ from litestar.params import JSONBody, Parameter
 from msgspec import UNSET, UnsetType
 
 from control_plane import audit
-from control_plane.common import CP, DEPENDENCIES, Caller, IdParam, NonNegMicros, mask_secret, set_fields, utc
+from control_plane.common import (
+    CP,
+    DEPENDENCIES,
+    Caller,
+    Credential,
+    IdParam,
+    NonNegMicros,
+    WireName,
+    mask_secret,
+    set_fields,
+    utc,
+)
 from control_plane.errors import Invalid, NotFound
 from control_plane.permissions import require
 from shared.crypto import store_secret
 
-ModelName = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
-BaseUrl = Annotated[str, msgspec.Meta(min_length=8, max_length=2000, pattern=r"^https?://[^\s]+$")]
+ModelName = WireName
+# Visible ASCII only: the URL's path goes into the request line and its host into the Host header.
+BaseUrl = Annotated[str, msgspec.Meta(min_length=8, max_length=2000, pattern=r"^https?://[\x21-\x7e]+$(?!\n)")]
 TimeoutMs = Annotated[int, msgspec.Meta(ge=1, le=3_600_000)]
 RouteStatus = Literal["active", "degraded", "disabled"]
 ModelParam = Annotated[str | None, Parameter(max_length=200)]
@@ -74,7 +86,7 @@ class ProviderCreate(msgspec.Struct, frozen=True):
     name: Annotated[str, msgspec.Meta(min_length=1, max_length=100)]
     base_url: BaseUrl
     api_format: Literal["openai", "anthropic"] = "openai"
-    api_key: Annotated[str, msgspec.Meta(min_length=1, max_length=4096)] | None = None
+    api_key: Credential | None = None
     connect_timeout_ms: TimeoutMs = 5000
     read_timeout_ms: TimeoutMs = 120_000
 
@@ -82,7 +94,7 @@ class ProviderCreate(msgspec.Struct, frozen=True):
 class ProviderUpdate(msgspec.Struct, frozen=True):
     base_url: BaseUrl | UnsetType = UNSET
     api_format: Literal["openai", "anthropic"] | UnsetType = UNSET
-    api_key: Annotated[str, msgspec.Meta(min_length=1, max_length=4096)] | UnsetType | None = UNSET
+    api_key: Credential | UnsetType | None = UNSET
     connect_timeout_ms: TimeoutMs | UnsetType = UNSET
     read_timeout_ms: TimeoutMs | UnsetType = UNSET
     status: Literal["active", "disabled"] | UnsetType = UNSET

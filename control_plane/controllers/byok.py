@@ -11,7 +11,7 @@ from litestar import Controller, delete, get, put
 from litestar.params import JSONBody
 
 from control_plane import audit
-from control_plane.common import CP, DEPENDENCIES, Caller, IdParam, mask_secret
+from control_plane.common import CP, DEPENDENCIES, VISIBLE_ASCII, Caller, IdParam, mask_secret
 from control_plane.errors import NotFound
 from control_plane.permissions import require
 from shared.crypto import store_secret
@@ -51,7 +51,7 @@ class ByokCredential(msgspec.Struct, frozen=True):
 
 
 class ByokSet(msgspec.Struct, frozen=True):
-    api_key: Annotated[str, msgspec.Meta(min_length=8, max_length=4096)]
+    api_key: Annotated[str, msgspec.Meta(min_length=8, max_length=4096, pattern=VISIBLE_ASCII)]
 
 
 class CatalogueController(Controller):

@@ -137,3 +137,45 @@ async def test_admin_org_list_and_search(portal: Portal) -> None:
     detail = (await portal.request("GET", f"/v1/admin/orgs/{owner.org_id}", admin)).json()
     assert detail["owners"] == [owner.email] and detail["org"]["id"] == owner.org_id
     assert (await portal.request("GET", "/v1/admin/orgs/999999999", admin)).status_code == 404
+
+
+SMUGGLING = "sk-proj-abcdefgh\r\ncontent-length: 0\r\n\r\nPOST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n"
+UNSENDABLE = [SMUGGLING, "sk-proj-abcdefgh\n", "sk-proj-abcd\tefgh", "sk-proj-ab\x00cdefgh", "sk-proj-abcdéfgh",
+              " sk-proj-abcdefgh", "sk-proj-abcd efgh", "sk-proj-\x7fabcdefgh"]
+
+
+async def test_values_that_would_reach_an_upstream_request_head_are_refused_when_stored(
+    portal: Portal, factory: Factory, db,
+) -> None:
+    """BYOK and provider credentials, base URLs and upstream model names: visible ASCII only, 422 naming the
+    field, nothing stored (the proxy refuses them again when it sends: tests/proxy/test_upstream_safety.py)."""
+    owner = await portal.signup()
+    admin = await portal.platform_admin()
+    provider_id = await factory.provider("http://127.0.0.1:9/v1")
+    for bad in UNSENDABLE:
+        resp = await portal.request("PUT", f"/v1/orgs/{owner.org_id}/byok/{provider_id}", owner, json={"api_key": bad})
+        assert resp.status_code == 422 and "api_key" in resp.json()["error"]["message"], (bad, resp.text)
+        resp = await portal.request("POST", "/v1/admin/providers", admin, json={
+            "name": f"p-{secrets.token_hex(3)}", "base_url": "http://127.0.0.1:9/v1", "api_key": bad})
+        assert resp.status_code == 422 and "api_key" in resp.json()["error"]["message"], (bad, resp.text)
+        resp = await portal.request("PATCH", f"/v1/admin/providers/{provider_id}", admin, json={"api_key": bad})
+        assert resp.status_code == 422, (bad, resp.text)
+    assert await db.fetchval("select count(*) from secrets where org_id = $1", owner.org_id) == 0
+    for url in ("http://127.0.0.1:9/v1\r\nx-injected: 1", "http://127.0.0.1:9/v1\n", "http://127.0.0.1:9/v\x001",
+                "http://exämple.com/v1", "http://127.0.0.1:9/v 1"):
+        resp = await portal.request("POST", "/v1/admin/providers", admin, json={
+            "name": f"p-{secrets.token_hex(3)}", "base_url": url})
+        assert resp.status_code == 422 and "base_url" in resp.json()["error"]["message"], (url, resp.text)
+        resp = await portal.request("PATCH", f"/v1/admin/providers/{provider_id}", admin, json={"base_url": url})
+        assert resp.status_code == 422, (url, resp.text)
+    model = f"m-{secrets.token_hex(3)}"
+    assert (await portal.request("POST", "/v1/admin/models", admin, json={"name": model, "kind": "chat"})).status_code == 201
+    for name in ("gpt-4o\r\nx: y", "gpt-4o\n", "gpt\x00", "gpt 4o"):
+        resp = await portal.request("POST", "/v1/admin/routes", admin, json={
+            "model": model, "provider_id": provider_id, "upstream_model": name})
+        assert resp.status_code == 422 and "upstream_model" in resp.json()["error"]["message"], (name, resp.text)
+    assert await db.fetchval("select count(*) from routes where model = $1", model) == 0
+    # What is allowed still is: a real key and URL.
+    good = await portal.request("PUT", f"/v1/orgs/{owner.org_id}/byok/{provider_id}", owner,
+                                json={"api_key": "sk-proj-" + secrets.token_hex(16)})
+    assert good.status_code == 200

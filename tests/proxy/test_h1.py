@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from proxy.h1 import ConnectFailed, H1Pool
+from proxy.h1 import ConnectFailed, H1Pool, UnsafeRequest
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 OK = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}"
@@ -386,5 +386,98 @@ async def test_large_answers_read_whole_back_to_back_on_one_connection() -> None
         for _ in range(3):
             resp = await _post(pool, up.url, read_timeout_s=3)
             assert await asyncio.wait_for(resp.read(), 5) == payload
+        assert up.connections == 1
+        await pool.close()
+
+
+# --- framing: a shared pool must never let one request's bytes or answer leak into another's ------------
+
+
+@pytest.mark.parametrize("headers", [
+    b"authorization: Bearer sk-x\r\n\r\nPOST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n",  # a smuggled request
+    b"authorization: Bearer sk-x\r\nx-injected: 1\r\n\r\n",  # an added header line (and an early end)
+    b"authorization: Bearer sk-x\nx-injected: 1\r\n",  # a bare LF
+    b"authorization: Bearer sk-\x00x\r\n",  # a control byte
+    "authorization: Bearer sk-é\r\n".encode(),  # non-ASCII
+    b"authorization: Bearer sk-x",  # a line without its CRLF
+])
+async def test_a_request_head_that_could_frame_more_than_one_request_is_never_sent(headers: bytes) -> None:
+    async def handler(reader, writer):
+        await up.read_request(reader)
+        writer.write(OK)
+
+    async with Upstream(handler) as up:
+        pool = H1Pool()
+        with pytest.raises(UnsafeRequest):
+            await pool.post(up.url, "/v1/chat/completions", headers, b"{}", connect_timeout_s=2.0,
+                            read_timeout_s=2.0)
+        with pytest.raises(UnsafeRequest):
+            await pool.post(up.url, "/v1/chat/completions HTTP/1.1\r\nx: y", b"", b"{}", connect_timeout_s=2.0,
+                            read_timeout_s=2.0)
+        with pytest.raises(UnsafeRequest):
+            await pool.post(up.url + "/v1\r\nx: y", "/chat", b"", b"{}", connect_timeout_s=2.0, read_timeout_s=2.0)
+        await asyncio.sleep(0.05)
+        assert up.connections == 0  # refused before any connection was opened
+        await pool.close()
+
+
+async def test_a_second_answer_to_one_request_closes_the_connection() -> None:
+    """An upstream answering twice (e.g. to a smuggled request) must not hand the extra answer to the next
+    caller on that connection: the connection is closed and the next request gets a fresh one."""
+    other = b"HTTP/1.1 200 OK\r\ncontent-length: 7\r\n\r\n\"other\""
+
+    async def handler(reader, writer):
+        connection = up.connections
+        while True:
+            await up.read_request(reader)
+            writer.write(OK + (other if connection == 1 else b""))
+
+    async with Upstream(handler) as up:
+        pool = H1Pool()
+        first = await _post(pool, up.url)
+        assert (first.status, await first.read()) == (200, b"{}")
+        second = await _post(pool, up.url)
+        assert (second.status, await second.read()) == (200, b"{}")  # its own answer, not "other"
+        assert up.connections == 2
+        await pool.close()
+
+
+async def test_bytes_arriving_on_an_idle_connection_close_it() -> None:
+    late = b"HTTP/1.1 200 OK\r\ncontent-length: 6\r\n\r\n\"late\""
+
+    async def handler(reader, writer):
+        connection = up.connections
+        await up.read_request(reader)
+        writer.write(OK)
+        await writer.drain()
+        if connection == 1:
+            await asyncio.sleep(0.05)
+            writer.write(late)  # an answer nobody asked for, while the connection sits in the pool
+            await writer.drain()
+        while True:
+            await up.read_request(reader)
+            writer.write(OK)
+
+    async with Upstream(handler) as up:
+        pool = H1Pool()
+        assert await (await _post(pool, up.url)).read() == b"{}"
+        await asyncio.sleep(0.2)
+        resp = await _post(pool, up.url)
+        assert await resp.read() == b"{}"
+        assert up.connections == 2
+        await pool.close()
+
+
+async def test_an_interim_answer_is_skipped_and_the_real_one_read() -> None:
+    async def handler(reader, writer):
+        while True:
+            await up.read_request(reader)
+            writer.write(b"HTTP/1.1 103 Early Hints\r\nlink: </x>; rel=preload\r\n\r\n" + OK)
+
+    async with Upstream(handler) as up:
+        pool = H1Pool()
+        for _ in range(2):
+            resp = await _post(pool, up.url)
+            assert (resp.status, "link" in resp.headers, await resp.read()) == (200, False, b"{}")
         assert up.connections == 1
         await pool.close()
