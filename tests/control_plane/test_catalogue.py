@@ -169,7 +169,8 @@ async def test_values_that_would_reach_an_upstream_request_head_are_refused_when
         resp = await portal.request("PATCH", f"/v1/admin/providers/{provider_id}", admin, json={"base_url": url})
         assert resp.status_code == 422, (url, resp.text)
     model = f"m-{secrets.token_hex(3)}"
-    assert (await portal.request("POST", "/v1/admin/models", admin, json={"name": model, "kind": "chat"})).status_code == 201
+    created = await portal.request("POST", "/v1/admin/models", admin, json={"name": model, "kind": "chat"})
+    assert created.status_code == 201
     for name in ("gpt-4o\r\nx: y", "gpt-4o\n", "gpt\x00", "gpt 4o"):
         resp = await portal.request("POST", "/v1/admin/routes", admin, json={
             "model": model, "provider_id": provider_id, "upstream_model": name})
