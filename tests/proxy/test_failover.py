@@ -210,3 +210,46 @@ async def test_rejected_byok_key_is_named_and_never_replaced_by_ours(
     assert await seen(mock_upstream, r.b) == 0  # no silent fallback to our credential on route B
     for secret in ("sk-org-OWN-KEY-9999", "sk-ours-SUPPLIER-0001"):
         assert secret not in proxy.log()  # nor in any log line
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+@pytest.mark.parametrize("failure", ["break_after_headers", "stall_after_headers"])
+async def test_failover_after_the_headers_until_the_client_has_a_byte(
+    failure: str, stream: bool, client: httpx.AsyncClient, proxy: Server, mock_upstream: Server, worker,
+    factory: Factory, db,
+) -> None:
+    """200 and headers, then the body breaks (or stalls past the read timeout): nothing reached the client
+    yet, so the request fails over; a non-streamed answer until its body is whole, a stream until its first
+    bytes. Only the answering route is charged."""
+    r = await two_routes(factory, proxy, mock_upstream, a_timeout_ms=400)
+    await configure_mock(mock_upstream, {r.a: {failure: True}})
+    trace = f"fo-{secrets.token_hex(4)}"
+    resp = await client.post(proxy.url + "/v1/chat/completions", headers={**r.auth, "x-request-id": trace},
+                             json={"model": r.model, **CHAT, "stream": stream})
+    assert resp.status_code == 200, resp.text
+    if stream:
+        assert resp.text.rstrip().endswith("data: [DONE]") and f'"model":"{r.b}"' in resp.text
+    else:
+        assert resp.json()["model"] == r.b
+    record = await _record(db, trace)
+    assert (record["attempts"], record["route_id"], record["status_code"]) == (2, r.route_b, 200)
+    (usage,) = await wait_usage(db, r.org_id, 1)
+    assert usage["route_id"] == r.route_b
+    assert await seen(mock_upstream, r.a) == 1
+
+
+async def test_failures_after_the_headers_count_against_the_routes_breaker(
+    client: httpx.AsyncClient, proxy: Server, mock_upstream: Server, factory: Factory, db, settings,
+) -> None:
+    r = await two_routes(factory, proxy, mock_upstream)
+    await configure_mock(mock_upstream, {r.a: {"break_after_headers": True}})
+    for _ in range(settings.breaker_threshold):
+        resp = await client.post(proxy.url + "/v1/chat/completions", headers=r.auth, json={"model": r.model, **CHAT})
+        assert resp.status_code == 200 and resp.json()["model"] == r.b
+    # The breaker of A is open now (it was counted a success before): the next request goes straight to B.
+    trace = f"fo-{secrets.token_hex(4)}"
+    resp = await client.post(proxy.url + "/v1/chat/completions", headers={**r.auth, "x-request-id": trace},
+                             json={"model": r.model, **CHAT})
+    assert resp.status_code == 200
+    assert (await _record(db, trace))["attempts"] == 1
+    assert await seen(mock_upstream, r.a) == settings.breaker_threshold
