@@ -24,7 +24,7 @@ PERMISSIONS: dict[str, frozenset[str]] = {
                         "catalogue.read"}),
     "platform_admin": frozenset({
         "platform.orgs.read", "platform.orgs.manage", "platform.balance.adjust",
-        "platform.catalogue.read", "platform.catalogue.manage", "platform.audit.read",
+        "platform.catalogue.read", "platform.catalogue.manage", "platform.audit.read", "platform.usage.read",
     }),
     "owner": frozenset({
         *_READ_ORG, "org.update", "billing_settings.update", "members.manage", "members.manage_owners",

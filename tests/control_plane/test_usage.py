@@ -209,3 +209,31 @@ async def test_request_log_queries_prune_partitions(db) -> None:
         assert _scanned_partitions(plan) == {this_part, next_part}
         # The page is an ordered index range scan, not a sort of the whole month.
         assert "request_logs_org_idx" in json.dumps(plan) or "org_id_created_at" in json.dumps(plan)
+
+
+async def test_uncharged_usage_is_visible_to_platform_admins_only(portal: Portal, db) -> None:
+    admin = await portal.platform_admin()
+    owner = await portal.signup()
+    other = await portal.signup()
+    now = datetime.datetime.now(UTC)
+    rows = [(owner.org_id, "m-x", 100, 40), (owner.org_id, "m-x", 100, 60), (owner.org_id, "m-y", 5, 0),
+            (other.org_id, "m-x", 7, 3)]
+    for org_id, model, cost, uncharged in rows:
+        await db.execute(
+            """insert into usage_records (created_at, request_id, org_id, api_key_id, model, provider, route_id,
+                                          prompt_tokens, completion_tokens, cost_micros, uncharged_micros)
+               values ($1, $2, $3, 1, $4, 'p', 9, 1, 1, $5, $6)""",
+            now, secrets.token_hex(8), org_id, model, cost, uncharged)
+    resp = await portal.request("GET", "/v1/admin/uncharged-usage", admin, params={"org_id": owner.org_id})
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    assert [(r["model"], r["requests"], r["charged_micros"], r["uncharged_micros"]) for r in body["data"]] == [
+        ("m-x", 2, 200, 100)]  # m-y was charged in full: not listed
+    assert body["total_uncharged_micros"] == 100
+    everyone = (await portal.request("GET", "/v1/admin/uncharged-usage", admin)).json()
+    assert {r["org_id"] for r in everyone["data"]} >= {owner.org_id, other.org_id}
+    assert (await portal.request("GET", "/v1/admin/uncharged-usage", owner)).status_code == 403
+    later = (now + datetime.timedelta(days=1)).isoformat()
+    empty = await portal.request("GET", "/v1/admin/uncharged-usage", admin,
+                                 params={"org_id": owner.org_id, "start": later})
+    assert empty.status_code == 422  # start after the default end (now)
