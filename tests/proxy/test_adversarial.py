@@ -58,7 +58,7 @@ from typing import Any
 
 import httpx
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
 
 from shared.settings import Settings
@@ -203,6 +203,10 @@ scalars = st.one_of(
     st.sampled_from([4_000, 100_000, 600_000]).map(lambda n: "x" * n),
     invalid_utf8_string, bad_number_tokens.map(Raw),
 )
+hostile_model_names = st.one_of(
+    tricky_text, st.sampled_from(["", " ", "gpt-4o\x00", "../../etc/passwd", "m\r\nx-injected: 1", "%00", "*"]),
+    st.sampled_from([300, 70_000]).map(lambda n: "m" * n), invalid_utf8_string,
+)
 hostile = st.recursive(
     st.one_of(scalars, deep_value),
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
@@ -228,7 +232,9 @@ def valid_values(path: str, cat: Catalogue) -> dict[str, st.SearchStrategy]:
     """A plausible value per field, so that hostile ones are mixed into otherwise usable requests."""
     chat_models = st.sampled_from([cat.passthrough, cat.renamed, cat.anthropic])
     counts = st.integers(1, 64)
-    common = {"model": st.sampled_from([cat.embedding]) if path == "/v1/embeddings" else chat_models,
+    models = st.sampled_from([cat.embedding]) if path == "/v1/embeddings" else chat_models
+    common = {"model": st.one_of(models, models.flatmap(lambda m: tricky_text.map(lambda t: m + t)),
+                                 hostile_model_names),
               "stream": st.booleans(), "temperature": st.floats(0, 2), "user": st.text(max_size=8),
               "stream_options": st.builds(lambda b: {"include_usage": b}, st.booleans()),
               "max_tokens": counts, "max_completion_tokens": counts, "n": st.integers(1, 3),
@@ -311,6 +317,7 @@ async def test_hostile_bodies_get_a_clean_answer_and_leave_the_books_exact(
             @given(hostile_bodies(cat))
             def one(case: tuple[str, bytes, bool]) -> None:
                 path, body, stream = case
+                note(f"POST {path} body ({len(body)} bytes): {body[:600]!r}")
                 rid = f"{prefix}-{len(sent)}"
                 headers = {"authorization": f"Bearer {api_key}", "content-type": "application/json",
                            "x-request-id": rid}
@@ -485,6 +492,7 @@ async def test_header_tricks_on_raw_sockets(
         @given(raw_requests(cat, api_key))
         def one(case: tuple[str, bytes, bool]) -> None:
             path, request, may_refuse = case
+            note(f"request ({len(request)} bytes): {request[:800]!r}")
             resp = raw_exchange(adv_proxy.port, request, timeout=REQUEST_TIMEOUT_S)
             _check_raw(path, resp, may_refuse, request)
 
@@ -606,6 +614,7 @@ async def test_hostile_counts_never_overdraw_or_pass_a_spend_cap(
         @budget(20)
         @given(st.lists(money_request(cat), min_size=20, max_size=40))
         def one(requests: list[tuple[str, dict[str, Any]]]) -> None:
+            note("requests: " + "; ".join(f"{p} {encode(b)[:200]!r}" for p, b in requests))
             bridge.run(burst(requests))
 
         one()
