@@ -3,8 +3,11 @@
 Unlike `bench.mock_upstream` (one choice, at most `chunks` tokens), it bills like a real provider does
 when a client asks for a lot: every choice of `n` (and every candidate of `best_of`) is billed, each runs to
 the output cap the request carries, and a request without a cap writes `GREEDY_TOKENS` tokens (default
-20,000: a model that talks until its own context limit). The text it sends is short; the usage it reports
-is the truth a provider would bill us for. Like OpenAI it refuses `n` above 128 and `best_of` above 20.
+20,000: a model that talks until its own context limit). Input is billed as a provider bills it: text at
+about 8 bytes a token, and each image part (`image_url`, whatever the length of its URL) at `IMAGE_TOKENS`
+(default 1,105: gpt-4o's price of a 2048×2048 image at high detail). The text it sends is short; the usage
+it reports is the truth a provider would bill us for. Like OpenAI it refuses `n` above 128 and `best_of`
+above 20.
 
     granian --interface asgi --port 9200 tests.greedy_upstream:app
 """
@@ -18,6 +21,7 @@ from typing import Any
 import orjson
 
 GREEDY_TOKENS = int(os.environ.get("GREEDY_TOKENS", "20000"))
+IMAGE_TOKENS = int(os.environ.get("IMAGE_TOKENS", "1105"))
 _JSON = [(b"content-type", b"application/json")]
 _SSE = [(b"content-type", b"text/event-stream")]
 
@@ -45,6 +49,14 @@ def _plan(body: dict[str, Any], chat: bool) -> tuple[int, int, int]:
     cap = cap if cap is not None else body.get("max_tokens")
     tokens = _count(cap, "max_tokens", GREEDY_TOKENS, 10**9) if cap is not None else GREEDY_TOKENS
     return n, best_of, tokens
+
+
+def _images(messages: Any) -> int:
+    """Image parts in chat messages: `{"type": "image_url", ...}` entries of a message's content list."""
+    if not isinstance(messages, list):
+        return 0
+    return sum(1 for m in messages if isinstance(m, dict) and isinstance(m.get("content"), list)
+               for part in m["content"] if isinstance(part, dict) and part.get("type") == "image_url")
 
 
 async def _send(send, status: int, body: bytes, headers=_JSON) -> None:
@@ -79,7 +91,7 @@ async def app(scope, receive, send) -> None:
         return await _send(send, 400, _error("the body is not JSON"))
     if not isinstance(body, dict) or not isinstance(body.get("model"), str):
         return await _send(send, 400, _error("'model' is required"))
-    prompt = max(1, len(raw) // 8)  # well under the relay's bound of one token per body byte
+    prompt = max(1, len(raw) // 8) + IMAGE_TOKENS * _images(body.get("messages"))
     if path == "/v1/embeddings":
         answer = {"object": "list", "model": body["model"],
                   "data": [{"object": "embedding", "index": 0, "embedding": [0.5, -0.5]}],
