@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import datetime
 import os
 import secrets
 import subprocess
@@ -25,6 +26,7 @@ import asyncpg
 import httpx
 import pytest
 import pytest_asyncio
+import time_machine
 from redis.asyncio import Redis
 
 from shared.apikeys import create_api_key
@@ -239,6 +241,20 @@ def redis_keys(settings: Settings) -> RedisKeys:
 async def client() -> AsyncIterator[httpx.AsyncClient]:
     async with httpx.AsyncClient(timeout=20.0) as http:
         yield http
+
+
+@pytest.fixture(autouse=True)
+def _frozen_clock(request: pytest.FixtureRequest) -> Iterator[None]:
+    """`@pytest.mark.calendar` tests run with Python's clock at RR_TEST_FROZEN_CLOCK when it is set (an ISO
+    time, e.g. a month's last seconds: `make test-calendar`). The clock keeps ticking from there (asyncio's
+    monotonic clock is not moved); PostgreSQL's now() is not moved either, which is why the code hands the
+    time from Python to SQL wherever the logic depends on it."""
+    clock = os.environ.get("RR_TEST_FROZEN_CLOCK")
+    if not clock or request.node.get_closest_marker("calendar") is None:
+        yield
+        return
+    with time_machine.travel(datetime.datetime.fromisoformat(clock.replace("Z", "+00:00")), tick=True):
+        yield
 
 
 @pytest.fixture(autouse=True)
