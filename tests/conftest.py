@@ -360,6 +360,11 @@ async def tenant(factory: Factory, proxy: Server, mock_upstream: Server) -> Tena
     return Tenant(org_id, key_id, api_key, model, provider_id)
 
 
+async def ensure_partitions(db: asyncpg.Pool, parent: str, *moments: datetime.datetime) -> None:
+    """Create the partitions a test's rows need (their months), whatever day the test runs on."""
+    await db.fetchval("select rr_ensure_partitions_for($1, $2::timestamptz[])", parent, list(moments))
+
+
 async def wait_for_rows(db: asyncpg.Pool, sql: str, *args: object, count: int = 1, timeout: float = 10.0) -> list:
     """Poll until `sql` returns at least `count` rows (metadata is written in batches, asynchronously)."""
     deadline = time.monotonic() + timeout

@@ -12,7 +12,7 @@ from typing import Annotated, Literal
 
 import msgspec
 from litestar import Controller, get
-from litestar.params import Parameter
+from litestar.params import FromQuery, Parameter
 
 from control_plane.common import CP, DEPENDENCIES, LimitParam
 from control_plane.permissions import require
@@ -49,7 +49,8 @@ class AdminRejectedRowsController(Controller):
     tags = ("platform admin",)
 
     @get("/", guards=[require("platform.rejected_rows.read")])
-    async def rejected_rows(self, cp: CP, kind: RejectedKind | None = None, unresolved: bool = False,
+    async def rejected_rows(self, cp: CP, kind: FromQuery[RejectedKind | None] = None,
+                            unresolved: FromQuery[bool] = False,
                             before_id: Annotated[int | None, Parameter(ge=1, le=MAX_ID)] = None,
                             limit: LimitParam = 50) -> RejectedPage:
         """Set-aside rows, newest first, with the number still unresolved per kind."""
