@@ -18,6 +18,7 @@ from litestar.openapi.spec import Components, SecurityScheme
 
 from control_plane.controllers.admin_catalogue import AdminCatalogueController
 from control_plane.controllers.admin_orgs import AdminOrgsController
+from control_plane.controllers.admin_rejected import AdminRejectedRowsController
 from control_plane.controllers.admin_usage import AdminUsageController
 from control_plane.controllers.audit_log import AdminAuditController, OrgAuditController
 from control_plane.controllers.auth import AuthController, MeController
@@ -37,7 +38,7 @@ __all__ = ["CONTROLLERS", "create_app", "endpoint_actions"]
 CONTROLLERS = [
     HealthController, AuthController, MeController, OrgsController, KeysController, UsageController,
     CatalogueController, ByokController, OrgAuditController, AdminOrgsController, AdminCatalogueController,
-    AdminAuditController, AdminUsageController,
+    AdminAuditController, AdminUsageController, AdminRejectedRowsController,
 ]
 
 _ERROR_DESCRIPTIONS = {

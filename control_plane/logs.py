@@ -16,8 +16,8 @@ import datetime
 
 import msgspec
 
-__all__ = ["LogCursor", "LogFilter", "UsageFilter", "decode_cursor", "encode_cursor", "request_log_query",
-           "usage_query"]
+__all__ = ["LogCursor", "LogFilter", "UsageFilter", "decode_cursor", "encode_cursor", "log_window",
+           "request_log_query", "usage_query", "usage_window"]
 
 _EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
 
@@ -64,6 +64,21 @@ def decode_cursor(text: str) -> LogCursor | None:
     except (binascii.Error, UnicodeDecodeError, ValueError, OverflowError):
         return None
     return LogCursor(when, request_id) if request_id else None
+
+
+def usage_window(start: datetime.date | None, end: datetime.date | None,
+                 now: datetime.datetime) -> tuple[datetime.date, datetime.date]:
+    """The usage listing's days (inclusive): `end` defaults to today (UTC) as of `now`, `start` to 29 days
+    before `end`. `now` is the caller's clock, passed in so the month and year ends can be tested."""
+    end = end or now.astimezone(datetime.UTC).date()
+    return start or end - datetime.timedelta(days=29), end
+
+
+def log_window(start: datetime.datetime | None, end: datetime.datetime | None,
+               now: datetime.datetime) -> tuple[datetime.datetime, datetime.datetime]:
+    """The request-log listing's range [start, end): by default the 24 hours up to `now`."""
+    end = end or now
+    return start or end - datetime.timedelta(hours=24), end
 
 
 def _filters(f: LogFilter | UsageFilter, args: list) -> list[str]:

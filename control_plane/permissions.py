@@ -25,6 +25,7 @@ PERMISSIONS: dict[str, frozenset[str]] = {
     "platform_admin": frozenset({
         "platform.orgs.read", "platform.orgs.manage", "platform.balance.adjust",
         "platform.catalogue.read", "platform.catalogue.manage", "platform.audit.read", "platform.usage.read",
+        "platform.rejected_rows.read",
     }),
     "owner": frozenset({
         *_READ_ORG, "org.update", "billing_settings.update", "members.manage", "members.manage_owners",

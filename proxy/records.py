@@ -5,6 +5,13 @@ a per-connection temporary staging table and moves it with `insert … on confli
 retried after an ambiguous failure (committed, but the connection broke before we heard) changes nothing.
 While PostgreSQL is down the buffer holds the rows (up to `log_buffer_max`, oldest dropped past that, with
 a count) and retries. Bodies are never part of a record: there is no field that could hold one.
+
+The COPY itself is `shared.db.staged_copy.write_staged`: a row for a month without a partition gets its
+partition; a row PostgreSQL refuses (a NUL in `model`, …) is set aside while the rest of its batch is
+written, counted in `rejected`, logged without its content and recorded in `rejected_rows` (request id,
+org, time and the error's SQLSTATE/class; never the model string or user agent), where platform admins
+list it (`GET /v1/admin/rejected-rows`). Retrying such a batch would fail forever and stop request logging
+of every org served by this worker.
 """
 
 from __future__ import annotations
@@ -15,6 +22,8 @@ import time
 from datetime import UTC, datetime
 
 import asyncpg
+
+from shared.db.staged_copy import Rejected, StagedTable, write_staged
 
 __all__ = ["COLUMNS", "RequestLogWriter", "RequestRecord"]
 
@@ -93,6 +102,20 @@ _STAGE_DDL = (
 )
 _MOVE_SQL = "insert into request_logs ({}) select {} from request_logs_stage on conflict do nothing".format(
     ", ".join(COLUMNS), ", ".join("client_ip::inet" if c == "client_ip" else c for c in COLUMNS))
+_TABLE = StagedTable("request_logs", "request_logs_stage", _STAGE_DDL, COLUMNS, _MOVE_SQL,
+                     COLUMNS.index("created_at"))
+_REJECTED_SQL = """insert into rejected_rows (kind, request_id, org_id, row_created_at, sqlstate, reason)
+                   values ('request_log', $1, $2, $3, $4, $5)"""
+_ID, _ORG, _CREATED = COLUMNS.index("request_id"), COLUMNS.index("org_id"), COLUMNS.index("created_at")
+
+
+def _rejected_record(r: Rejected) -> tuple:
+    """What is kept of a set-aside row: identifiers only. The request id is ours, but it is part of the row
+    that failed, so it is kept only when it is a plain string of sane length."""
+    rid, org, created = r.row[_ID], r.row[_ORG], r.row[_CREATED]
+    rid = rid if isinstance(rid, str) and rid.isprintable() and len(rid) <= 200 else None
+    org = org if isinstance(org, int) and -(2**63) <= org < 2**63 else None
+    return rid, org, created if isinstance(created, datetime) else None, r.sqlstate, r.reason
 
 
 class RequestLogWriter:
@@ -111,6 +134,7 @@ class RequestLogWriter:
         self._closing = False
         self.dropped = 0
         self.written = 0
+        self.rejected = 0  # rows PostgreSQL refused: set aside, recorded in rejected_rows
 
     def add(self, record: RequestRecord) -> None:
         """Queue one record; called on the hot path, so it only appends."""
@@ -152,8 +176,8 @@ class RequestLogWriter:
             batch = self._rows[: self._batch_size]
             del self._rows[: len(batch)]
             try:
-                await self._write(batch)
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+                rejected = await self._write(batch)
+            except Exception as exc:  # PostgreSQL down or unreachable (poison rows never get here): keep them
                 self._rows[:0] = batch  # put it back in front, in order, and try again later
                 self._trim()
                 log.warning("request log writer: batch of %d failed (%s); retrying", len(batch),
@@ -164,7 +188,13 @@ class RequestLogWriter:
                 backoff = min(backoff * 2, 5.0)
                 continue
             backoff = self._interval
-            self.written += len(batch)
+            self.written += len(batch) - len(rejected)
+            if rejected:
+                self.rejected += len(rejected)
+                # Counts and error classes only: the rows' content (model, user agent) is request content.
+                log.error("request log writer: %d of %d rows refused by PostgreSQL (%s) and set aside in "
+                          "rejected_rows; the rest of the batch was written", len(rejected), len(batch),
+                          ", ".join(sorted({f"{r.reason} {r.sqlstate or '-'}" for r in rejected})))
 
     def _trim(self) -> None:
         excess = len(self._rows) - self._buffer_max
@@ -173,22 +203,12 @@ class RequestLogWriter:
             self.dropped += excess
             log.error("request log writer: buffer full, dropped %d oldest rows", excess)
 
-    async def _write(self, batch: list[tuple]) -> None:
+    async def _write(self, batch: list[tuple]) -> list[Rejected]:
         async with self._pool.acquire() as conn:
-            for attempt in (1, 2, 3):
-                try:
-                    async with conn.transaction():
-                        await conn.copy_records_to_table("request_logs_stage", records=batch, columns=COLUMNS)
-                        await conn.execute(_MOVE_SQL)
-                    return
-                except asyncpg.UndefinedTableError:
-                    if attempt == 3:
-                        raise
-                    await conn.execute(_STAGE_DDL)  # a new connection: create its staging table, then again
-                    continue
-                except asyncpg.PostgresError as exc:
-                    # A row for a month without a partition (the partition manager is late): create it.
-                    if attempt < 3 and "no partition" in str(exc):
-                        await conn.execute("select rr_ensure_month_partitions('request_logs', 2)")
-                        continue
-                    raise
+            return await write_staged(conn, _TABLE, batch, finish=_record_rejected)
+
+
+async def _record_rejected(conn: asyncpg.Connection, rejected: list[Rejected]) -> None:
+    """In the batch's transaction: the set-aside rows are recorded exactly when the others are written."""
+    if rejected:
+        await conn.executemany(_REJECTED_SQL, [_rejected_record(r) for r in rejected])

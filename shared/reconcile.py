@@ -2,8 +2,11 @@
 
 Per org it checks (1) PostgreSQL: the balance equals the sum of its balance transactions, and (2) Redis:
 the live balance equals what a rebuild would set now (PostgreSQL balance - un-flushed usage events +
-parked credits), computed by the rebuild script in dry-run mode. Drift is reported per org; the exit code
-is 1 when there is any. `--repair` re-creates drifting live balances from the ledger.
+parked credits), computed by the rebuild script in dry-run mode. It also reports (3) billing events the
+flusher held for repair because PostgreSQL refused them (unresolved `rejected_rows` of kind 'usage_event':
+their ledger debit is in, their usage record is not — or, with no transaction_id, not even the debit).
+Findings are reported per org; the exit code is 1 when there is any. `--repair` re-creates drifting live
+balances from the ledger (held events need a person: they are not repaired here).
 """
 
 from __future__ import annotations
@@ -26,12 +29,17 @@ __all__ = ["Drift", "main", "reconcile"]
 
 @dataclass(frozen=True, slots=True)
 class Drift:
-    org_id: int
-    kind: str  # "ledger" (PostgreSQL balance vs transactions) or "live" (Redis vs expected)
+    org_id: int | None
+    kind: str  # "ledger" (PostgreSQL balance vs transactions), "live" (Redis vs expected), "held" (see above)
     expected_micros: int
     actual_micros: int
+    events: int = 0  # "held": how many events; actual_micros is their cost, expected_micros the part debited
 
     def __str__(self) -> str:
+        if self.kind == "held":
+            return (f"org {self.org_id}: {self.events} billing event(s) held for repair in rejected_rows, "
+                    f"cost {format_usd(self.actual_micros)}, of which {format_usd(self.expected_micros)} "
+                    "is in the ledger")
         off = format_usd(self.actual_micros - self.expected_micros)
         return (f"org {self.org_id}: {self.kind} drift: expected {format_usd(self.expected_micros)}, "
                 f"found {format_usd(self.actual_micros)} (off by {off})")
@@ -59,6 +67,12 @@ async def reconcile(settings: Settings, *, repair: bool = False) -> list[Drift]:
                 if repair:
                     await redis.delete(keys.org(row["org_id"]).balance)
                     await rebuild_balance(pool, scripts, keys, row["org_id"])
+        for row in await pool.fetch(
+                """select org_id, count(*)::int as n, coalesce(sum(cost_micros), 0)::bigint as cost,
+                          coalesce(sum(cost_micros) filter (where transaction_id is not null), 0)::bigint as debited
+                   from rejected_rows where kind = 'usage_event' and resolved_at is null
+                   group by org_id order by org_id nulls first"""):
+            drifts.append(Drift(row["org_id"], "held", row["debited"], row["cost"], row["n"]))
     finally:
         await redis.aclose()
         await pool.close()

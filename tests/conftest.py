@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import datetime
 import os
 import secrets
 import subprocess
@@ -25,6 +26,7 @@ import asyncpg
 import httpx
 import pytest
 import pytest_asyncio
+import time_machine
 from redis.asyncio import Redis
 
 from shared.apikeys import create_api_key
@@ -242,6 +244,20 @@ async def client() -> AsyncIterator[httpx.AsyncClient]:
 
 
 @pytest.fixture(autouse=True)
+def _frozen_clock(request: pytest.FixtureRequest) -> Iterator[None]:
+    """`@pytest.mark.calendar` tests run with Python's clock at RR_TEST_FROZEN_CLOCK when it is set (an ISO
+    time, e.g. a month's last seconds: `make test-calendar`). The clock keeps ticking from there (asyncio's
+    monotonic clock is not moved); PostgreSQL's now() is not moved either, which is why the code hands the
+    time from Python to SQL wherever the logic depends on it."""
+    clock = os.environ.get("RR_TEST_FROZEN_CLOCK")
+    if not clock or request.node.get_closest_marker("calendar") is None:
+        yield
+        return
+    with time_machine.travel(datetime.datetime.fromisoformat(clock.replace("Z", "+00:00")), tick=True):
+        yield
+
+
+@pytest.fixture(autouse=True)
 def _reset_mock(request: pytest.FixtureRequest) -> None:
     """A test that uses the shared mock upstream starts from its default behaviour."""
     if "mock_upstream" in request.fixturenames:
@@ -342,6 +358,11 @@ async def tenant(factory: Factory, proxy: Server, mock_upstream: Server) -> Tena
     model = await factory.model(provider_id)
     await factory.publish_config(proxy, api_key, model)
     return Tenant(org_id, key_id, api_key, model, provider_id)
+
+
+async def ensure_partitions(db: asyncpg.Pool, parent: str, *moments: datetime.datetime) -> None:
+    """Create the partitions a test's rows need (their months), whatever day the test runs on."""
+    await db.fetchval("select rr_ensure_partitions_for($1, $2::timestamptz[])", parent, list(moments))
 
 
 async def wait_for_rows(db: asyncpg.Pool, sql: str, *args: object, count: int = 1, timeout: float = 10.0) -> list:

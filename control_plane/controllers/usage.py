@@ -11,7 +11,16 @@ from litestar.params import FromQuery, Parameter
 
 from control_plane.common import CP, DEPENDENCIES, IdParam, LimitParam, utc
 from control_plane.errors import Invalid
-from control_plane.logs import LogFilter, UsageFilter, decode_cursor, encode_cursor, request_log_query, usage_query
+from control_plane.logs import (
+    LogFilter,
+    UsageFilter,
+    decode_cursor,
+    encode_cursor,
+    log_window,
+    request_log_query,
+    usage_query,
+    usage_window,
+)
 from control_plane.permissions import require
 from control_plane.state import MAX_ID
 
@@ -128,8 +137,7 @@ class UsageController(Controller):
                     model: ModelParam = None) -> Usage:
         """Requests, tokens and cost per UTC day × model × key, from `start` to `end` (inclusive; default: the
         last 30 days)."""
-        end = end or datetime.datetime.now(datetime.UTC).date()
-        start = start or end - datetime.timedelta(days=29)
+        start, end = usage_window(start, end, datetime.datetime.now(datetime.UTC))
         if start > end or (end - start).days >= MAX_USAGE_DAYS:
             raise Invalid(f"start must not be after end, and the range at most {MAX_USAGE_DAYS} days.")
         try:
@@ -152,8 +160,8 @@ class UsageController(Controller):
                            limit: LimitParam = 50) -> RequestLogPage:
         """Request metadata (never bodies), newest first, from `start` (inclusive) to `end` (exclusive;
         default: the 24 hours up to now; at most 93 days). Pages with `cursor` = the previous `next_cursor`."""
-        end = utc(end) if end else datetime.datetime.now(datetime.UTC)
-        start = utc(start) if start else end - datetime.timedelta(hours=24)
+        start, end = log_window(utc(start) if start else None, utc(end) if end else None,
+                                datetime.datetime.now(datetime.UTC))
         if start >= end or end - start > MAX_LOG_RANGE:
             raise Invalid("start must be before end, and the range at most 93 days.")
         position = None

@@ -14,6 +14,26 @@ and only then acknowledged. A crash before the commit leaves the entries pending
 a crash after the commit and before the ACK re-reads them and inserts nothing. PostgreSQL down: the batch
 is retried with backoff while the entries wait in the stream. Entries are processed in stream order, so
 the watermark says "everything up to here is in PostgreSQL, nothing after" — what balance rebuilds use.
+
+Poison events. An event that decodes but that PostgreSQL refuses (a NUL in its model string, a token count
+out of range, an org deleted since) would fail its batch forever and stop the shard: no event after it would
+reach the ledger. `shared.db.staged_copy.write_staged` finds it by bisecting the batch in savepoints; the
+rest is written, and the poison event is *held*, never dropped: its raw stream entry goes into
+`rejected_rows` (kind 'usage_event', unique per shard and stream id, so a replay holds it once) in the same
+transaction as the batch and the watermark, and the entries are acknowledged only after that commit.
+
+Money stays consistent. Settle already debited the event's cost from the live Redis balance, and the
+watermark moves past the held event, so a balance rebuild would no longer subtract it as un-flushed: if the
+ledger missed it too, a rebuild would hand the cost back. So a held event still gets its ledger effect — one
+'usage' balance transaction of -cost for its org (reason 'usage held for repair', referenced by the held
+row's `transaction_id`) with org_balances updated — and only its usage record waits for repair (whoever
+repairs it inserts the usage record with that transaction_id and sets `resolved_at`). When even that debit
+is refused (the org no longer exists, the cost is out of range), the event is held with no transaction_id:
+`rr-reconcile` reports every unresolved held event, and platform admins list them (`GET
+/v1/admin/rejected-rows`). The watermark thus means "everything up to here is in PostgreSQL: in the ledger,
+or held for repair in rejected_rows".
+
+Events that do not even decode are kept in the `<stream>:dead` dead-letter stream (as before).
 """
 
 from __future__ import annotations
@@ -32,6 +52,7 @@ from redis.exceptions import RedisError, ResponseError
 
 from shared import failpoints
 from shared.billing import UsageEvent
+from shared.db.staged_copy import Rejected, StagedTable, write_staged
 from shared.redis_keys import RedisKeys
 from shared.settings import Settings
 from shared.workers import sleep_unless_stopped
@@ -46,6 +67,24 @@ _STAGE_DDL = """create temp table if not exists usage_stage (
     created_at timestamptz, request_id text, org_id bigint, api_key_id bigint, model text, provider text,
     route_id bigint, prompt_tokens integer, completion_tokens integer, cost_micros bigint, price_id bigint,
     byok boolean, uncharged_micros bigint) on commit delete rows"""
+_HOLD_SQL = """
+insert into rejected_rows (kind, request_id, org_id, row_created_at, sqlstate, reason, shard, stream_id, payload,
+                           cost_micros)
+values ('usage_event', $1, $2, $3, $4, $5, $6, $7, $8, $9)
+on conflict (shard, stream_id) where kind = 'usage_event' do nothing
+returning id
+"""
+# The ledger effect of a held event (see the module docstring): what settle already took from the live balance.
+_HELD_DEBIT_SQL = """
+with txn as (
+    insert into balance_transactions (org_id, kind, amount_micros, request_count, reason)
+    values ($1, 'usage', -$2::bigint, 1, 'usage held for repair') returning id, org_id, amount_micros
+), bal as (
+    update org_balances b set balance_micros = b.balance_micros + t.amount_micros, updated_at = now()
+    from txn t where b.org_id = t.org_id
+)
+update rejected_rows set transaction_id = (select id from txn) where id = $3
+"""
 _WRITE_SQL = """
 with txn as (
     select org_id, nextval(pg_get_serial_sequence('balance_transactions', 'id')) as id
@@ -69,6 +108,7 @@ with txn as (
 update org_balances b set balance_micros = b.balance_micros + l.amount_micros, updated_at = now()
 from ledger l where b.org_id = l.org_id
 """
+_TABLE = StagedTable("usage_records", "usage_stage", _STAGE_DDL, _STAGE_COLUMNS, _WRITE_SQL)
 _WATERMARK_SQL = """
 insert into billing_watermarks (shard, last_ms, last_seq) values ($1, $2, $3)
 on conflict (shard) do update set
@@ -105,6 +145,7 @@ class BillingFlusher:
         self._consumer = f"{socket.gethostname()}-{os.getpid()}"
         self._stopping = asyncio.Event()
         self.flushed = 0
+        self.held = 0  # events PostgreSQL refused, held for repair in rejected_rows
 
     def stop(self) -> None:
         self._stopping.set()
@@ -177,7 +218,10 @@ class BillingFlusher:
                     await self._flush(shard, token, stream, entries)
 
     async def _flush(self, shard: int, token: str, stream: str, entries: list) -> None:
-        rows, ids = [], []
+        rows: list[tuple] = []
+        ids: list = []
+        held: list[_Held] = []  # events that cannot be written as usage records
+        source: dict[int, _Held] = {}  # id(row) -> its entry, for rows that PostgreSQL may refuse
         for entry_id, fields in entries:
             ids.append(entry_id)
             if not fields:  # deleted while pending (trimmed): nothing to write
@@ -188,17 +232,24 @@ class BillingFlusher:
                 log.error("shard %d: undecodable billing event %s kept in the dead-letter stream", shard, entry_id)
                 await self._redis.xadd(stream + ":dead", {k: v for k, v in fields.items()})
                 continue
-            rows.append((datetime.fromtimestamp(e.created_us / 1_000_000, UTC), e.request_id, e.org_id,
-                         e.api_key_id, e.model, e.provider, e.route_id, e.prompt_tokens, e.completion_tokens,
-                         e.cost_micros, e.price_id, e.byok, e.uncharged_micros))
+            entry = _Held(_text_id(entry_id), fields[b"d"], e)
+            try:
+                created_at = datetime.fromtimestamp(e.created_us / 1_000_000, UTC)
+            except (OverflowError, ValueError, OSError) as exc:  # a time no datetime can hold
+                held.append(entry.refused(None, type(exc).__name__))
+                continue
+            row = (created_at, e.request_id, e.org_id, e.api_key_id, e.model, e.provider, e.route_id,
+                   e.prompt_tokens, e.completion_tokens, e.cost_micros, e.price_id, e.byok, e.uncharged_micros)
+            rows.append(row)
+            source[id(row)] = entry
         last_ms, last_seq = _id_parts(ids[-1] if isinstance(ids[-1], bytes) else ids[-1].encode())
         delay = 0.2
         while True:
             await self._hold(shard, token)
             try:
-                await self._write(rows, shard, last_ms, last_seq)
+                kept = await self._write(rows, held, source, shard, last_ms, last_seq)
                 break
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+            except Exception as exc:  # PostgreSQL down or unreachable (poison events never get here)
                 log.warning("shard %d: writing %d events failed (%s); retrying", shard, len(rows),
                             type(exc).__name__)
                 await self._sleep(delay)
@@ -209,23 +260,73 @@ class BillingFlusher:
         await self._redis.xack(stream, RedisKeys.BILLING_GROUP, *ids)
         keep_from = min(last_ms, int(time.time() * 1000) - _TRIM_KEEP_MS)
         await self._redis.xtrim(stream, minid=f"{keep_from}-0", approximate=True)
-        self.flushed += len(rows)
+        self.flushed += len(rows) + len(held) - len(kept)
+        if kept:
+            self.held += len(kept)
+            # Stream ids and error classes only: the event's strings are what PostgreSQL refused.
+            log.error("shard %d: %d billing event(s) refused by PostgreSQL held for repair in rejected_rows "
+                      "(%s); the rest of the batch was written", shard, len(kept),
+                      ", ".join(f"{h.stream_id}: {h.reason}" for h in kept))
 
-    async def _write(self, rows: list[tuple], shard: int, last_ms: int, last_seq: int) -> None:
+    async def _write(self, rows: list[tuple], held: list[_Held], source: dict[int, _Held], shard: int,
+                     last_ms: int, last_seq: int) -> list[_Held]:
+        """Write the batch, hold what PostgreSQL refuses, move the watermark: one transaction. Returns the
+        events held."""
         failpoints.hit(self._settings.failpoint, failpoints.FLUSHER_BEFORE_COPY)
+        kept: list[_Held] = []
+
+        async def finish(conn: asyncpg.Connection, rejected: list[Rejected]) -> None:
+            failpoints.hit(self._settings.failpoint, failpoints.FLUSHER_AFTER_COPY)
+            kept[:] = [*held, *(source[id(r.row)].refused(r.sqlstate, r.reason) for r in rejected)]
+            for h in kept:
+                await _keep(conn, h, shard)
+            await conn.execute(_WATERMARK_SQL, shard, last_ms, last_seq)
+
         async with self._pool.acquire() as conn:
-            for attempt in (1, 2):
-                try:
-                    async with conn.transaction():
-                        await conn.execute(_STAGE_DDL)
-                        if rows:
-                            await conn.copy_records_to_table("usage_stage", records=rows, columns=_STAGE_COLUMNS)
-                            failpoints.hit(self._settings.failpoint, failpoints.FLUSHER_AFTER_COPY)
-                            await conn.execute(_WRITE_SQL)
-                        await conn.execute(_WATERMARK_SQL, shard, last_ms, last_seq)
-                    return
-                except asyncpg.PostgresError as exc:
-                    if attempt == 1 and "no partition" in str(exc):
-                        await conn.execute("select rr_ensure_month_partitions('usage_records', 2)")
-                        continue
-                    raise
+            await write_staged(conn, _TABLE, rows, finish=finish)
+        return kept
+
+
+class _Held:
+    """A stream entry being held for repair: its id, raw payload, decoded event and why it was refused."""
+
+    __slots__ = ("event", "payload", "reason", "sqlstate", "stream_id")
+
+    def __init__(self, stream_id: str, payload: bytes, event: UsageEvent) -> None:
+        self.stream_id, self.payload, self.event = stream_id, payload, event
+        self.sqlstate: str | None = None
+        self.reason = ""
+
+    def refused(self, sqlstate: str | None, reason: str) -> _Held:
+        self.sqlstate, self.reason = sqlstate, reason
+        return self
+
+
+def _text_id(entry_id: bytes | str) -> str:
+    return entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+
+
+def _bigint(value: object) -> int | None:
+    return value if isinstance(value, int) and -(2**63) <= value < 2**63 else None
+
+
+async def _keep(conn: asyncpg.Connection, h: _Held, shard: int) -> None:
+    """Hold one event in rejected_rows and, if it is new there, give it its ledger effect (in a savepoint:
+    when even the debit is refused, the event is still held, with no transaction)."""
+    e = h.event
+    rid = e.request_id if e.request_id.isprintable() and len(e.request_id) <= 200 else None
+    try:
+        created = datetime.fromtimestamp(e.created_us / 1_000_000, UTC)
+    except (OverflowError, ValueError, OSError):
+        created = None
+    org_id, cost = _bigint(e.org_id), _bigint(e.cost_micros)
+    held_id = await conn.fetchval(_HOLD_SQL, rid, org_id, created, h.sqlstate, h.reason, shard, h.stream_id,
+                                  h.payload, cost)
+    if held_id is None or org_id is None or cost is None:
+        return  # held before (a replayed batch: its debit is in already), or nothing that can be debited
+    try:
+        async with conn.transaction():
+            await conn.execute(_HELD_DEBIT_SQL, org_id, cost, held_id)
+    except asyncpg.IntegrityConstraintViolationError as exc:  # e.g. the org was deleted since
+        log.error("shard %d: held billing event %s could not be debited (%s): the ledger misses it",
+                  shard, h.stream_id, type(exc).__name__)

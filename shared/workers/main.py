@@ -12,6 +12,7 @@ import asyncio
 import logging
 import signal
 import sys
+from datetime import UTC, datetime
 
 import asyncpg
 
@@ -24,14 +25,26 @@ from shared.workers.retention import enforce_retention
 log = logging.getLogger("rocket_relay.worker")
 
 PARTITION_CHECK_INTERVAL_S = 3600.0
+PARTITION_MONTHS_AHEAD = 2
+
+
+async def ensure_partitions_ahead(pool: asyncpg.Pool, now: datetime | None = None) -> int:
+    """Create the partitions of this month and the next `PARTITION_MONTHS_AHEAD` months of both partitioned
+    tables that are missing; returns how many. "This month" is Python's clock (`now`), not the database's,
+    so it is the writers' month and a test can fix it."""
+    now = now or datetime.now(UTC)
+    created = 0
+    for table in ("request_logs", "usage_records"):
+        created += await pool.fetchval("select rr_ensure_month_partitions_from($1, $2, $3)", table, now,
+                                       PARTITION_MONTHS_AHEAD)
+    return created
 
 
 async def manage_partitions(pool: asyncpg.Pool, stop: asyncio.Event) -> None:
     """Keep the next months' partitions of the partitioned tables created ahead of time."""
     while not stop.is_set():
         try:
-            for table in ("request_logs", "usage_records"):
-                await pool.fetchval("select rr_ensure_month_partitions($1, 2)", table)
+            await ensure_partitions_ahead(pool)
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             log.warning("partition check failed (%s)", type(exc).__name__)
         await sleep_unless_stopped(stop, PARTITION_CHECK_INTERVAL_S)

@@ -6,6 +6,9 @@ One pass, every `RR_RETENTION_INTERVAL_S`:
    past `RR_LOG_RETENTION_MAX_DAYS` (no org may keep its logs longer), usage_records (billing evidence)
    past `RR_USAGE_RETENTION_DAYS`. The SQL function `rr_drop_expired_partitions` reads the bounds from the
    catalog and never touches the current or a future month.
+
+Every cutoff is computed from one `now` taken from Python's clock at the start of the pass (or passed in)
+and handed to SQL, never from PostgreSQL's now(): a test can fix the clock, e.g. at a month's last second.
 2. Deletes each org's request_logs rows older than its own retention (`orgs.request_log_retention_days`,
    or `RR_LOG_RETENTION_DEFAULT_DAYS` when null; rows of no org follow the default), in statements of at
    most `RR_RETENTION_BATCH_SIZE` rows with a short pause between them, so no statement holds its row locks
@@ -25,7 +28,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 import asyncpg
 
@@ -57,16 +60,19 @@ class RetentionResult:
 
 
 async def run_retention_pass(pool: asyncpg.Pool, settings: Settings, *, stop: asyncio.Event | None = None,
-                             wait: bool = False, batch_pause_s: float = BATCH_PAUSE_S) -> RetentionResult | None:
-    """One retention pass. Returns None without doing anything when another pass holds the lock (unless
-    `wait`, which waits for it). Stops between two statements once `stop` is set."""
+                             wait: bool = False, batch_pause_s: float = BATCH_PAUSE_S,
+                             now: datetime | None = None) -> RetentionResult | None:
+    """One retention pass as of `now` (default: Python's clock, which time-machine moves in tests; the
+    database's now() is never used for the cutoffs). Returns None without doing anything when another pass
+    holds the lock (unless `wait`, which waits for it). Stops between two statements once `stop` is set."""
+    now = now or datetime.now(UTC)
     async with pool.acquire() as conn:
         if wait:
             await conn.execute(f"select pg_advisory_lock({_PASS_LOCK_SQL})")
         elif not await conn.fetchval(f"select pg_try_advisory_lock({_PASS_LOCK_SQL})"):
             return None
         try:
-            return await _pass(conn, settings, stop or asyncio.Event(), batch_pause_s)
+            return await _pass(conn, settings, stop or asyncio.Event(), batch_pause_s, now)
         finally:
             try:
                 await conn.execute(f"select pg_advisory_unlock({_PASS_LOCK_SQL})")
@@ -75,13 +81,12 @@ async def run_retention_pass(pool: asyncpg.Pool, settings: Settings, *, stop: as
 
 
 async def _pass(conn: asyncpg.Connection, settings: Settings, stop: asyncio.Event,
-                pause_s: float) -> RetentionResult:
+                pause_s: float, now: datetime) -> RetentionResult:
     result = RetentionResult()
     for parent, keep_days in (("request_logs", settings.log_retention_max_days),
                               ("usage_records", settings.usage_retention_days)):
-        result.partitions_dropped[parent] = await _drop_expired_partitions(conn, parent, keep_days)
+        result.partitions_dropped[parent] = await _drop_expired_partitions(conn, parent, keep_days, now)
 
-    now: datetime = await conn.fetchval("select now()")
     partitions = await conn.fetch(
         "select partition::text as name, lower_bound from rr_month_partitions('request_logs')")
     targets: list[tuple[int | None, int]] = [
@@ -101,11 +106,11 @@ async def _pass(conn: asyncpg.Connection, settings: Settings, stop: asyncio.Even
     return result
 
 
-async def _drop_expired_partitions(conn: asyncpg.Connection, parent: str, keep_days: int) -> int:
+async def _drop_expired_partitions(conn: asyncpg.Connection, parent: str, keep_days: int, now: datetime) -> int:
     try:
         async with conn.transaction():
             await conn.execute(f"set local lock_timeout = '{PARTITION_LOCK_TIMEOUT}'")
-            return await conn.fetchval("select rr_drop_expired_partitions($1, $2)", parent, keep_days)
+            return await conn.fetchval("select rr_drop_expired_partitions($1, $2, $3)", parent, keep_days, now)
     except asyncpg.LockNotAvailableError:
         log.warning("retention: %s is busy; its expired partitions are dropped at the next pass", parent)
         return 0

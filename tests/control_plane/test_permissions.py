@@ -77,7 +77,7 @@ async def _fresh_key(w: World, factory: Factory) -> int:
 # --- public -----------------------------------------------------------------------------------------------
 for _path in ("/healthz", "/readyz", "/openapi.json", "/v1/me", "/v1/orgs", "/v1/models", "/v1/providers",
               "/v1/admin/orgs", "/v1/admin/models", "/v1/admin/prices", "/v1/admin/providers", "/v1/admin/routes",
-              "/v1/admin/audit-log", "/v1/admin/uncharged-usage"):
+              "/v1/admin/audit-log", "/v1/admin/uncharged-usage", "/v1/admin/rejected-rows"):
     EXAMPLES[("GET", _path)] = lambda w, p, f, a: _call()
 
 for _path in ("", "/members", "/keys", "/balance", "/transactions", "/usage", "/request-logs", "/byok",

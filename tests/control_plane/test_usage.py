@@ -7,8 +7,11 @@ import datetime
 import json
 import secrets
 
-from control_plane.logs import LogFilter, request_log_query
+import pytest
+
+from control_plane.logs import LogFilter, log_window, request_log_query, usage_window
 from shared.billing import BillingScripts, rebuild_balance
+from tests.conftest import ensure_partitions
 from tests.control_plane.conftest import Portal
 
 UTC = datetime.UTC
@@ -70,6 +73,7 @@ async def test_usage_per_day_model_and_key(portal: Portal, db) -> None:
         (now, 1, "m-a", 10, 5, 100), (now, 1, "m-a", 20, 5, 150), (now, 2, "m-a", 1, 1, 7),
         (now, 1, "m-b", 3, 3, 9), (yesterday, 1, "m-a", 4, 4, 40),
     ]
+    await ensure_partitions(db, "usage_records", now, yesterday)  # yesterday: last month, on the 1st
     for created_at, key, model, prompt, completion, cost in rows:
         await db.execute(
             """insert into usage_records (created_at, request_id, org_id, api_key_id, model, prompt_tokens,
@@ -102,6 +106,7 @@ async def test_request_logs_filters_and_keyset_pages(portal: Portal, db) -> None
     owner = await portal.signup()
     now = datetime.datetime.now(UTC)
     base = now - datetime.timedelta(hours=1)
+    await ensure_partitions(db, "request_logs", base, now, now - datetime.timedelta(days=3))
     # Several rows share one timestamp: the cursor must still visit each exactly once.
     times = [base + datetime.timedelta(seconds=i // 3) for i in range(25)]
     await _insert_logs(db, owner.org_id, times)
@@ -160,12 +165,15 @@ def _subplans_removed(plan: dict) -> int:
     return walk(plan["Plan"])
 
 
+@pytest.mark.calendar
 async def test_request_log_queries_prune_partitions(db) -> None:
     """With rows in two monthly partitions, a page of one month scans only that month's partition, both with
     a custom plan (pruned at planning) and with a generic prepared plan (pruned at executor start-up)."""
     org_id = 10_000_000 + secrets.randbelow(1_000_000)
     now = datetime.datetime.now(UTC)
     this_month, next_month = _month_start(now), _month_start(now, 1)
+    # The rows go up to three "month lengths" on: four months, of which only three may exist yet.
+    await ensure_partitions(db, "request_logs", *(this_month + k * (next_month - this_month) for k in range(4)))
     # A few thousand rows in this month and in next month's partition (it exists ahead of time).
     await db.execute(
         """insert into request_logs (created_at, request_id, org_id, api_key_id, model, path, method, status_code,
@@ -237,3 +245,18 @@ async def test_uncharged_usage_is_visible_to_platform_admins_only(portal: Portal
     empty = await portal.request("GET", "/v1/admin/uncharged-usage", admin,
                                  params={"org_id": owner.org_id, "start": later})
     assert empty.status_code == 422  # start after the default end (now)
+
+
+@pytest.mark.calendar
+def test_default_windows_follow_the_clock_across_month_and_year_ends() -> None:
+    """The listings' defaults, from the caller's clock: the last 30 UTC days of usage, the last 24 hours of
+    request logs — across a month's or a year's end when the clock (RR_TEST_FROZEN_CLOCK) is there."""
+    now = datetime.datetime.now(UTC)
+    start, end = usage_window(None, None, now)
+    assert end == now.date() and (end - start).days == 29
+    assert usage_window(None, end, now)[0] == start
+    first, last = log_window(None, None, now)
+    assert last == now and now - first == datetime.timedelta(hours=24)
+    new_year = datetime.datetime(2027, 1, 1, 0, 0, 30, tzinfo=UTC)
+    assert usage_window(None, None, new_year) == (datetime.date(2026, 12, 3), datetime.date(2027, 1, 1))
+    assert log_window(None, None, new_year)[0] == datetime.datetime(2026, 12, 31, 0, 0, 30, tzinfo=UTC)

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import time
+from datetime import UTC, datetime
 
 import httpx
+import pytest
 
+from proxy.records import RequestLogWriter, RequestRecord
 from tests.conftest import Server, Tenant, start_proxy, wait_for_rows
 from tests.proxy.test_endpoints import CHAT, configure_mock
 
@@ -157,3 +161,71 @@ async def test_a_missing_month_partition_is_created_and_the_batch_lands(db) -> N
         assert await db.fetchval("select to_regclass($1) is not null", part)
     finally:
         await writer.close()
+
+
+# --- the writer itself, on the test database: poison rows and late rows -------------------------------------
+
+def _record(model: str, *, at: datetime | None = None) -> RequestRecord:
+    rec = RequestRecord(secrets.token_hex(12), None, "/v1/chat/completions", "POST", "127.0.0.1", "writer-test")
+    rec.model, rec.status_code = model, 200
+    if at is not None:
+        rec.created_at = at
+    return rec
+
+
+async def _drain(writer: RequestLogWriter, written: int, rejected: int = 0, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    for _ in range(int(timeout / 0.02)):
+        if (writer.written, writer.rejected) >= (written, rejected) or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.02)
+    assert (writer.written, writer.rejected) == (written, rejected)
+
+
+async def test_writer_sets_aside_a_poison_row_and_keeps_writing(db) -> None:
+    """A NUL in `model` made PostgreSQL refuse the COPY; the batch was put back and retried forever, and the
+    worker wrote no request log for anyone again. Now the bad row is set aside, the rest written."""
+    writer = RequestLogWriter(db, batch_size=50, interval_s=0.02, buffer_max=1000)
+    good = [_record(f"good-{i}") for i in range(6)]
+    bad = _record("bad\x00model")
+    for rec in (*good[:3], bad, *good[3:]):
+        writer.add(rec)
+    writer.start()
+    try:
+        await _drain(writer, written=6, rejected=1)
+        later = [_record("later") for _ in range(3)]
+        for rec in later:
+            writer.add(rec)
+        await _drain(writer, written=9, rejected=1)
+    finally:
+        await writer.close()
+    ids = [r.request_id for r in (*good, *later)]
+    assert await db.fetchval("select count(*) from request_logs where request_id = any($1)", ids) == 9
+    assert not await db.fetchval("select count(*) from request_logs where request_id = $1", bad.request_id)
+    row = await db.fetchrow("select * from rejected_rows where request_id = $1", bad.request_id)
+    assert (row["kind"], row["sqlstate"], row["reason"]) == ("request_log", "22021", "CharacterNotInRepertoireError")
+    assert row["payload"] is None  # nothing of the row's content is kept
+    assert "model" not in " ".join(str(v) for v in dict(row).values())
+
+
+@pytest.mark.calendar
+async def test_writer_creates_the_partitions_of_late_and_far_ahead_rows(db) -> None:
+    """A row of a month long past and one of a month far ahead get their own partitions (just those
+    months), instead of a retry loop that only ever created this month and the next two."""
+    writer = RequestLogWriter(db, batch_size=50, interval_s=0.02, buffer_max=1000)
+    old, ahead = datetime(1996, 2, 29, 12, tzinfo=UTC), datetime(2140, 7, 1, 0, 0, 1, tzinfo=UTC)
+    recs = [_record("late", at=old), _record("now"), _record("ahead", at=ahead)]
+    for rec in recs:
+        writer.add(rec)
+    writer.start()
+    try:
+        await _drain(writer, written=3)
+    finally:
+        await writer.close()
+    rows = await db.fetch("select request_id, created_at, tableoid::regclass::text as part from request_logs "
+                          "where request_id = any($1)", [r.request_id for r in recs])
+    parts = {r["request_id"]: r["part"] for r in rows}
+    assert parts[recs[0].request_id] == "request_logs_y1996m02"
+    assert parts[recs[2].request_id] == "request_logs_y2140m07"
+    for name in ("request_logs_y1996m01", "request_logs_y1996m03", "request_logs_y2140m06"):
+        assert await db.fetchval("select to_regclass($1)", name) is None  # only the months present

@@ -26,10 +26,14 @@ import pytest_asyncio
 from shared.db.migrate import migrate
 from shared.settings import Settings, SettingsError
 from shared.workers import retention
+from shared.workers.main import ensure_partitions_ahead
 from shared.workers.retention import RetentionResult, run_retention_pass
 from tests.conftest import ROOT, Factory, _with_database, settings_env, stop_process
 
 PARENTS = ("request_logs", "usage_records")
+# Every test here computes its months and cutoffs from Python's clock: `make test-calendar` runs them at a
+# month's and a year's last seconds.
+pytestmark = pytest.mark.calendar
 
 
 @pytest_asyncio.fixture(scope="module")
@@ -56,7 +60,7 @@ async def pool(own_db: tuple[str, asyncpg.Pool]) -> asyncpg.Pool:
     for parent in PARENTS:
         for name in await _partitions(pool, parent):
             await pool.execute(f'drop table "{name}"')
-        await pool.fetchval("select rr_ensure_month_partitions($1, 2)", parent)
+    await ensure_partitions_ahead(pool)  # by Python's clock: the one @pytest.mark.calendar moves
     await pool.execute("delete from orgs")
     return pool
 
@@ -345,3 +349,16 @@ def test_retention_settings_and_effective_days(settings: Settings) -> None:
     assert config.effective_log_retention_days(7) == 7
     assert config.effective_log_retention_days(1) == 3  # chosen before the minimum was raised
     assert config.effective_log_retention_days(365) == 100  # no org keeps logs past the maximum
+
+
+async def test_partition_manager_creates_this_month_and_two_ahead_by_the_callers_clock(pool) -> None:
+    for name in await _partitions(pool, "request_logs"):
+        await pool.execute(f'drop table "{name}"')
+    now = datetime.now(UTC)
+    assert await ensure_partitions_ahead(pool, now) == 3  # request_logs' three (usage_records' exist)
+    assert await _partitions(pool, "request_logs") == {_standard_name("request_logs", k, now) for k in range(3)}
+    assert await ensure_partitions_ahead(pool, now) == 0
+    # An explicit time: the month of a year's last second, and the two after it, across the new year.
+    await ensure_partitions_ahead(pool, datetime(2030, 12, 31, 23, 59, 59, tzinfo=UTC))
+    assert {"request_logs_y2030m12", "request_logs_y2031m01", "request_logs_y2031m02"} <= await _partitions(
+        pool, "request_logs")
