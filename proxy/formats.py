@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import orjson
 
+from proxy import inputs
 from proxy.errors import InvalidRequest
 from proxy.stream import AnthropicMeter, StreamMeter, sse_error_event
 from proxy.translate import (
@@ -50,17 +51,17 @@ def upstream_request(
         upstream_path = "/messages" if client == ANTHROPIC else path[3:]  # base URLs end in /v1
         if same_model and not inject_usage:
             return upstream_path, body, parsed  # pass the client's bytes through untouched
-        parsed = parsed if parsed is not None else orjson.loads(body)
+        parsed = parsed if parsed is not None else inputs.loads(body)
         out = {**parsed, "model": upstream_model}
         if inject_usage:
             out["stream_options"] = {**(parsed.get("stream_options") or {}), "include_usage": True}
-        return upstream_path, orjson.dumps(out), parsed
-    parsed = parsed if parsed is not None else orjson.loads(body)
+        return upstream_path, inputs.dumps(out), parsed
+    parsed = parsed if parsed is not None else inputs.loads(body)
     try:
         if upstream_format == ANTHROPIC:
             translated = openai_to_anthropic_request(parsed, upstream_model, default_max_tokens=default_max_tokens)
-            return "/messages", orjson.dumps(translated), parsed
-        return "/chat/completions", orjson.dumps(anthropic_to_openai_request(parsed, upstream_model)), parsed
+            return "/messages", inputs.dumps(translated), parsed
+        return "/chat/completions", inputs.dumps(anthropic_to_openai_request(parsed, upstream_model)), parsed
     except TranslationError as exc:
         raise InvalidRequest(f"This request cannot be served by the model's provider: {exc}") from None
 

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import msgspec
 
+from proxy import inputs
 from proxy.billing import Reservation
 from proxy.errors import ByokRejected, InvalidRequest, ModelUnavailable, UpstreamError
 from proxy.formats import (
@@ -91,14 +92,9 @@ _SSE_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no
 
 
 def _decode(path: str, body: bytes) -> Body:
-    try:
-        return _DECODERS[path].decode(body)
-    except msgspec.ValidationError as exc:
-        message = str(exc)
-        param = message.split("`$.", 1)[1].split("`")[0].split("[")[0] if "`$." in message else None
-        raise InvalidRequest(f"Invalid request body: {message}", param=param) from None
-    except msgspec.DecodeError:
-        raise InvalidRequest("The request body is not valid JSON.", code="invalid_json") from None
+    request = inputs.decode(_DECODERS[path], body)
+    inputs.check_name("model", request.model)
+    return request
 
 
 async def relay(state: ProxyState, path: str, scope: Scope, receive: Receive, send: Send,
