@@ -22,7 +22,7 @@ from proxy.byok import ByokCredentials
 from proxy.errors import MethodNotAllowed, NotFound, ProxyError, error_body
 from proxy.events import EventListener
 from proxy.health import CircuitBreakers
-from proxy.http import ClientAddress, Receive, RequestHeaders, Scope, Send, send_response
+from proxy.http import BodyReader, ClientAddress, Receive, RequestHeaders, Scope, Send, send_response
 from proxy.records import RequestLogWriter, RequestRecord
 from proxy.relay import is_model_path, relay
 from proxy.routing import Catalogue, load_catalogue
@@ -69,6 +69,8 @@ class ProxyState:
                                            interval_s=settings.log_flush_interval_ms / 1000,
                                            buffer_max=settings.log_buffer_max)
         self.client_address = ClientAddress(settings.trusted_proxy_header, settings.trusted_proxies)
+        self.bodies = BodyReader(settings.max_body_bytes, settings.body_read_timeout_s,
+                                 settings.max_unfinished_requests_per_client)
         self.events = EventListener(redis, self.keys, self.auth, self.byok, self.reload_catalogue,
                                     refresh_interval_s=settings.config_refresh_interval_s)
 
@@ -78,11 +80,13 @@ class ProxyState:
     async def start(self) -> None:
         await self.reload_catalogue()
         await self.upstream.start()
+        self.bodies.start()
         self.log_writer.start()
         self.events.start()
 
     async def close(self) -> None:
         await self.events.close()
+        await self.bodies.close()
         await self.biller.close()
         await self.log_writer.close()
         await self.upstream.close()

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import re
+import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from proxy.errors import BodyTooLarge, InvalidRequest
+from proxy.errors import BodyTooLarge, InvalidRequest, RequestTimeout, TooManyUnfinishedRequests
 
-__all__ = ["ClientAddress", "RequestHeaders", "Scope", "read_body", "send_response"]
+__all__ = ["BodyReader", "ClientAddress", "RequestHeaders", "Scope", "read_body", "send_response"]
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -82,6 +84,88 @@ class ClientAddress:
             except ValueError:
                 return peer
         return peer
+
+
+class BodyReader:
+    """Reads request bodies within three bounds: size (413), time (408: the whole body within `timeout_s`,
+    however it trickles in) and the number of bodies one client address may be sending at once (429).
+
+    Without the last two, a client that sends headers and then a body slower than any timeout of granian's
+    holds a connection and a task forever, and a few hundred such clients hold the process.
+
+    Both cost the hot path a few dict operations: the count per address lives in this worker's memory (no
+    Redis call; with N workers an address may have up to N x `max_per_client` bodies in flight, which is
+    the point: the bound protects each process), and deadlines are enforced by one sweeper task that
+    cancels the reads past theirs, every `timeout_s / 4` (at most 1 s), instead of a timer per request
+    (`asyncio.timeout` costs ~4 µs a request, this ~0.3 µs). So a body is cut between `timeout_s` and
+    `timeout_s` plus one sweep after its headers. A legitimate client's body arrives in milliseconds, so few
+    of its requests are ever counted at all.
+    """
+
+    __slots__ = ("_deadlines", "_expired", "_limit", "_max_per_client", "_reading", "_sweeper", "_timeout")
+
+    def __init__(self, limit: int, timeout_s: float, max_per_client: int) -> None:
+        if limit <= 0 or timeout_s <= 0 or max_per_client <= 0:
+            raise ValueError("limit, timeout_s and max_per_client must be positive")
+        self._limit = limit
+        self._timeout = timeout_s
+        self._max_per_client = max_per_client
+        self._reading: dict[str | None, int] = {}  # client address -> bodies being read now
+        self._deadlines: dict[asyncio.Task, float] = {}  # task reading a body -> when it must be done
+        self._expired: set[asyncio.Task] = set()  # tasks the sweeper cancelled for their deadline
+        self._sweeper: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._sweeper = asyncio.ensure_future(self._sweep())
+
+    async def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            await asyncio.gather(self._sweeper, return_exceptions=True)
+
+    def reading(self, client: str | None) -> int:
+        """How many bodies `client` is sending now (for tests and metrics)."""
+        return self._reading.get(client, 0)
+
+    async def read(self, receive: Receive, declared: int | None, client: str | None) -> bytes:
+        reading = self._reading
+        count = reading.get(client, 0)
+        if count >= self._max_per_client:
+            raise TooManyUnfinishedRequests(
+                f"Too many requests from your address are still sending their body (at most "
+                f"{self._max_per_client}); finish them first.", headers=[(b"retry-after", b"1")])
+        reading[client] = count + 1
+        task = asyncio.current_task()
+        assert task is not None
+        self._deadlines[task] = time.monotonic() + self._timeout
+        try:
+            return await read_body(receive, self._limit, declared)
+        except asyncio.CancelledError:
+            if task not in self._expired:
+                raise  # cancelled by someone else (the server, on a disconnect): not ours to answer
+            task.uncancel()
+            raise RequestTimeout(f"The request body did not arrive within {self._timeout:g} s.",
+                                 headers=[(b"connection", b"close")]) from None
+        finally:
+            # Every path (body read, 4xx, deadline, cancelled on a disconnect) gives the slot back.
+            del self._deadlines[task]
+            self._expired.discard(task)
+            left = reading[client] - 1
+            if left:
+                reading[client] = left
+            else:
+                del reading[client]
+
+    async def _sweep(self) -> None:
+        interval = min(self._timeout / 4, 1.0)
+        while True:
+            await asyncio.sleep(interval)
+            now = time.monotonic()
+            # Cancelling only schedules: no read ends (and edits the dict) while this loop runs.
+            for task, deadline in self._deadlines.items():
+                if deadline <= now and task not in self._expired:
+                    self._expired.add(task)
+                    task.cancel()
 
 
 _DRAIN_MAX = 16 * 1024 * 1024  # an oversized body up to this is read and dropped, so the client sees the 413

@@ -26,7 +26,7 @@ from proxy.formats import (
     upstream_request,
     usage_of,
 )
-from proxy.http import Receive, RequestHeaders, Scope, Send, read_body, send_response
+from proxy.http import Receive, RequestHeaders, Scope, Send, send_response
 from proxy.records import RequestRecord
 from proxy.routing import Attempt, ModelEntry, Route, plan_attempts
 from proxy.stream import StreamTransformer
@@ -103,7 +103,7 @@ async def relay(state: ProxyState, path: str, scope: Scope, receive: Receive, se
     key = await state.auth.authenticate(headers.api_key)
     rec.org_id = key.org_id
     rec.api_key_id = key.key_id
-    body = await read_body(receive, state.settings.max_body_bytes, headers.content_length)
+    body = await state.bodies.read(receive, headers.content_length, rec.client_ip)
     request = _decode(path, body)
     rec.model = request.model[:200]
     stream = getattr(request, "stream", False)

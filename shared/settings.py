@@ -40,6 +40,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     proxy_port: int = 8080
     proxy_workers: int = 1
     max_body_bytes: int = 4 * 1024 * 1024
+    # A request body must arrive whole within this long (408 otherwise), and one client address may have at
+    # most this many requests still sending their body at once, per proxy worker process (429 past that).
+    body_read_timeout_s: float = 30.0
+    max_unfinished_requests_per_client: int = 64
 
     upstream_connect_timeout_s: float = 5.0
     upstream_read_timeout_s: float = 120.0
@@ -115,7 +119,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     def __post_init__(self) -> None:
         _check_positive(self, "proxy_port", "proxy_workers", "max_body_bytes", "upstream_pool_size",
                         "log_batch_size", "log_flush_interval_ms", "log_buffer_max",
-                        "redis_pipeline_connections", "redis_timeout_s")
+                        "redis_pipeline_connections", "redis_timeout_s", "body_read_timeout_s",
+                        "max_unfinished_requests_per_client")
         _check_positive(self, "upstream_connect_timeout_s", "upstream_read_timeout_s", "key_cache_ttl_s",
                         "billing_shards", "reservation_ttl_s", "max_request_duration_s", "default_max_output_tokens",
                         "flusher_batch_size", "flusher_block_ms", "flusher_interval_ms", "flusher_lease_ms",
