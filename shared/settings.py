@@ -94,10 +94,13 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     jwt_secret: str = ""
     access_token_ttl_s: int = 900
     refresh_token_ttl_s: int = 30 * 86400
-    # Failed logins allowed per window, counted per client IP and per email (unknown emails count too).
+    # Failed logins allowed per window (see control_plane/limits.py; unknown emails count too): per client IP
+    # and email; per client IP over all emails; per email over all IPs, past which only IPs that have not
+    # failed for that email may still try (so that no one elsewhere can lock its owner out).
     login_window_s: int = 900
+    login_max_failures_per_ip_email: int = 10
     login_max_failures_per_ip: int = 50
-    login_max_failures_per_email: int = 10
+    login_max_failures_per_email: int = 100
     # Argon2id cost of password hashes (argon2-cffi's RFC 9106 low-memory profile by default).
     password_time_cost: int = 3
     password_memory_kib: int = 65536
@@ -128,6 +131,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
                         "failover_budget_s", "breaker_threshold", "breaker_cooldown_s")
         _check_positive(self, "control_plane_port", "control_plane_workers", "access_token_ttl_s",
                         "refresh_token_ttl_s", "login_window_s", "login_max_failures_per_ip",
+                        "login_max_failures_per_ip_email",
                         "login_max_failures_per_email", "password_time_cost", "password_memory_kib",
                         "log_retention_min_days", "price_min_lead_s")
         _check_positive(self, "usage_retention_days", "retention_interval_s", "retention_batch_size")
