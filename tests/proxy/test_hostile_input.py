@@ -11,6 +11,8 @@ import secrets
 import httpx
 import pytest
 
+from proxy.formats import translate_answer
+from proxy.translate import TranslationError
 from tests.conftest import Factory, Server
 from tests.proxy.test_errors import assert_error
 
@@ -120,3 +122,46 @@ async def test_nul_in_model_on_messages_is_400(client: httpx.AsyncClient, proxy:
                              json={"model": "m\u0000", "max_tokens": 5, "messages": [{"role": "user", "content": "x"}]})
     assert resp.status_code == 400, resp.text
     assert resp.json()["error"]["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [{"messages": [5]}, {"messages": [{"role": "user", "content": [5]}]}, {"stop": 5}, {"tools": 5},
+     {"tools": [5]}, {"messages": [{"role": "assistant", "tool_calls": [5]}]}],
+)
+async def test_openai_bodies_of_the_wrong_shape_for_translation_are_400(
+    client: httpx.AsyncClient, proxy: Server, mock_upstream: Server, factory: Factory, extra: dict
+) -> None:
+    model, headers = await _model(factory, proxy, mock_upstream, rewrite=True, api_format="anthropic")
+    resp = await client.post(proxy.url + CHAT_PATH, headers=headers,
+                             json={"model": model, "messages": [{"role": "user", "content": "x"}], **extra})
+    assert_error(resp, 400)
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [{"messages": [5]}, {"system": 5}, {"system": [5]}, {"stop_sequences": 5}, {"tools": [5]},
+     {"messages": [{"role": "user", "content": [5]}]}],
+)
+async def test_anthropic_bodies_of_the_wrong_shape_for_translation_are_400(
+    client: httpx.AsyncClient, proxy: Server, mock_upstream: Server, factory: Factory, extra: dict
+) -> None:
+    model, headers = await _model(factory, proxy, mock_upstream, rewrite=True, api_format="openai")
+    resp = await client.post(proxy.url + "/v1/messages", headers=headers,
+                             json={"model": model, "max_tokens": 5, "messages": [{"role": "user", "content": "x"}],
+                                   **extra})
+    assert resp.status_code == 400, resp.text
+    assert resp.json()["type"] == "error" and resp.json()["error"]["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize(
+    ("path", "upstream", "answer"),
+    [("/v1/chat/completions", "anthropic", b'{"content": [{"type": "text", "text": 5}]}'),
+     ("/v1/messages", "openai", b'{"choices": 5}'),
+     ("/v1/messages", "openai", b'{"choices": [{"message": 5}]}')],
+)
+def test_upstream_answers_of_the_wrong_shape_are_translation_errors(path: str, upstream: str,
+                                                                    answer: bytes) -> None:
+    # A TranslationError becomes 502 in the relay; anything else was a 500.
+    with pytest.raises(TranslationError):
+        translate_answer(path, upstream, 200, answer, "m")
