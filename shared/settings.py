@@ -40,8 +40,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     proxy_port: int = 8080
     proxy_workers: int = 1
     max_body_bytes: int = 4 * 1024 * 1024
-    # A request body must arrive whole within this long (408 otherwise), and one client address may have at
-    # most this many requests still sending their body at once, per proxy worker process (429 past that).
+    # A request body must arrive whole within this long (408 otherwise; proxy and control plane), and one
+    # client address may have at most this many requests still sending their body at once, per proxy worker
+    # process (429 past that).
     body_read_timeout_s: float = 30.0
     max_unfinished_requests_per_client: int = 64
 

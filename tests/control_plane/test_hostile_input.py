@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import secrets
+import time
 
+import orjson
 import pytest
 
 from tests.control_plane.conftest import PASSWORD, Portal
@@ -62,3 +65,24 @@ async def test_signup_without_a_json_content_type_is_not_a_500(portal: Portal, c
     headers = {"content-type": content_type} if content_type else {}
     resp = await portal.request("POST", "/v1/auth/signup", content=_signup(), headers=headers)
     assert resp.status_code < 500, resp.text
+
+
+async def test_a_body_that_never_completes_is_cut_with_408(settings) -> None:
+    from tests.control_plane.conftest import start_control_plane
+
+    server = start_control_plane(settings, body_read_timeout_s=1.0)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(b"POST /v1/auth/signup HTTP/1.1\r\nhost: cp\r\ncontent-type: application/json\r\n"
+                     b"content-length: 500\r\n\r\n{\"email\": ")
+        await writer.drain()
+        started = time.monotonic()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        assert head.startswith(b"HTTP/1.1 408"), head
+        assert time.monotonic() - started < 5
+        length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+        body = orjson.loads(await reader.readexactly(length))
+        assert body["error"]["code"] == "request_timeout"
+        writer.close()
+    finally:
+        server.stop()
