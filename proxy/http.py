@@ -88,21 +88,22 @@ class ClientAddress:
 
 class BodyReader:
     """Reads request bodies within three bounds: size (413), time (408: the whole body within `timeout_s`,
-    however it trickles in) and the number of bodies one client address may be sending at once (429).
+    however it trickles in) and the number of slow bodies one client address may be sending at once (429).
 
     Without the last two, a client that sends headers and then a body slower than any timeout of granian's
     holds a connection and a task forever, and a few hundred such clients hold the process.
 
-    Both cost the hot path a few dict operations: the count per address lives in this worker's memory (no
-    Redis call; with N workers an address may have up to N x `max_per_client` bodies in flight, which is
-    the point: the bound protects each process), and deadlines are enforced by one sweeper task that
-    cancels the reads past theirs, every `timeout_s / 4` (at most 1 s), instead of a timer per request
-    (`asyncio.timeout` costs ~4 µs a request, this ~0.3 µs). So a body is cut between `timeout_s` and
-    `timeout_s` plus one sweep after its headers. A legitimate client's body arrives in milliseconds, so few
-    of its requests are ever counted at all.
+    Both cost the hot path a few dict operations. One sweeper task per worker passes over the reads in
+    progress every `interval` (`timeout_s / 4`, at most 1 s): it cancels those past their deadline (instead
+    of a timer per request: `asyncio.timeout` costs ~4 µs a request, this ~0.5 µs), so a body is cut between
+    `timeout_s` and `timeout_s` plus one interval after its headers; and it marks as slow those that have
+    lasted a whole interval. Only slow reads count against their address: a burst of requests whose bodies
+    are all there (200 at once from one client) is many reads in progress for a few milliseconds, none slow.
+    The count is this worker's, in memory (no Redis call): with N workers an address may have up to
+    N x `max_per_client` slow bodies, which is the point: the bound protects each process.
     """
 
-    __slots__ = ("_deadlines", "_expired", "_limit", "_max_per_client", "_reading", "_sweeper", "_timeout")
+    __slots__ = ("_limit", "_max_per_client", "_reads", "_slow", "_sweeper", "_timeout", "interval")
 
     def __init__(self, limit: int, timeout_s: float, max_per_client: int) -> None:
         if limit <= 0 or timeout_s <= 0 or max_per_client <= 0:
@@ -110,9 +111,9 @@ class BodyReader:
         self._limit = limit
         self._timeout = timeout_s
         self._max_per_client = max_per_client
-        self._reading: dict[str | None, int] = {}  # client address -> bodies being read now
-        self._deadlines: dict[asyncio.Task, float] = {}  # task reading a body -> when it must be done
-        self._expired: set[asyncio.Task] = set()  # tasks the sweeper cancelled for their deadline
+        self.interval = min(timeout_s / 4, 1.0)
+        self._reads: dict[asyncio.Task, _Read] = {}  # every read in progress, by the task doing it
+        self._slow: dict[str | None, int] = {}  # client address -> its reads marked slow, still in progress
         self._sweeper: asyncio.Task | None = None
 
     def start(self) -> None:
@@ -123,49 +124,63 @@ class BodyReader:
             self._sweeper.cancel()
             await asyncio.gather(self._sweeper, return_exceptions=True)
 
-    def reading(self, client: str | None) -> int:
-        """How many bodies `client` is sending now (for tests and metrics)."""
-        return self._reading.get(client, 0)
+    def slow(self, client: str | None) -> int:
+        """How many slow bodies `client` is sending now (for tests and metrics)."""
+        return self._slow.get(client, 0)
 
     async def read(self, receive: Receive, declared: int | None, client: str | None) -> bytes:
-        reading = self._reading
-        count = reading.get(client, 0)
-        if count >= self._max_per_client:
+        if self._slow.get(client, 0) >= self._max_per_client:
             raise TooManyUnfinishedRequests(
                 f"Too many requests from your address are still sending their body (at most "
                 f"{self._max_per_client}); finish them first.", headers=[(b"retry-after", b"1")])
-        reading[client] = count + 1
         task = asyncio.current_task()
         assert task is not None
-        self._deadlines[task] = time.monotonic() + self._timeout
+        read = self._reads[task] = _Read(client, time.monotonic())
         try:
             return await read_body(receive, self._limit, declared)
         except asyncio.CancelledError:
-            if task not in self._expired:
+            if not read.expired:
                 raise  # cancelled by someone else (the server, on a disconnect): not ours to answer
             task.uncancel()
             raise RequestTimeout(f"The request body did not arrive within {self._timeout:g} s.",
                                  headers=[(b"connection", b"close")]) from None
         finally:
-            # Every path (body read, 4xx, deadline, cancelled on a disconnect) gives the slot back.
-            del self._deadlines[task]
-            self._expired.discard(task)
-            left = reading[client] - 1
-            if left:
-                reading[client] = left
-            else:
-                del reading[client]
+            # Every path (body read, 4xx, deadline, cancelled on a disconnect) gives its place back.
+            del self._reads[task]
+            if read.slow:
+                left = self._slow[client] - 1
+                if left:
+                    self._slow[client] = left
+                else:
+                    del self._slow[client]
+
+    def sweep(self, now: float) -> None:
+        """One pass of the sweeper at monotonic time `now`. Cancelling only schedules: no read ends (and
+        edits the dicts) during the pass."""
+        expire_before = now - self._timeout
+        slow_before = now - self.interval
+        for task, read in self._reads.items():
+            if read.started <= expire_before and not read.expired:
+                read.expired = True
+                task.cancel()
+            if read.started <= slow_before and not read.slow:
+                read.slow = True
+                self._slow[read.client] = self._slow.get(read.client, 0) + 1
 
     async def _sweep(self) -> None:
-        interval = min(self._timeout / 4, 1.0)
         while True:
-            await asyncio.sleep(interval)
-            now = time.monotonic()
-            # Cancelling only schedules: no read ends (and edits the dict) while this loop runs.
-            for task, deadline in self._deadlines.items():
-                if deadline <= now and task not in self._expired:
-                    self._expired.add(task)
-                    task.cancel()
+            await asyncio.sleep(self.interval)
+            self.sweep(time.monotonic())
+
+
+class _Read:
+    __slots__ = ("client", "expired", "slow", "started")
+
+    def __init__(self, client: str | None, started: float) -> None:
+        self.client = client
+        self.started = started
+        self.slow = False
+        self.expired = False
 
 
 _DRAIN_MAX = 16 * 1024 * 1024  # an oversized body up to this is read and dropped, so the client sees the 413

@@ -86,8 +86,15 @@ async def test_a_body_trickling_in_is_cut_at_the_deadline_too(slow_proxy: tuple[
 
 async def test_unfinished_requests_are_bounded_per_client_address(slow_proxy: tuple[Server, str, str]) -> None:
     server, key, model = slow_proxy
+    # A burst of whole requests from one address is many reads at once, none slow: all served.
+    full = orjson.dumps({"model": model, "messages": [{"role": "user", "content": "hi"}]})
+    burst = [await _open(server.port, key, "10.2.0.1", full, declared=len(full)) for _ in range(4 * PER_CLIENT)]
+    assert [(await _response(r, timeout=10))[0] for r, _ in burst] == [200] * (4 * PER_CLIENT)
+    for _, writer in burst:
+        writer.close()
     hanging = [await _open(server.port, key, "10.2.0.1", b"{", declared=500) for _ in range(PER_CLIENT)]
-    await asyncio.sleep(0.2)  # let the proxy start reading all of them (a socket round trip, not a rule)
+    # Reads count against their address once they have lasted a sweep interval (DEADLINE_S / 4): wait two.
+    await asyncio.sleep(DEADLINE_S / 2 + 0.1)
     started = time.monotonic()
     reader, writer = await _open(server.port, key, "10.2.0.1", b"{", declared=500)
     status, headers, body = await _response(reader, timeout=DEADLINE_S)  # refused at once, not at the deadline
@@ -95,7 +102,6 @@ async def test_unfinished_requests_are_bounded_per_client_address(slow_proxy: tu
     assert headers["retry-after"] == "1" and time.monotonic() - started < DEADLINE_S
     writer.close()
     # Another address is not affected, and a whole body from it is served.
-    full = orjson.dumps({"model": model, "messages": [{"role": "user", "content": "hi"}]})
     reader, writer = await _open(server.port, key, "10.2.0.2", full, declared=len(full))
     status, _, _ = await _response(reader, timeout=10)
     assert status == 200
