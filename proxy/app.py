@@ -23,6 +23,7 @@ from proxy.errors import MethodNotAllowed, NotFound, ProxyError, error_body
 from proxy.events import EventListener
 from proxy.health import CircuitBreakers
 from proxy.http import BodyReader, ClientAddress, Receive, RequestHeaders, Scope, Send, send_response
+from proxy.inputs import recordable
 from proxy.records import RequestLogWriter, RequestRecord
 from proxy.relay import is_model_path, relay
 from proxy.routing import Catalogue, load_catalogue
@@ -119,8 +120,10 @@ class ProxyApp:
         assert state is not None, "lifespan start-up has not run"
         headers = RequestHeaders(scope["headers"], state.client_address.header)
         request_id = os.urandom(12).hex()
-        rec = RequestRecord(request_id, headers.request_id, path, scope["method"],
-                            state.client_address.resolve(scope, headers.forwarded), headers.user_agent)
+        # Any path is recorded, unknown ones too (404): those only once made safe to store.
+        rec = RequestRecord(request_id, headers.request_id, path if path in _ALLOWED else recordable(path),
+                            scope["method"], state.client_address.resolve(scope, headers.forwarded),
+                            headers.user_agent)
         out_headers = [(b"x-request-id", (headers.request_id or request_id).encode())]
         try:
             allowed = _ALLOWED.get(path)

@@ -19,7 +19,7 @@ import orjson
 
 from proxy.errors import InvalidRequest
 
-__all__ = ["MAX_NAME_LENGTH", "check_name", "decode", "dumps", "loads"]
+__all__ = ["MAX_NAME_LENGTH", "check_name", "decode", "dumps", "loads", "recordable"]
 
 # Model names are short identifiers ("gpt-4o-mini", "claude-3-5-sonnet-20241022"); a longer one is no
 # model of ours, and would only bloat the records and the error that echoes it.
@@ -79,3 +79,14 @@ def check_name(param: str, value: str, max_length: int = MAX_NAME_LENGTH) -> Non
         raise InvalidRequest(
             f"`{param}` must be 1 to {max_length} printable characters (no control or invisible characters).",
             param=param)
+
+
+def recordable(value: str, max_length: int = MAX_NAME_LENGTH) -> str:
+    """`value` as it may be recorded: at most `max_length` characters, each non-printable one (NUL, which
+    PostgreSQL text cannot hold and which would fail the whole COPY batch of request logs, controls, lone
+    surrogates from undecodable percent-escapes) replaced by U+FFFD. For values that are not refused, only
+    recorded (the path of a 404)."""
+    value = value[:max_length]
+    if value.isprintable():
+        return value
+    return "".join(c if c.isprintable() else "\ufffd" for c in value)  # surrogates are not printable

@@ -13,7 +13,7 @@ import pytest
 
 from proxy.formats import translate_answer
 from proxy.translate import TranslationError
-from tests.conftest import Factory, Server
+from tests.conftest import Factory, Server, wait_for_rows
 from tests.proxy.test_errors import assert_error
 
 DEEP = 2000  # deeper than either decoder allows
@@ -165,3 +165,20 @@ def test_upstream_answers_of_the_wrong_shape_are_translation_errors(path: str, u
     # A TranslationError becomes 502 in the relay; anything else was a 500.
     with pytest.raises(TranslationError):
         translate_answer(path, upstream, 200, answer, "m")
+
+
+async def test_a_path_postgresql_cannot_store_does_not_stop_request_logs(
+    client: httpx.AsyncClient, proxy: Server, mock_upstream: Server, factory: Factory, db
+) -> None:
+    # Every request is recorded, unknown paths too; `%00` decodes to a NUL that no text column can hold,
+    # and a batch holding it used to fail (and be retried) forever, stopping the log of everyone after it.
+    for path in ("/v1/%00", "/v1/a%0Ab", "/" + "x" * 5000, "/v1/%ff%fe"):
+        resp = await client.post(proxy.url + path)
+        assert resp.status_code == 404
+    model, headers = await _model(factory, proxy, mock_upstream, rewrite=False)
+    trace = f"after-{secrets.token_hex(3)}"
+    resp = await client.post(proxy.url + CHAT_PATH, headers={**headers, "x-request-id": trace},
+                             json={"model": model, "messages": [{"role": "user", "content": "x"}]})
+    assert resp.status_code == 200
+    rows = await wait_for_rows(db, "select path from request_logs where client_request_id = $1", trace)
+    assert [r["path"] for r in rows] == [CHAT_PATH]

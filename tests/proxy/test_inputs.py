@@ -62,3 +62,12 @@ def test_check_name_refuses_what_cannot_be_recorded_or_echoed(name: str) -> None
                                   "x" * inputs.MAX_NAME_LENGTH])
 def test_check_name_accepts_model_names(name: str) -> None:
     inputs.check_name("model", name)
+
+
+@pytest.mark.parametrize(("value", "recorded"), [
+    ("/v1/chat/completions", "/v1/chat/completions"), ("/v1/\x00", "/v1/\ufffd"), ("/v1/\udcff", "/v1/\ufffd"),
+    ("/a\nb\x85", "/a\ufffdb\ufffd"), ("x" * 1000, "x" * inputs.MAX_NAME_LENGTH),
+])
+def test_recordable_values_can_be_stored_as_text(value: str, recorded: str) -> None:
+    assert inputs.recordable(value) == recorded
+    assert recorded.encode("utf-8")  # no lone surrogate left
