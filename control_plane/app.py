@@ -11,11 +11,13 @@ from __future__ import annotations
 import asyncpg
 import msgspec
 from litestar import Litestar
+from litestar.middleware.base import DefineMiddleware
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.openapi.plugins import SwaggerRenderPlugin
 from litestar.openapi.spec import Components, SecurityScheme
 
+from control_plane.body_deadline import BodyDeadline
 from control_plane.controllers.admin_catalogue import AdminCatalogueController
 from control_plane.controllers.admin_orgs import AdminOrgsController
 from control_plane.controllers.admin_rejected import AdminRejectedRowsController
@@ -117,6 +119,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         on_startup=[start],
         on_shutdown=[stop],
         request_max_body_size=256 * 1024,
+        middleware=[DefineMiddleware(BodyDeadline, timeout_s=settings.body_read_timeout_s)],
         openapi_config=OpenAPIConfig(
             title="Rocket Relay control plane",
             version="1",

@@ -83,7 +83,8 @@ class TooManyRequests(ApiError):
 
 
 _HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
-               405: "method_not_allowed", 409: "conflict", 413: "body_too_large", 415: "unsupported_media_type",
+               405: "method_not_allowed", 408: "request_timeout",
+               409: "conflict", 413: "body_too_large", 415: "unsupported_media_type",
                422: "invalid_request", 429: "too_many_requests"}
 
 
@@ -138,6 +139,13 @@ def _overflow_error(_: Request, exc: OverflowError) -> Response:
     return _respond(422, "invalid_value", "A value in the request is out of range.")
 
 
+def _recursion_error(request: Request, exc: RecursionError) -> Response:
+    # Litestar decodes bodies with msgspec, whose nesting limit is the interpreter's recursion limit: a body
+    # nested deeper is the client's mistake. (Nothing of ours recurses on input otherwise.)
+    log.info("too deeply nested input on %s %s", request.method, request.url.path)
+    return _respond(400, "bad_request", "The request body is nested too deeply.")
+
+
 def _internal_error(request: Request, exc: Exception) -> Response:
     # Log the type and where, never the request body (it can hold passwords and keys).
     log.error("unhandled %s on %s %s", type(exc).__name__, request.method, request.url.path, exc_info=exc)
@@ -151,5 +159,6 @@ exception_handlers = {
     asyncpg.PostgresError: _database_error,
     UnicodeError: _unicode_error,
     OverflowError: _overflow_error,
+    RecursionError: _recursion_error,
     Exception: _internal_error,
 }

@@ -27,9 +27,16 @@ class ControlPlaneKeys:
         """Set of the session family ids of one user (to end them all on a password change)."""
         return f"{self.prefix}usess:{user_id}"
 
-    def login_failures_ip(self, ip: str) -> str:
-        return f"{self.prefix}loginfail:ip:{ip}"
+    # Login failure counters, one per fixed window (`window` is its index: unix time // window length).
+    def login_failures_ip(self, ip: str, window: int) -> str:
+        return f"{self.prefix}loginfail:ip:{ip}:{window}"
 
-    def login_failures_email(self, email: str) -> str:
-        digest = hashlib.sha256(email.strip().lower().encode()).hexdigest()[:32]
-        return f"{self.prefix}loginfail:email:{digest}"
+    def login_failures_email(self, email: str, window: int) -> str:
+        return f"{self.prefix}loginfail:email:{_email_digest(email)}:{window}"
+
+    def login_failures_ip_email(self, ip: str, email: str, window: int) -> str:
+        return f"{self.prefix}loginfail:pair:{ip}:{_email_digest(email)}:{window}"
+
+
+def _email_digest(email: str) -> str:
+    return hashlib.sha256(email.strip().lower().encode()).hexdigest()[:32]

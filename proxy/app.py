@@ -22,7 +22,8 @@ from proxy.byok import ByokCredentials
 from proxy.errors import MethodNotAllowed, NotFound, ProxyError, error_body
 from proxy.events import EventListener
 from proxy.health import CircuitBreakers
-from proxy.http import ClientAddress, Receive, RequestHeaders, Scope, Send, send_response
+from proxy.http import BodyReader, ClientAddress, Receive, RequestHeaders, Scope, Send, send_response
+from proxy.inputs import recordable
 from proxy.records import RequestLogWriter, RequestRecord
 from proxy.relay import is_model_path, relay
 from proxy.routing import Catalogue, load_catalogue
@@ -69,6 +70,8 @@ class ProxyState:
                                            interval_s=settings.log_flush_interval_ms / 1000,
                                            buffer_max=settings.log_buffer_max)
         self.client_address = ClientAddress(settings.trusted_proxy_header, settings.trusted_proxies)
+        self.bodies = BodyReader(settings.max_body_bytes, settings.body_read_timeout_s,
+                                 settings.max_unfinished_requests_per_client)
         self.events = EventListener(redis, self.keys, self.auth, self.byok, self.reload_catalogue,
                                     refresh_interval_s=settings.config_refresh_interval_s)
 
@@ -78,11 +81,13 @@ class ProxyState:
     async def start(self) -> None:
         await self.reload_catalogue()
         await self.upstream.start()
+        self.bodies.start()
         self.log_writer.start()
         self.events.start()
 
     async def close(self) -> None:
         await self.events.close()
+        await self.bodies.close()
         await self.biller.close()
         await self.log_writer.close()
         await self.upstream.close()
@@ -115,8 +120,10 @@ class ProxyApp:
         assert state is not None, "lifespan start-up has not run"
         headers = RequestHeaders(scope["headers"], state.client_address.header)
         request_id = os.urandom(12).hex()
-        rec = RequestRecord(request_id, headers.request_id, path, scope["method"],
-                            state.client_address.resolve(scope, headers.forwarded), headers.user_agent)
+        # Any path is recorded, unknown ones too (404): those only once made safe to store.
+        rec = RequestRecord(request_id, headers.request_id, path if path in _ALLOWED else recordable(path),
+                            scope["method"], state.client_address.resolve(scope, headers.forwarded),
+                            headers.user_agent)
         out_headers = [(b"x-request-id", (headers.request_id or request_id).encode())]
         try:
             allowed = _ALLOWED.get(path)

@@ -19,6 +19,8 @@ __all__ = [
     "ModelUnavailable",
     "NotFound",
     "ProxyError",
+    "RequestTimeout",
+    "TooManyUnfinishedRequests",
     "UpstreamError",
     "UpstreamTimeout",
     "error_body",
@@ -88,6 +90,22 @@ class BodyTooLarge(ProxyError):
     status = 413
     type = "invalid_request_error"
     code = "request_too_large"
+
+
+class RequestTimeout(ProxyError):
+    """The client did not send its whole body in time."""
+
+    status = 408
+    type = "invalid_request_error"
+    code = "request_timeout"
+
+
+class TooManyUnfinishedRequests(ProxyError):
+    """The client's address already has as many requests still sending their body as it may."""
+
+    status = 429
+    type = "invalid_request_error"
+    code = "too_many_unfinished_requests"
 
 
 class UpstreamError(ProxyError):

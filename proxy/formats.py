@@ -8,8 +8,12 @@ Clients speak OpenAI (`/v1/chat/completions`, `/v1/completions`, `/v1/embeddings
 
 from __future__ import annotations
 
+import logging
+import traceback
+
 import orjson
 
+from proxy import inputs
 from proxy.errors import InvalidRequest
 from proxy.stream import AnthropicMeter, StreamMeter, sse_error_event
 from proxy.translate import (
@@ -27,6 +31,8 @@ from proxy.translate import (
 
 __all__ = ["ANTHROPIC", "OPENAI", "client_format", "stream_error", "translate_answer", "upstream_request",
            "usage_of"]
+
+log = logging.getLogger("rocket_relay.proxy")
 
 OPENAI = "openai"
 ANTHROPIC = "anthropic"
@@ -53,22 +59,36 @@ def upstream_request(
         upstream_path = "/messages" if client == ANTHROPIC else path[3:]  # base URLs end in /v1
         if same_model and not inject_usage and output_cap is None:
             return upstream_path, body, parsed  # pass the client's bytes through untouched
-        parsed = parsed if parsed is not None else orjson.loads(body)
+        parsed = parsed if parsed is not None else inputs.loads(body)
         out = {**parsed, "model": upstream_model}
         if inject_usage:
             out["stream_options"] = {**(parsed.get("stream_options") or {}), "include_usage": True}
         if output_cap is not None:
             out[output_cap[0]] = output_cap[1]
-        return upstream_path, orjson.dumps(out), parsed
-    parsed = parsed if parsed is not None else orjson.loads(body)
+        return upstream_path, inputs.dumps(out), parsed
+    parsed = parsed if parsed is not None else inputs.loads(body)
     try:
         if upstream_format == ANTHROPIC:
             cap = output_cap[1] if output_cap is not None else 0  # 0: the client set one
             translated = openai_to_anthropic_request(parsed, upstream_model, default_max_tokens=cap)
-            return "/messages", orjson.dumps(translated), parsed
-        return "/chat/completions", orjson.dumps(anthropic_to_openai_request(parsed, upstream_model)), parsed
+        else:
+            translated = anthropic_to_openai_request(parsed, upstream_model)
     except TranslationError as exc:
         raise InvalidRequest(f"This request cannot be served by the model's provider: {exc}") from None
+    except (AttributeError, KeyError, TypeError, ValueError) as exc:
+        # The edge checks only the fields the relay reads; the translators walk the rest of the client's
+        # JSON (a message that is not an object, `system: 5`, `stop: {}`…), and a value of a shape they
+        # don't expect fails on it. That is the client's body, not our failure. Logged (without the body)
+        # so that a translator bug on a valid body still shows.
+        _log_refused_shape(exc)
+        raise InvalidRequest(f"This request cannot be served by the model's provider: the body is not a valid "
+                             f"{'OpenAI' if client == OPENAI else 'Anthropic'} request.") from None
+    return ("/messages" if upstream_format == ANTHROPIC else "/chat/completions"), inputs.dumps(translated), parsed
+
+
+def _log_refused_shape(exc: Exception) -> None:
+    frame = traceback.extract_tb(exc.__traceback__)[-1]
+    log.info("translation refused a body: %s at %s:%s", type(exc).__name__, frame.filename, frame.lineno)
 
 
 def usage_of(answer: dict) -> tuple[int | None, int | None]:
@@ -101,9 +121,14 @@ def translate_answer(path: str, upstream_format: str, status: int, answer: bytes
         return status, openai_error_to_anthropic(status, answer), None
     if not isinstance(parsed, dict):
         raise TranslationError("the upstream answer is not a JSON object")
-    if upstream_format == ANTHROPIC:
-        return status, orjson.dumps(anthropic_to_openai_response(parsed, model)), parsed
-    return status, orjson.dumps(openai_to_anthropic_response(parsed, model)), parsed
+    try:
+        if upstream_format == ANTHROPIC:
+            return status, orjson.dumps(anthropic_to_openai_response(parsed, model)), parsed
+        return status, orjson.dumps(openai_to_anthropic_response(parsed, model)), parsed
+    except (AttributeError, KeyError, TypeError, ValueError) as exc:
+        # An answer of a shape the translator does not expect: the upstream's fault (502), not ours (500).
+        _log_refused_shape(exc)
+        raise TranslationError("the upstream answer has an unexpected shape") from None
 
 
 def stream_transformer(path: str, upstream_format: str, model: str, *, inject_usage: bool, client_usage: bool):

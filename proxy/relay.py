@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import msgspec
 
+from proxy import inputs
 from proxy.billing import Reservation
 from proxy.bounds import Bound, request_bound
 from proxy.errors import ByokRejected, InvalidRequest, ModelUnavailable, UpstreamError
@@ -28,7 +29,7 @@ from proxy.formats import (
     upstream_request,
     usage_of,
 )
-from proxy.http import Receive, RequestHeaders, Scope, Send, read_body, send_response
+from proxy.http import Receive, RequestHeaders, Scope, Send, send_response
 from proxy.records import RequestRecord
 from proxy.routing import Attempt, ModelEntry, Route, plan_attempts
 from proxy.stream import StreamTransformer
@@ -99,14 +100,9 @@ _SSE_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no
 
 
 def _decode(path: str, body: bytes) -> Body:
-    try:
-        return _DECODERS[path].decode(body)
-    except msgspec.ValidationError as exc:
-        message = str(exc)
-        param = message.split("`$.", 1)[1].split("`")[0].split("[")[0] if "`$." in message else None
-        raise InvalidRequest(f"Invalid request body: {message}", param=param) from None
-    except msgspec.DecodeError:
-        raise InvalidRequest("The request body is not valid JSON.", code="invalid_json") from None
+    request = inputs.decode(_DECODERS[path], body)
+    inputs.check_name("model", request.model)
+    return request
 
 
 async def relay(state: ProxyState, path: str, scope: Scope, receive: Receive, send: Send,
@@ -115,7 +111,7 @@ async def relay(state: ProxyState, path: str, scope: Scope, receive: Receive, se
     key = await state.auth.authenticate(headers.api_key)
     rec.org_id = key.org_id
     rec.api_key_id = key.key_id
-    body = await read_body(receive, state.settings.max_body_bytes, headers.content_length)
+    body = await state.bodies.read(receive, headers.content_length, rec.client_ip)
     request = _decode(path, body)
     rec.model = request.model[:200]
     stream = getattr(request, "stream", False)
@@ -196,7 +192,7 @@ async def _forward(state: ProxyState, entry: ModelEntry, path: str, body: bytes,
         if status == 200:
             if parsed is not None:
                 model = parsed.get("model")
-                rec.reported_model = model if isinstance(model, str) else None
+                rec.reported_model = inputs.recordable(model) if isinstance(model, str) else None
                 rec.prompt_tokens, rec.completion_tokens = usage_of(parsed)
             produced.billable = True
             produced.answer_bytes = len(raw)
@@ -327,7 +323,8 @@ async def _relay_stream(opened: Opened, receive: Receive, send: Send, rec: Reque
                                                              "max_duration_exceeded"))
         watcher.cancel()
         resp.close()
-        rec.reported_model = meter.model
+        # What the upstream says it ran: recorded, so made recordable (an upstream is not trusted either).
+        rec.reported_model = inputs.recordable(meter.model) if isinstance(meter.model, str) else None
         _take_usage(meter.usage, rec)
     if not pump.cancelled() and pump.exception() is not None:
         raise pump.exception()  # an unexpected bug: let the app's error handler log it

@@ -40,6 +40,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     proxy_port: int = 8080
     proxy_workers: int = 1
     max_body_bytes: int = 4 * 1024 * 1024
+    # A request body must arrive whole within this long (408 otherwise; proxy and control plane), and one
+    # client address may have at most this many requests still sending their body at once, per proxy worker
+    # process (429 past that).
+    body_read_timeout_s: float = 30.0
+    max_unfinished_requests_per_client: int = 64
 
     upstream_connect_timeout_s: float = 5.0
     upstream_read_timeout_s: float = 120.0
@@ -97,10 +102,13 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     jwt_secret: str = ""
     access_token_ttl_s: int = 900
     refresh_token_ttl_s: int = 30 * 86400
-    # Failed logins allowed per window, counted per client IP and per email (unknown emails count too).
+    # Failed logins allowed per window (see control_plane/limits.py; unknown emails count too): per client IP
+    # and email; per client IP over all emails; per email over all IPs, past which only IPs that have not
+    # failed for that email may still try (so that no one elsewhere can lock its owner out).
     login_window_s: int = 900
+    login_max_failures_per_ip_email: int = 10
     login_max_failures_per_ip: int = 50
-    login_max_failures_per_email: int = 10
+    login_max_failures_per_email: int = 100
     # Argon2id cost of password hashes (argon2-cffi's RFC 9106 low-memory profile by default).
     password_time_cost: int = 3
     password_memory_kib: int = 65536
@@ -122,7 +130,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     def __post_init__(self) -> None:
         _check_positive(self, "proxy_port", "proxy_workers", "max_body_bytes", "upstream_pool_size",
                         "log_batch_size", "log_flush_interval_ms", "log_buffer_max",
-                        "redis_pipeline_connections", "redis_timeout_s")
+                        "redis_pipeline_connections", "redis_timeout_s", "body_read_timeout_s",
+                        "max_unfinished_requests_per_client")
         _check_positive(self, "upstream_connect_timeout_s", "upstream_read_timeout_s", "key_cache_ttl_s",
                         "billing_shards", "reservation_ttl_s", "max_request_duration_s", "default_max_output_tokens",
                         "max_output_tokens", "max_choices", "reserve_tokens_per_image",
@@ -131,6 +140,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
                         "failover_budget_s", "breaker_threshold", "breaker_cooldown_s")
         _check_positive(self, "control_plane_port", "control_plane_workers", "access_token_ttl_s",
                         "refresh_token_ttl_s", "login_window_s", "login_max_failures_per_ip",
+                        "login_max_failures_per_ip_email",
                         "login_max_failures_per_email", "password_time_cost", "password_memory_kib",
                         "log_retention_min_days", "price_min_lead_s")
         _check_positive(self, "usage_retention_days", "retention_interval_s", "retention_batch_size")

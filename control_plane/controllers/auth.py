@@ -116,7 +116,7 @@ class AuthController(Controller):
         if not await cp.passwords.verify(row["password_hash"] if row else None, data.password):
             await cp.login_limiter.record_failure(ip, data.email)
             raise Unauthorized(_INVALID_LOGIN, code="invalid_credentials")
-        await cp.login_limiter.record_success(data.email)
+        await cp.login_limiter.record_success(ip, data.email)
         if cp.passwords.needs_rehash(row["password_hash"]):
             await cp.pool.execute("update users set password_hash = $2 where id = $1",
                                   row["id"], await cp.passwords.hash(data.password))

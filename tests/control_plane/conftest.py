@@ -32,8 +32,9 @@ CONTROL_PLANE_OVERRIDES = {
     "password_memory_kib": 256,
     "trusted_proxy_header": "X-Forwarded-For",
     "price_min_lead_s": 1.0,
+    "login_max_failures_per_ip_email": 5,
     "login_max_failures_per_ip": 8,
-    "login_max_failures_per_email": 5,
+    "login_max_failures_per_email": 12,
     "login_window_s": 60,
 }
 

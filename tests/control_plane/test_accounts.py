@@ -137,24 +137,62 @@ async def test_unknown_email_and_wrong_password_get_identical_answers(portal: Po
     assert (await portal.login(account.email.upper())).status_code == 200
 
 
-async def test_login_failures_are_limited_per_email(portal: Portal, settings) -> None:
+async def test_login_failures_are_limited_per_address_and_email(portal: Portal) -> None:
     account = await portal.signup()
-    limit = 5  # login_max_failures_per_email in CONTROL_PLANE_OVERRIDES
+    attacker = random_ip()
+    limit = 5  # login_max_failures_per_ip_email in CONTROL_PLANE_OVERRIDES
     for _ in range(limit):
-        assert (await portal.login(account.email, "wrong password 123")).status_code == 401
-    # From any IP, even with the right password, until the window passes.
-    blocked = await portal.login(account.email, PASSWORD)
+        assert (await portal.login(account.email, "wrong password 123", ip=attacker)).status_code == 401
+    # That address is blocked for that email, even with the right password, until the window passes...
+    blocked = await portal.login(account.email, PASSWORD, ip=attacker)
     assert blocked.status_code == 429 and blocked.json()["error"]["code"] == "too_many_attempts"
     assert 0 < int(blocked.headers["retry-after"]) <= 60
+    # ... while the owner, from elsewhere, logs in.
+    assert (await portal.login(account.email, PASSWORD, ip=random_ip())).status_code == 200
     # An unknown email is limited exactly the same way: the limiter reveals nothing either.
-    unknown = f"nobody-{secrets.token_hex(4)}@example.com"
+    unknown, attacker = f"nobody-{secrets.token_hex(4)}@example.com", random_ip()
     for _ in range(limit):
-        assert (await portal.login(unknown, "wrong password 123")).status_code == 401
-    blocked_unknown = await portal.login(unknown, PASSWORD)
-    assert blocked_unknown.status_code == 429 and blocked_unknown.json() == blocked.json()
-    # Another user is not affected.
-    other = await portal.signup()
-    assert (await portal.login(other.email)).status_code == 200
+        assert (await portal.login(unknown, "wrong password 123", ip=attacker)).status_code == 401
+    blocked_unknown = await portal.login(unknown, PASSWORD, ip=attacker)
+    assert blocked_unknown.status_code == 429 and blocked_unknown.content == blocked.content
+    assert _comparable(blocked_unknown.headers) == _comparable(blocked.headers)
+
+
+def _comparable(headers) -> dict[str, str]:
+    # Date and Retry-After tick with the clock; their presence is compared, not their values.
+    return {k: ("…" if k in ("date", "retry-after") else v) for k, v in headers.items()}
+
+
+async def test_attackers_elsewhere_cannot_lock_the_owner_out(portal: Portal) -> None:
+    victim = await portal.signup()
+    attackers = [random_ip() for _ in range(3)]
+    # 12 failures from three addresses (each under its own limit of 5): login_max_failures_per_email.
+    for ip in attackers:
+        for _ in range(4):
+            assert (await portal.login(victim.email, "wrong password 123", ip=ip)).status_code == 401
+    # Every attacking address is now throttled for this email, and a new one gets a single guess.
+    for ip in attackers:
+        assert (await portal.login(victim.email, "wrong password 123", ip=ip)).status_code == 429
+    fresh = random_ip()
+    assert (await portal.login(victim.email, "wrong password 123", ip=fresh)).status_code == 401
+    assert (await portal.login(victim.email, "wrong password 123", ip=fresh)).status_code == 429
+    # The owner, from an address with no failures, logs in with the right password.
+    assert (await portal.login(victim.email, PASSWORD, ip=random_ip())).status_code == 200
+    # An unknown email under the same attack (from other addresses: each is limited across emails too)
+    # answers exactly the same.
+    unknown, others = f"nobody-{secrets.token_hex(4)}@example.com", [random_ip() for _ in range(3)]
+    for ip in others:
+        for _ in range(4):
+            assert (await portal.login(unknown, "wrong password 123", ip=ip)).status_code == 401
+    known = await portal.login(victim.email, "wrong password 123", ip=attackers[0])
+    unknown_resp = await portal.login(unknown, "wrong password 123", ip=others[0])
+    assert known.status_code == unknown_resp.status_code == 429
+    assert known.content == unknown_resp.content
+    assert _comparable(known.headers) == _comparable(unknown_resp.headers)
+    known = await portal.login(victim.email, "wrong password 123", ip=random_ip())
+    unknown_resp = await portal.login(unknown, "wrong password 123", ip=random_ip())
+    assert known.status_code == unknown_resp.status_code == 401 and known.content == unknown_resp.content
+    assert _comparable(known.headers) == _comparable(unknown_resp.headers)
 
 
 async def test_login_failures_are_limited_per_ip(portal: Portal) -> None:
@@ -168,14 +206,15 @@ async def test_login_failures_are_limited_per_ip(portal: Portal) -> None:
     assert (await portal.login(victim.email, PASSWORD, ip=random_ip())).status_code == 200
 
 
-async def test_successful_login_resets_the_email_counter(portal: Portal) -> None:
+async def test_successful_login_resets_the_address_counter(portal: Portal) -> None:
     account = await portal.signup()
+    ip = random_ip()
     for _ in range(3):
-        assert (await portal.login(account.email, "wrong password 123")).status_code == 401
-    assert (await portal.login(account.email)).status_code == 200
+        assert (await portal.login(account.email, "wrong password 123", ip=ip)).status_code == 401
+    assert (await portal.login(account.email, ip=ip)).status_code == 200
     for _ in range(3):
-        assert (await portal.login(account.email, "wrong password 123")).status_code == 401
-    assert (await portal.login(account.email)).status_code == 200
+        assert (await portal.login(account.email, "wrong password 123", ip=ip)).status_code == 401
+    assert (await portal.login(account.email, ip=ip)).status_code == 200
 
 
 async def test_refresh_sessions_live_in_redis_under_the_prefix(portal: Portal, redis, settings) -> None:
