@@ -17,6 +17,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     from granian import Granian
     from granian.constants import Interfaces, Loops
+    from granian.http import HTTP1Settings
 
     Granian(
         "control_plane.app:create_app",
@@ -27,6 +28,7 @@ def main() -> None:
         workers=settings.control_plane_workers,
         factory=True,
         log_access=False,
+        http1_settings=HTTP1Settings(header_read_timeout=int(settings.header_read_timeout_s * 1000)),
     ).serve()
 
 

@@ -17,6 +17,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     from granian import Granian
     from granian.constants import Interfaces, Loops
+    from granian.http import HTTP1Settings
 
     Granian(
         "proxy.app:create_app",
@@ -27,6 +28,8 @@ def main() -> None:
         workers=settings.proxy_workers,
         factory=True,
         log_access=False,
+        # Partial request heads are cut here (slowloris); partial bodies by proxy.http.BodyReader.
+        http1_settings=HTTP1Settings(header_read_timeout=int(settings.header_read_timeout_s * 1000)),
     ).serve()
 
 

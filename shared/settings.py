@@ -44,6 +44,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # client address may have at most this many requests still sending their body at once, per proxy worker
     # process (429 past that).
     body_read_timeout_s: float = 30.0
+    # A client that has not sent its whole request head after this long is cut (granian closes it).
+    header_read_timeout_s: float = 10.0
     max_unfinished_requests_per_client: int = 64
 
     upstream_connect_timeout_s: float = 5.0
@@ -130,7 +132,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     def __post_init__(self) -> None:
         _check_positive(self, "proxy_port", "proxy_workers", "max_body_bytes", "upstream_pool_size",
                         "log_batch_size", "log_flush_interval_ms", "log_buffer_max",
-                        "redis_pipeline_connections", "redis_timeout_s", "body_read_timeout_s",
+                        "redis_pipeline_connections", "redis_timeout_s", "body_read_timeout_s", "header_read_timeout_s",
                         "max_unfinished_requests_per_client")
         _check_positive(self, "upstream_connect_timeout_s", "upstream_read_timeout_s", "key_cache_ttl_s",
                         "billing_shards", "reservation_ttl_s", "max_request_duration_s", "default_max_output_tokens",

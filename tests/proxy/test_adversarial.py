@@ -128,7 +128,8 @@ def greedy_upstream() -> Iterator[Server]:
 
 @pytest.fixture
 def adv_proxy(settings: Settings) -> Iterator[Server]:
-    server = start_proxy(settings)
+    # Deadlines well inside HANG_BOUND_S, so a client that never finishes must be cut before the bound.
+    server = start_proxy(settings, body_read_timeout_s=3.0, header_read_timeout_s=3.0)
     yield server
     server.stop()
 

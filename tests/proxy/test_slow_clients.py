@@ -24,7 +24,7 @@ async def slow_proxy(factory: Factory, mock_upstream: Server) -> AsyncIterator[t
     provider_id = await factory.provider(mock_upstream.url + "/v1")
     model = await factory.model(provider_id)
     _, key = await factory.key()
-    server = start_proxy(factory.settings, body_read_timeout_s=DEADLINE_S,
+    server = start_proxy(factory.settings, body_read_timeout_s=DEADLINE_S, header_read_timeout_s=DEADLINE_S,
                          max_unfinished_requests_per_client=PER_CLIENT, trusted_proxy_header="X-Forwarded-For")
     yield server, key, model
     server.stop()
@@ -126,4 +126,17 @@ async def test_a_client_that_disconnects_mid_body_gives_its_slot_back(slow_proxy
     full = orjson.dumps({"model": model, "messages": [{"role": "user", "content": "hi"}]})
     reader, writer = await _open(server.port, key, "10.3.0.1", full, declared=len(full))
     assert (await _response(reader, timeout=10))[0] == 200
+    writer.close()
+
+
+async def test_a_request_head_that_never_completes_is_cut(slow_proxy: tuple[Server, str, str]) -> None:
+    """Slowloris before the app: granian drops a connection whose head is unfinished after the header timeout."""
+    proxy, key, _ = slow_proxy
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    writer.write(f"POST /v1/chat/completions HTTP/1.1\r\nhost: relay\r\nauthorization: Bearer {key}\r\n".encode())
+    await writer.drain()
+    started = time.monotonic()
+    rest = await asyncio.wait_for(reader.read(), DEADLINE_S + 5)  # b"" or an error answer, then the close
+    assert time.monotonic() - started < DEADLINE_S + 5
+    assert rest == b"" or rest.startswith(b"HTTP/1.1 4")
     writer.close()
