@@ -33,7 +33,8 @@ is refused (the org no longer exists, the cost is out of range), the event is he
 /v1/admin/rejected-rows`). The watermark thus means "everything up to here is in PostgreSQL: in the ledger,
 or held for repair in rejected_rows".
 
-Events that do not even decode are kept in the `<stream>:dead` dead-letter stream (as before).
+An event whose payload does not decode is held the same way, with the org and cost the settle script wrote
+beside it (and its ledger effect); only an entry without those goes to the `<stream>:dead` dead-letter stream.
 """
 
 from __future__ import annotations
@@ -229,8 +230,16 @@ class BillingFlusher:
             try:
                 e = _decode_event(fields[b"d"])
             except (msgspec.DecodeError, KeyError):
-                log.error("shard %d: undecodable billing event %s kept in the dead-letter stream", shard, entry_id)
-                await self._redis.xadd(stream + ":dead", {k: v for k, v in fields.items()})
+                # The settle script wrote the org and the cost it debited beside the payload: enough to hold the
+                # event with its ledger effect, like a refused one. Without them it cannot be attributed.
+                stand_in = _stand_in(entry_id, fields)
+                if stand_in is None:
+                    log.error("shard %d: undecodable billing event %s kept in the dead-letter stream", shard,
+                              entry_id)
+                    await self._redis.xadd(stream + ":dead", {k: v for k, v in fields.items()})
+                    continue
+                log.error("shard %d: undecodable billing event %s held for repair", shard, entry_id)
+                held.append(_Held(_text_id(entry_id), fields.get(b"d", b""), stand_in).refused(None, "Undecodable"))
                 continue
             entry = _Held(_text_id(entry_id), fields[b"d"], e)
             try:
@@ -300,6 +309,18 @@ class _Held:
     def refused(self, sqlstate: str | None, reason: str) -> _Held:
         self.sqlstate, self.reason = sqlstate, reason
         return self
+
+
+def _stand_in(entry_id: bytes | str, fields: dict) -> UsageEvent | None:
+    """An event for an undecodable entry, from the org and cost settle wrote beside it (None: not there)."""
+    try:
+        org_id, cost = int(fields[b"o"]), int(fields[b"c"])
+    except (KeyError, ValueError):
+        return None
+    ms, _ = _id_parts(entry_id if isinstance(entry_id, bytes) else entry_id.encode())
+    return UsageEvent(request_id=f"undecodable-{_text_id(entry_id)}", created_us=ms * 1000, org_id=org_id,
+                      api_key_id=0, model="", provider=None, route_id=None, prompt_tokens=0, completion_tokens=0,
+                      cost_micros=cost, price_id=None)
 
 
 def _text_id(entry_id: bytes | str) -> str:

@@ -147,3 +147,19 @@ async def test_flusher_writes_events_of_months_without_a_partition(own_settings:
     assert parts[events[0].request_id] == "usage_records_y1999m12"
     assert parts[events[2].request_id] == "usage_records_y2150m01"
     assert await _money(db, org_id) == (1_000 - 12, 1_000 - 12)
+
+
+async def test_an_undecodable_event_is_held_with_the_debit_settle_made(own_settings: Settings, factory: Factory,
+                                                                       db, redis) -> None:
+    """Settle debited the live balance already; an entry whose payload does not decode used to go to the
+    dead-letter stream with no ledger effect, so a balance rebuild would have handed its cost back."""
+    org_id, good = await factory.org(balance_micros=1_000_000), await factory.org(balance_micros=1_000_000)
+    keys = RedisKeys(own_settings.redis_prefix, own_settings.billing_shards)
+    await redis.xadd(keys.org(org_id).stream, {"o": org_id, "c": 321, "d": b"\xc1not msgpack"})
+    flusher = await _run_flusher(own_settings, db, redis, [_event(good, 10)], lambda f: f.flushed + f.held >= 2)
+    assert (flusher.flushed, flusher.held) == (1, 1)
+    row = await db.fetchrow("select * from rejected_rows where org_id = $1", org_id)
+    assert row["kind"] == "usage_event" and row["cost_micros"] == 321 and row["transaction_id"] is not None
+    assert await _money(db, org_id) == (1_000_000 - 321, 1_000_000 - 321)
+    assert await _money(db, good) == (1_000_000 - 10, 1_000_000 - 10)
+    assert await redis.xlen(keys.stream(0) + ":dead") == 0
