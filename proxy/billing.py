@@ -21,7 +21,7 @@ from redis.exceptions import RedisError
 from proxy.errors import ProxyError
 from shared.apikeys import KeyRecord
 from shared.billing import BillingScripts, UsageEvent, lua_source, rebuild_balance
-from shared.money import Price, format_usd, worst_case_micros
+from shared.money import PriceVersion, format_usd, worst_case_micros
 from shared.redis_keys import RedisKeys
 from shared.redis_pipeline import LuaScript, PipelinedRedis
 from shared.settings import Settings
@@ -59,7 +59,7 @@ class Reservation:
                  "started_us", "window")
 
     def __init__(self, request_id: str, org_id: int, key_id: int, amount: int, est_tokens: int, window: int,
-                 epoch: str, price: Price, started_us: int, spend_key: str) -> None:
+                 epoch: str, price: PriceVersion, started_us: int, spend_key: str) -> None:
         self.request_id = request_id
         self.org_id = org_id
         self.key_id = key_id
@@ -89,7 +89,7 @@ class Biller:
         self._default_org_tpm = settings.default_org_tpm
         self._retries: set[asyncio.Task] = set()
 
-    async def reserve(self, key: KeyRecord, request_id: str, price: Price, body_bytes: int, max_output: int,
+    async def reserve(self, key: KeyRecord, request_id: str, price: PriceVersion, body_bytes: int, max_output: int,
                       started: float, headers: list[tuple[bytes, bytes]]) -> Reservation:
         """Check rate limits and hold the worst-case cost; adds the x-ratelimit-* headers to `headers`."""
         amount = worst_case_micros(price, body_bytes, max_output)

@@ -29,8 +29,7 @@ from proxy.translate import (
     openai_to_anthropic_response,
 )
 
-__all__ = ["ANTHROPIC", "OPENAI", "client_format", "stream_error", "translate_answer", "upstream_request",
-           "usage_of"]
+__all__ = ["ANTHROPIC", "OPENAI", "client_format", "stream_error", "translate_answer", "upstream_request"]
 
 log = logging.getLogger("rocket_relay.proxy")
 
@@ -89,20 +88,6 @@ def upstream_request(
 def _log_refused_shape(exc: Exception) -> None:
     frame = traceback.extract_tb(exc.__traceback__)[-1]
     log.info("translation refused a body: %s at %s:%s", type(exc).__name__, frame.filename, frame.lineno)
-
-
-def usage_of(answer: dict) -> tuple[int | None, int | None]:
-    """(prompt, completion) tokens of a non-stream answer in either format."""
-    usage = answer.get("usage")
-    if not isinstance(usage, dict):
-        return None, None
-    if "prompt_tokens" in usage or "completion_tokens" in usage:
-        prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens", 0)
-    else:
-        parts = [usage.get(k) for k in ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")]
-        prompt = sum(p for p in parts if isinstance(p, int)) if isinstance(parts[0], int) else None
-        completion = usage.get("output_tokens", 0)
-    return (prompt if isinstance(prompt, int) else None, completion if isinstance(completion, int) else 0)
 
 
 def translate_answer(path: str, upstream_format: str, status: int, answer: bytes,

@@ -24,6 +24,7 @@ from datetime import UTC, datetime
 import asyncpg
 
 from shared.db.staged_copy import Rejected, StagedTable, write_staged
+from shared.usage import Usage
 
 __all__ = ["COLUMNS", "RequestLogWriter", "RequestRecord"]
 
@@ -33,7 +34,7 @@ COLUMNS = (
     "created_at", "request_id", "client_request_id", "org_id", "api_key_id", "model", "provider",
     "route_id", "upstream_model", "reported_model", "path", "method", "status_code", "error_code",
     "stream", "latency_ms", "ttfb_ms", "prompt_tokens", "completion_tokens", "total_tokens", "attempts",
-    "cost_micros", "client_ip", "user_agent", "byok",
+    "cost_micros", "client_ip", "user_agent", "byok", "estimated",
 )
 
 
@@ -42,9 +43,9 @@ class RequestRecord:
 
     __slots__ = (
         "api_key_id", "attempts", "byok", "client_ip", "client_request_id", "completion_tokens", "cost_micros",
-        "created_at", "error_code", "method", "model", "org_id", "path", "prompt_tokens", "provider",
+        "created_at", "error_code", "estimated", "method", "model", "org_id", "path", "prompt_tokens", "provider",
         "reported_model", "request_id", "route_id", "started", "started_wall", "status_code", "stream", "ttfb_ms",
-        "upstream_model", "user_agent",
+        "upstream_model", "usage", "user_agent",
     )
 
     def __init__(self, request_id: str, client_request_id: str | None, path: str, method: str,
@@ -74,6 +75,8 @@ class RequestRecord:
         self.attempts = 0
         self.cost_micros: int | None = None
         self.byok = False
+        self.usage: Usage | None = None  # the upstream's usage, normalised (not a column: the components go
+        self.estimated = False  # to usage_records); True when the usage was estimated (a stream cut short)
 
     def mark_first_byte(self) -> None:
         if self.ttfb_ms is None:
@@ -89,7 +92,7 @@ class RequestRecord:
             self.method, self.status_code, self.error_code, self.stream,
             int((time.perf_counter() - self.started) * 1000), self.ttfb_ms, self.prompt_tokens,
             self.completion_tokens, total, self.attempts, self.cost_micros, self.client_ip,
-            (self.user_agent or None) and self.user_agent[:512], self.byok,
+            (self.user_agent or None) and self.user_agent[:512], self.byok, self.estimated,
         )
 
 

@@ -27,7 +27,6 @@ from proxy.formats import (
     stream_transformer,
     translate_answer,
     upstream_request,
-    usage_of,
 )
 from proxy.http import Receive, RequestHeaders, Scope, Send, send_response
 from proxy.records import RequestRecord
@@ -36,7 +35,8 @@ from proxy.stream import StreamTransformer
 from proxy.translate import TranslationError
 from proxy.upstream import UpstreamResponse
 from shared.billing import UsageEvent
-from shared.money import cost_micros
+from shared.money import version_cost_micros
+from shared.usage import Usage, normalise
 
 if TYPE_CHECKING:
     from proxy.app import ProxyState
@@ -47,6 +47,7 @@ log = logging.getLogger("rocket_relay.relay")
 
 
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
+ServiceTier = Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9_]{1,32}$(?!\n)")]
 
 
 class StreamOptions(msgspec.Struct):
@@ -61,6 +62,7 @@ class ChatBody(msgspec.Struct):
     max_completion_tokens: PositiveInt | None = None
     n: PositiveInt | None = None
     stream_options: StreamOptions | None = None
+    service_tier: ServiceTier | None = None  # what the client asked for; the answer says what was billed
 
 
 class CompletionBody(msgspec.Struct):
@@ -127,7 +129,7 @@ async def relay(state: ProxyState, path: str, scope: Scope, receive: Receive, se
     try:
         await _forward(state, entry, path, body, request, stream, bound, receive, send, rec, out_headers, produced)
     finally:
-        event = _usage_event(rec, reservation, produced, len(body))
+        event = _usage_event(rec, reservation, produced, len(body), getattr(request, "service_tier", None))
         rec.cost_micros = await state.biller.settle(
             reservation, event, (event.prompt_tokens + event.completion_tokens) if event else 0)
 
@@ -143,26 +145,36 @@ class Produced:
         self.answer_bytes = 0
 
 
-def _usage_event(rec: RequestRecord, res: Reservation, produced: Produced, body_bytes: int) -> UsageEvent | None:
+def _usage_event(rec: RequestRecord, res: Reservation, produced: Produced, body_bytes: int,
+                 requested_tier: str | None) -> UsageEvent | None:
     """The billed usage of a finished request, or None when nothing billable was produced."""
     if not produced.billable:
         return None
-    if rec.prompt_tokens is None:  # no usage from upstream (a stream cut short): the documented estimate
-        rec.prompt_tokens = -(-body_bytes // 4)
-        rec.completion_tokens = produced.content_events or -(-produced.answer_bytes // 4)
-    prompt, completion = rec.prompt_tokens, rec.completion_tokens or 0
-    cost = cost_micros(res.price, prompt, completion, byok=rec.byok)
+    usage = rec.usage
+    if usage is None:  # no usage from upstream (a stream cut short): the documented estimate
+        usage = Usage(input=-(-body_bytes // 4), output=produced.content_events or -(-produced.answer_bytes // 4),
+                      estimated=True)
+        rec.usage = usage
+        rec.estimated = True
+    if usage.service_tier is None and requested_tier is not None:
+        usage = msgspec.structs.replace(usage, service_tier=requested_tier)
+    rec.prompt_tokens, rec.completion_tokens = usage.prompt_total, usage.completion_total
+    cost, row = version_cost_micros(res.price, usage, byok=rec.byok)
     # Never more than the reservation (what the balance, credit limit and spend cap allowed when the request
     # was accepted): an upstream that ignored the cap leaves the excess uncharged and on record.
     charged = min(cost, res.amount)
     if charged < cost:
         log.warning("request %s: usage (%d prompt, %d completion tokens) exceeds its reservation; %d µ$ uncharged",
-                    rec.request_id, prompt, completion, cost - charged)
+                    rec.request_id, usage.prompt_total, usage.completion_total, cost - charged)
     return UsageEvent(
         request_id=rec.request_id, created_us=res.started_us, org_id=res.org_id, api_key_id=res.key_id,
-        model=rec.model or "", provider=rec.provider, route_id=rec.route_id, prompt_tokens=prompt,
-        completion_tokens=completion, cost_micros=charged, price_id=res.price.id, byok=rec.byok,
-        uncharged_micros=cost - charged,
+        model=rec.model or "", provider=rec.provider, route_id=rec.route_id, prompt_tokens=usage.prompt_total,
+        completion_tokens=usage.completion_total, cost_micros=charged, price_id=row.id, byok=rec.byok,
+        uncharged_micros=cost - charged, cached_input_tokens=usage.cached_input,
+        cache_write_5m_tokens=usage.cache_write_5m, cache_write_1h_tokens=usage.cache_write_1h,
+        reasoning_tokens=usage.reasoning, input_image_tokens=usage.input_image, input_audio_tokens=usage.input_audio,
+        output_image_tokens=usage.output_image, output_audio_tokens=usage.output_audio,
+        service_tier=usage.service_tier, estimated=usage.estimated,
     )
 
 
@@ -193,7 +205,7 @@ async def _forward(state: ProxyState, entry: ModelEntry, path: str, body: bytes,
             if parsed is not None:
                 model = parsed.get("model")
                 rec.reported_model = inputs.recordable(model) if isinstance(model, str) else None
-                rec.prompt_tokens, rec.completion_tokens = usage_of(parsed)
+                rec.usage = normalise(route.api_format, parsed.get("usage"), parsed.get("service_tier"))
             produced.billable = True
             produced.answer_bytes = len(raw)
         else:
@@ -292,13 +304,6 @@ async def _commit(route: Route, resp: UpstreamResponse, path: str, model: str, s
     return Opened(route, resp, meter=meter, chunks=chunks, first=first)
 
 
-def _take_usage(usage: object, rec: RequestRecord) -> None:
-    if isinstance(usage, dict):
-        prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
-        rec.prompt_tokens = prompt if isinstance(prompt, int) else None
-        rec.completion_tokens = completion if isinstance(completion, int) else 0
-
-
 async def _relay_stream(opened: Opened, receive: Receive, send: Send, rec: RequestRecord,
                         out_headers: list[tuple[bytes, bytes]], max_duration_s: float, path: str,
                         produced: Produced) -> None:
@@ -325,7 +330,7 @@ async def _relay_stream(opened: Opened, receive: Receive, send: Send, rec: Reque
         resp.close()
         # What the upstream says it ran: recorded, so made recordable (an upstream is not trusted either).
         rec.reported_model = inputs.recordable(meter.model) if isinstance(meter.model, str) else None
-        _take_usage(meter.usage, rec)
+        rec.usage = normalise(opened.route.api_format, meter.upstream_usage, getattr(meter, "service_tier", None))
     if not pump.cancelled() and pump.exception() is not None:
         raise pump.exception()  # an unexpected bug: let the app's error handler log it
 

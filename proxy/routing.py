@@ -17,7 +17,7 @@ from proxy.errors import InvalidRequest, ModelNotFound, UpstreamError
 from proxy.health import CircuitBreakers
 from shared.apikeys import KeyRecord
 from shared.crypto import SecretBox
-from shared.money import Price
+from shared.money import Price, PriceVersion
 
 __all__ = ["Attempt", "Catalogue", "Route", "load_catalogue", "plan_attempts"]
 
@@ -44,7 +44,7 @@ class ModelEntry(msgspec.Struct, frozen=True):
     owned_by: str
     created: int
     routes: tuple[Route, ...]  # usable routes, best priority first
-    prices: tuple[Price, ...]  # newest effective_from first; future prices are loaded ahead of time
+    prices: tuple[PriceVersion, ...]  # newest effective_from first; future prices are loaded ahead of time
     tiers: tuple[tuple[Route, ...], ...] = ()  # routes grouped by priority, best first
 
     def __post_init__(self) -> None:
@@ -52,8 +52,8 @@ class ModelEntry(msgspec.Struct, frozen=True):
             tiers = tuple(tuple(g) for _, g in groupby(self.routes, key=lambda r: r.priority))
             msgspec.structs.force_setattr(self, "tiers", tiers)
 
-    def price_at(self, when: float) -> Price | None:
-        """The price in force at unix time `when` (the request's start)."""
+    def price_at(self, when: float) -> PriceVersion | None:
+        """The price version in force at unix time `when` (the request's start)."""
         for price in self.prices:
             if price.effective_from <= when:
                 return price
@@ -144,11 +144,10 @@ def plan_attempts(entry: ModelEntry, byok: dict[int, str], breakers: CircuitBrea
 
 
 _MODELS_SQL = "select name, kind, owned_by, extract(epoch from created_at)::bigint as created from models"
-_PRICES_SQL = """
-select id, model, input_micros_per_mtok, output_micros_per_mtok, request_micros,
-       byok_input_micros_per_mtok, byok_output_micros_per_mtok, byok_request_micros,
-       extract(epoch from effective_from)::float8 as effective_from
-from model_prices order by model, effective_from desc
+_PRICE_FIELDS = tuple(f for f in Price.__struct_fields__ if f != "effective_from")
+_PRICES_SQL = f"""
+select model, {", ".join(_PRICE_FIELDS)}, extract(epoch from effective_from)::float8 as effective_from
+from model_prices order by model, effective_from desc, service_tier, min_prompt_tokens
 """
 _ROUTES_SQL = """
 select r.id, r.model, p.id as provider_id, p.name as provider, r.status, p.api_format, p.base_url,
@@ -168,12 +167,13 @@ async def load_catalogue(pool: asyncpg.Pool, box: SecretBox) -> Catalogue:
         model_rows = await conn.fetch(_MODELS_SQL)
         route_rows = await conn.fetch(_ROUTES_SQL)
         price_rows = await conn.fetch(_PRICES_SQL)
-    prices: dict[str, list[Price]] = {}
-    for p in price_rows:
-        prices.setdefault(p["model"], []).append(Price(
-            p["id"], p["input_micros_per_mtok"], p["output_micros_per_mtok"], p["request_micros"],
-            p["effective_from"], p["byok_input_micros_per_mtok"], p["byok_output_micros_per_mtok"],
-            p["byok_request_micros"]))
+    rows: dict[tuple[str, float], list[Price]] = {}
+    for p in price_rows:  # one version per (model, effective_from), its tier rows together
+        rows.setdefault((p["model"], p["effective_from"]), []).append(
+            Price(effective_from=p["effective_from"], **{f: p[f] for f in _PRICE_FIELDS}))
+    prices: dict[str, list[PriceVersion]] = {}
+    for (model, effective_from), version_rows in rows.items():  # in model, newest-first order
+        prices.setdefault(model, []).append(PriceVersion(effective_from, tuple(version_rows)))
     routes: dict[str, list[Route]] = {}
     for r in route_rows:
         credential = None

@@ -11,13 +11,16 @@ from typing import Protocol
 
 import orjson
 
+from shared.usage import merge_anthropic
+
 __all__ = ["AnthropicMeter", "StreamMeter", "StreamTransformer", "sse_error_event"]
 
 
 class StreamTransformer(Protocol):
     """What a stream passes through on its way to the client: a meter, or a format translator."""
 
-    usage: dict | None  # OpenAI-style: prompt_tokens, completion_tokens
+    usage: dict | None
+    upstream_usage: dict | None  # the usage as the upstream's dialect reports it (shared.usage.normalise)
     model: str | None
 
     def feed(self, chunk: bytes) -> bytes: ...
@@ -33,7 +36,7 @@ def _last_boundary(buf: bytes) -> int:
 
 
 class StreamMeter:
-    __slots__ = ("_tail", "drop_usage_chunk", "events", "model", "usage")
+    __slots__ = ("_tail", "drop_usage_chunk", "events", "model", "service_tier", "usage")
 
     def __init__(self, *, drop_usage_chunk: bool) -> None:
         self._tail = b""
@@ -41,6 +44,12 @@ class StreamMeter:
         self.events = 0
         self.model: str | None = None
         self.usage: dict | None = None
+        self.service_tier: object = None
+
+    @property
+    def upstream_usage(self) -> dict | None:
+        """The usage object as the upstream (OpenAI format) sent it, for `shared.usage.normalise`."""
+        return self.usage
 
     def feed(self, chunk: bytes) -> bytes:
         """Take an upstream chunk; return the bytes to forward now (possibly empty)."""
@@ -82,6 +91,7 @@ class StreamMeter:
             usage = obj.get("usage")
             if isinstance(usage, dict):
                 self.usage = usage
+                self.service_tier = obj.get("service_tier")
                 if self.drop_usage_chunk and obj.get("choices") == []:
                     dropped = True
                     continue
@@ -137,14 +147,14 @@ class AnthropicMeter:
             return
         if isinstance(message, dict) and isinstance(message.get("model"), str):
             self.model = message["model"]
-        current = self.usage or {"prompt_tokens": 0, "completion_tokens": 0}
-        prompt = sum(v for k in ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
-                     if isinstance(v := usage.get(k), int))
-        if prompt:
-            current["prompt_tokens"] = prompt
-        if isinstance(usage.get("output_tokens"), int):
-            current["completion_tokens"] = usage["output_tokens"]
-        self.usage = current
+        if self.usage is None:
+            self.usage = {}
+        merge_anthropic(self.usage, usage)  # message_start's, then message_delta's (cumulative): later wins
+
+    @property
+    def upstream_usage(self) -> dict | None:
+        """The stream's merged usage as Anthropic reports it, for `shared.usage.normalise`."""
+        return self.usage
 
 
 def _data_of(event: bytes) -> bytes | None:

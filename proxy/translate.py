@@ -38,6 +38,8 @@ from typing import Any
 
 import orjson
 
+from shared.usage import from_anthropic, merge_anthropic
+
 __all__ = [
     "AnthropicToOpenAIStream",
     "OpenAIToAnthropicStream",
@@ -82,13 +84,13 @@ def _stop_reason(finish_reason: str | None) -> str:
 
 
 def _openai_usage(u: Json) -> Json:
-    """Anthropic usage → OpenAI usage (cache reads and writes counted into prompt_tokens)."""
-    cached = u.get("cache_read_input_tokens") or 0
-    prompt = (u.get("input_tokens") or 0) + (u.get("cache_creation_input_tokens") or 0) + cached
-    completion = u.get("output_tokens") or 0
+    """Anthropic usage → OpenAI usage (cache reads and writes counted into prompt_tokens), via the one
+    normaliser (`shared.usage`)."""
+    usage = from_anthropic(u)
+    prompt, completion = usage.prompt_total, usage.completion_total
     out: Json = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-    if cached:
-        out["prompt_tokens_details"] = {"cached_tokens": cached}
+    if usage.cached_input:
+        out["prompt_tokens_details"] = {"cached_tokens": usage.cached_input}
     return out
 
 
@@ -638,11 +640,15 @@ class AnthropicToOpenAIStream(_StreamTranslator):
             out += self._head + b'],"usage":' + _dumps(self.usage) + b"}\n\n"
         return out + b"data: [DONE]\n\n"
 
+    @property
+    def upstream_usage(self) -> Json | None:
+        """The stream's merged usage as Anthropic reported it (for `shared.usage.normalise`)."""
+        return self._anthropic_usage if self.usage is not None else None
+
     def _take_usage(self, usage: Any) -> None:
         if isinstance(usage, dict):
-            merged = self._anthropic_usage
-            merged.update({k: v for k, v in usage.items() if v is not None})
-            self.usage = _openai_usage(merged)
+            merge_anthropic(self._anthropic_usage, usage)
+            self.usage = _openai_usage(self._anthropic_usage)
 
     def _handle(self, payloads: list[bytes]) -> bytes:
         out: list[bytes] = []
@@ -711,6 +717,11 @@ class OpenAIToAnthropicStream(_StreamTranslator):
         self._block_kind = ""
         self._next = 0  # index of the next content block
         self._blocks: dict[int, int] = {}  # OpenAI tool_calls index → Anthropic block index
+
+    @property
+    def upstream_usage(self) -> Json | None:
+        """The usage as the OpenAI upstream reported it (for `shared.usage.normalise`)."""
+        return self.usage
 
     @staticmethod
     def _event(name: bytes, obj: Json) -> bytes:

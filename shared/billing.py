@@ -51,6 +51,17 @@ class UsageEvent(msgspec.Struct, frozen=True, array_like=True):
     price_id: int | None
     byok: bool = False
     uncharged_micros: int = 0  # the cost beyond the reservation, not charged (see proxy.bounds)
+    # The components of prompt_tokens and completion_tokens (totals) that are billed apart (shared.usage).
+    cached_input_tokens: int = 0
+    cache_write_5m_tokens: int = 0
+    cache_write_1h_tokens: int = 0
+    reasoning_tokens: int = 0
+    input_image_tokens: int = 0
+    input_audio_tokens: int = 0
+    output_image_tokens: int = 0
+    output_audio_tokens: int = 0
+    service_tier: str | None = None
+    estimated: bool = False  # no usage from the upstream (a stream cut short): estimated by the relay
 
 
 def lua_source(name: str) -> str:

@@ -62,12 +62,20 @@ __all__ = ["BillingFlusher"]
 
 log = logging.getLogger("rocket_relay.flusher")
 _decode_event = msgspec.msgpack.Decoder(UsageEvent).decode
+# The billed components of an event (shared.billing.UsageEvent), as usage_records columns of the same name.
+_COMPONENT_COLUMNS = ("cached_input_tokens", "cache_write_5m_tokens", "cache_write_1h_tokens", "reasoning_tokens",
+                      "input_image_tokens", "input_audio_tokens", "output_image_tokens", "output_audio_tokens",
+                      "service_tier", "estimated")
 _STAGE_COLUMNS = ("created_at", "request_id", "org_id", "api_key_id", "model", "provider", "route_id",
-                  "prompt_tokens", "completion_tokens", "cost_micros", "price_id", "byok", "uncharged_micros")
+                  "prompt_tokens", "completion_tokens", "cost_micros", "price_id", "byok", "uncharged_micros",
+                  *_COMPONENT_COLUMNS)
 _STAGE_DDL = """create temp table if not exists usage_stage (
     created_at timestamptz, request_id text, org_id bigint, api_key_id bigint, model text, provider text,
     route_id bigint, prompt_tokens integer, completion_tokens integer, cost_micros bigint, price_id bigint,
-    byok boolean, uncharged_micros bigint) on commit delete rows"""
+    byok boolean, uncharged_micros bigint, cached_input_tokens integer, cache_write_5m_tokens integer,
+    cache_write_1h_tokens integer, reasoning_tokens integer, input_image_tokens integer, input_audio_tokens integer,
+    output_image_tokens integer, output_audio_tokens integer, service_tier text, estimated boolean)
+    on commit delete rows"""
 _HOLD_SQL = """
 insert into rejected_rows (kind, request_id, org_id, row_created_at, sqlstate, reason, shard, stream_id, payload,
                            cost_micros)
@@ -93,9 +101,14 @@ with txn as (
 ), ins as (
     insert into usage_records (created_at, request_id, org_id, api_key_id, model, provider, route_id,
                                prompt_tokens, completion_tokens, cost_micros, price_id, byok, uncharged_micros,
-                               transaction_id)
+                               cached_input_tokens, cache_write_5m_tokens, cache_write_1h_tokens, reasoning_tokens,
+                               input_image_tokens, input_audio_tokens, output_image_tokens, output_audio_tokens,
+                               service_tier, estimated, transaction_id)
     select s.created_at, s.request_id, s.org_id, s.api_key_id, s.model, s.provider, s.route_id,
-           s.prompt_tokens, s.completion_tokens, s.cost_micros, s.price_id, s.byok, s.uncharged_micros, t.id
+           s.prompt_tokens, s.completion_tokens, s.cost_micros, s.price_id, s.byok, s.uncharged_micros,
+           s.cached_input_tokens, s.cache_write_5m_tokens, s.cache_write_1h_tokens, s.reasoning_tokens,
+           s.input_image_tokens, s.input_audio_tokens, s.output_image_tokens, s.output_audio_tokens,
+           s.service_tier, s.estimated, t.id
     from usage_stage s join txn t using (org_id)
     on conflict do nothing
     returning org_id, transaction_id, cost_micros
@@ -248,7 +261,8 @@ class BillingFlusher:
                 held.append(entry.refused(None, type(exc).__name__))
                 continue
             row = (created_at, e.request_id, e.org_id, e.api_key_id, e.model, e.provider, e.route_id,
-                   e.prompt_tokens, e.completion_tokens, e.cost_micros, e.price_id, e.byok, e.uncharged_micros)
+                   e.prompt_tokens, e.completion_tokens, e.cost_micros, e.price_id, e.byok, e.uncharged_micros,
+                   *(getattr(e, c) for c in _COMPONENT_COLUMNS))
             rows.append(row)
             source[id(row)] = entry
         last_ms, last_seq = _id_parts(ids[-1] if isinstance(ids[-1], bytes) else ids[-1].encode())
