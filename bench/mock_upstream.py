@@ -36,6 +36,10 @@ Knobs, at three levels, later overriding earlier:
   break_after_headers  send 200 and the headers, then half of a JSON answer (or no stream event), then
                     break the connection
   stall_after_headers  send 200 and the headers, then nothing until the client goes away
+  usage             a usage object sent as it is instead of the computed one (JSON answers, the OpenAI usage
+                    chunk, Anthropic message_start / message_delta): a provider's real shapes, e.g. cached
+                    tokens, cache writes, reasoning tokens
+  service_tier      an OpenAI answer's ``service_tier`` (Anthropic: put it inside ``usage``)
 
 Usage numbers: prompt tokens = ceil(characters / 4), at least 1, over all message / prompt / input
 texts; completion tokens = pieces generated = min(chunks, max_tokens), times ``max(n, best_of)`` as
@@ -115,6 +119,8 @@ class Settings:
     ignore_max_tokens: bool = False
     break_after_headers: bool = False
     stall_after_headers: bool = False
+    usage: dict | None = None
+    service_tier: str | None = None
 
 
 _NUM, _INT, _OPT_INT, _BOOL = (int, float), (int,), (int, type(None)), (bool,)
@@ -123,6 +129,7 @@ FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "error_rate": _NUM, "error_status": _INT, "fail_after_chunks": _OPT_INT, "hang": _BOOL,
     "omit_usage": _BOOL, "require_api_key": (str, type(None)), "tool_call": (str, type(None)),
     "ignore_max_tokens": _BOOL, "break_after_headers": _BOOL, "stall_after_headers": _BOOL,
+    "usage": (dict, type(None)), "service_tier": (str, type(None)),
 }
 
 
@@ -554,7 +561,10 @@ class MockUpstream:
                         for i in range(choice_counts(call.body)[0])],
         }
         if not call.settings.omit_usage:
-            out["usage"] = openai_usage(estimate_tokens(call.body.get("messages")), n * choice_counts(call.body)[1])
+            out["usage"] = call.settings.usage or openai_usage(estimate_tokens(call.body.get("messages")),
+                                                               n * choice_counts(call.body)[1])
+        if call.settings.service_tier:
+            out["service_tier"] = call.settings.service_tier
         return out
 
     def completion_json(self, call: Call, n: int, cut: bool) -> dict[str, Any]:
@@ -564,7 +574,8 @@ class MockUpstream:
                          "finish_reason": "length" if cut else "stop"} for i in range(choice_counts(call.body)[0])],
         }
         if not call.settings.omit_usage:
-            out["usage"] = openai_usage(estimate_tokens(call.body.get("prompt")), n * choice_counts(call.body)[1])
+            out["usage"] = call.settings.usage or openai_usage(estimate_tokens(call.body.get("prompt")),
+                                                               n * choice_counts(call.body)[1])
         return out
 
     def openai_stream(self, call: Call, n: int, cut: bool, *, chat: bool) -> StreamPlan:
@@ -597,8 +608,10 @@ class MockUpstream:
             tail = [p + b'"","finish_reason":' + reason + b"}]" + end]
         if include_usage:
             prompt = estimate_tokens(call.body.get("messages" if chat else "prompt"))
-            usage = orjson.dumps(openai_usage(prompt, n * choice_counts(call.body)[1]))
-            tail.append(prefix + b',"choices":[],"usage":' + usage + b"}\n\n")
+            usage = orjson.dumps(call.settings.usage or openai_usage(prompt, n * choice_counts(call.body)[1]))
+            tier = call.settings.service_tier
+            tier = b',"service_tier":' + orjson.dumps(tier) if tier else b""
+            tail.append(prefix + tier + b',"choices":[],"usage":' + usage + b"}\n\n")
         tail.append(DONE)
         return StreamPlan(head, pieces, b"".join(tail))
 
@@ -619,7 +632,7 @@ class MockUpstream:
             out["stop_reason"] = "tool_use"
         if not call.settings.omit_usage:
             input_tokens = estimate_tokens(call.body.get("system"), call.body.get("messages"))
-            out["usage"] = {"input_tokens": input_tokens, "output_tokens": n}
+            out["usage"] = call.settings.usage or {"input_tokens": input_tokens, "output_tokens": n}
         return out
 
     def messages_stream(self, call: Call, n: int, cut: bool) -> StreamPlan:
@@ -631,6 +644,10 @@ class MockUpstream:
             input_tokens = estimate_tokens(call.body.get("system"), call.body.get("messages"))
             message["usage"] = {"input_tokens": input_tokens, "output_tokens": 1}
             delta["usage"] = {"output_tokens": n}
+            if call.settings.usage:  # as Anthropic streams it: input side first, cumulative output at the end
+                given = call.settings.usage
+                message["usage"] = {**{k: v for k, v in given.items() if k != "output_tokens"}, "output_tokens": 1}
+                delta["usage"] = {"output_tokens": given.get("output_tokens", n)}
         head = sse_event(b"message_start", {"type": "message_start", "message": message}) + ANTHROPIC_START
         pieces = self.pieces.anthropic[:n]
         if call.settings.tool_call:

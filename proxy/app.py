@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 
 import asyncpg
@@ -21,6 +20,8 @@ from proxy.billing import Biller
 from proxy.byok import ByokCredentials
 from proxy.errors import MethodNotAllowed, NotFound, ProxyError, error_body
 from proxy.events import EventListener
+from proxy.generations import PREFIX as GENERATIONS
+from proxy.generations import generation, new_request_id
 from proxy.health import CircuitBreakers
 from proxy.http import BodyReader, ClientAddress, Receive, RequestHeaders, Scope, Send, send_response
 from proxy.inputs import recordable
@@ -119,13 +120,17 @@ class ProxyApp:
         state = self.state
         assert state is not None, "lifespan start-up has not run"
         headers = RequestHeaders(scope["headers"], state.client_address.header)
-        request_id = os.urandom(12).hex()
+        request_id = new_request_id()
         # Any path is recorded, unknown ones too (404): those only once made safe to store.
         rec = RequestRecord(request_id, headers.request_id, path if path in _ALLOWED else recordable(path),
                             scope["method"], state.client_address.resolve(scope, headers.forwarded),
                             headers.user_agent)
         out_headers = [(b"x-request-id", (headers.request_id or request_id).encode())]
+        if headers.request_id:  # the client's own id is echoed; ours (for /v1/generations) goes beside it
+            out_headers.append((b"x-rr-request-id", request_id.encode()))
         try:
+            if path.startswith(GENERATIONS) and scope["method"] == "GET":
+                return await self._generation(state, headers, rec, send, out_headers, path[len(GENERATIONS):])
             allowed = _ALLOWED.get(path)
             if allowed is None:
                 raise NotFound(f"Unknown path {path}.", code="unknown_url")
@@ -163,6 +168,15 @@ class ProxyApp:
                 for m in state.catalogue.visible_models(key)]
         rec.status_code = 200
         await send_response(send, 200, orjson.dumps({"object": "list", "data": data}), out_headers)
+
+    async def _generation(self, state: ProxyState, headers: RequestHeaders, rec: RequestRecord, send: Send,
+                          out_headers: list[tuple[bytes, bytes]], request_id: str) -> None:
+        key = await state.auth.authenticate(headers.api_key)
+        rec.org_id, rec.api_key_id = key.org_id, key.key_id
+        rec.path = GENERATIONS + "{id}"  # not the id itself: paths are metadata, ids of other requests are not
+        body = await generation(state.pool, key.org_id, request_id)
+        rec.status_code = 200
+        await send_response(send, 200, body, out_headers)
 
     async def _ready(self, send: Send) -> None:
         state = self.state

@@ -19,6 +19,7 @@ from proxy.stream import AnthropicMeter, StreamMeter, sse_error_event
 from proxy.translate import (
     AnthropicToOpenAIStream,
     OpenAIToAnthropicStream,
+    Pricer,
     TranslationError,
     anthropic_error_to_openai,
     anthropic_status_to_openai,
@@ -28,8 +29,10 @@ from proxy.translate import (
     openai_to_anthropic_request,
     openai_to_anthropic_response,
 )
+from shared.money import format_usd
 
-__all__ = ["ANTHROPIC", "OPENAI", "client_format", "stream_error", "translate_answer", "upstream_request"]
+__all__ = ["ANTHROPIC", "OPENAI", "client_format", "stream_error", "translate_answer", "upstream_request",
+           "with_cost"]
 
 log = logging.getLogger("rocket_relay.proxy")
 
@@ -90,6 +93,23 @@ def _log_refused_shape(exc: Exception) -> None:
     log.info("translation refused a body: %s at %s:%s", type(exc).__name__, frame.filename, frame.lineno)
 
 
+def with_cost(answer: bytes, parsed: dict | None, cost_micros: int) -> bytes:
+    """The client's JSON answer with the request's cost in its `usage`: `cost_micros` (integer micro-units) and
+    `cost` (the same as an exact decimal string of USD, never a float). `parsed`: the answer already parsed, if
+    it is (a passthrough answer); an answer without a usage object is returned as it is."""
+    if parsed is None:
+        try:
+            parsed = orjson.loads(answer)
+        except orjson.JSONDecodeError:
+            return answer
+    usage = parsed.get("usage") if isinstance(parsed, dict) else None
+    if not isinstance(usage, dict):
+        return answer
+    usage["cost"] = format_usd(cost_micros)
+    usage["cost_micros"] = cost_micros
+    return inputs.dumps(parsed)
+
+
 def translate_answer(path: str, upstream_format: str, status: int, answer: bytes,
                      model: str) -> tuple[int, bytes, dict | None]:
     """(status, body for the client, the upstream's answer as parsed JSON or None)."""
@@ -116,14 +136,19 @@ def translate_answer(path: str, upstream_format: str, status: int, answer: bytes
         raise TranslationError("the upstream answer has an unexpected shape") from None
 
 
-def stream_transformer(path: str, upstream_format: str, model: str, *, inject_usage: bool, client_usage: bool):
-    """The object a stream's bytes pass through: `feed`, `finish`, `.usage`, `.model`."""
+def stream_transformer(path: str, upstream_format: str, model: str, *, inject_usage: bool, client_usage: bool,
+                       pricer: Pricer | None = None):
+    """The object a stream's bytes pass through: `feed`, `finish`, `.upstream_usage`, `.model`. `pricer` puts
+    the request's cost into the usage the client receives (its last usage event)."""
     client = client_format(path)
     if client == upstream_format:
-        return StreamMeter(drop_usage_chunk=inject_usage) if client == OPENAI else AnthropicMeter()
-    if upstream_format == ANTHROPIC:
-        return AnthropicToOpenAIStream(model, client_usage)
-    return OpenAIToAnthropicStream(model)
+        meter = StreamMeter(drop_usage_chunk=inject_usage) if client == OPENAI else AnthropicMeter()
+    elif upstream_format == ANTHROPIC:
+        meter = AnthropicToOpenAIStream(model, client_usage)
+    else:
+        meter = OpenAIToAnthropicStream(model)
+    meter.pricer = pricer
+    return meter
 
 
 def stream_error(path: str, message: str, code: str) -> bytes:

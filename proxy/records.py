@@ -44,8 +44,8 @@ class RequestRecord:
     __slots__ = (
         "api_key_id", "attempts", "byok", "client_ip", "client_request_id", "completion_tokens", "cost_micros",
         "created_at", "error_code", "estimated", "method", "model", "org_id", "path", "prompt_tokens", "provider",
-        "reported_model", "request_id", "route_id", "started", "started_wall", "status_code", "stream", "ttfb_ms",
-        "upstream_model", "usage", "user_agent",
+        "provider_format", "reported_model", "request_id", "route_id", "started", "started_wall", "status_code",
+        "stream", "ttfb_ms", "upstream_model", "usage", "user_agent",
     )
 
     def __init__(self, request_id: str, client_request_id: str | None, path: str, method: str,
@@ -63,6 +63,7 @@ class RequestRecord:
         self.api_key_id: int | None = None
         self.model: str | None = None
         self.provider: str | None = None
+        self.provider_format = "openai"  # the dialect of the route that answered (not a column)
         self.route_id: int | None = None
         self.upstream_model: str | None = None
         self.reported_model: str | None = None

@@ -27,12 +27,13 @@ from proxy.formats import (
     stream_transformer,
     translate_answer,
     upstream_request,
+    with_cost,
 )
 from proxy.http import Receive, RequestHeaders, Scope, Send, send_response
 from proxy.records import RequestRecord
 from proxy.routing import Attempt, ModelEntry, Route, plan_attempts
 from proxy.stream import StreamTransformer
-from proxy.translate import TranslationError
+from proxy.translate import Pricer, TranslationError
 from proxy.upstream import UpstreamResponse
 from shared.billing import UsageEvent
 from shared.money import version_cost_micros
@@ -125,28 +126,38 @@ async def relay(state: ProxyState, path: str, scope: Scope, receive: Receive, se
     bound = request_bound(path, request, body, state.settings)
     reservation = await state.biller.reserve(key, rec.request_id, price, bound.prompt_tokens, bound.output_tokens,
                                              rec.started_wall, out_headers)
-    produced = Produced()
+    produced = Produced(reservation, getattr(request, "service_tier", None))
     try:
         await _forward(state, entry, path, body, request, stream, bound, receive, send, rec, out_headers, produced)
     finally:
-        event = _usage_event(rec, reservation, produced, len(body), getattr(request, "service_tier", None))
+        event = _usage_event(rec, reservation, produced, len(body))
         rec.cost_micros = await state.biller.settle(
             reservation, event, (event.prompt_tokens + event.completion_tokens) if event else 0)
 
 
 class Produced:
-    """What the upstream delivered, for billing when it sent no usage of its own."""
+    """What the upstream delivered, and how it is priced: for billing, and for the cost on the answer."""
 
-    __slots__ = ("answer_bytes", "billable", "content_events")
+    __slots__ = ("answer_bytes", "billable", "content_events", "requested_tier", "reservation")
 
-    def __init__(self) -> None:
+    def __init__(self, reservation: Reservation, requested_tier: str | None) -> None:
+        self.reservation = reservation
+        self.requested_tier = requested_tier
         self.billable = False  # true once an answer (or part of a stream) went to the client
         self.content_events = 0
         self.answer_bytes = 0
 
+    def price(self, usage: Usage, byok: bool) -> tuple[int, int, int]:
+        """(charged, uncharged, price row id): the cost of `usage`, never more than the reservation (what the
+        balance, credit limit and spend cap allowed when the request was accepted)."""
+        if usage.service_tier is None and self.requested_tier is not None:
+            usage = msgspec.structs.replace(usage, service_tier=self.requested_tier)
+        cost, row = version_cost_micros(self.reservation.price, usage, byok=byok)
+        charged = min(cost, self.reservation.amount)
+        return charged, cost - charged, row.id
 
-def _usage_event(rec: RequestRecord, res: Reservation, produced: Produced, body_bytes: int,
-                 requested_tier: str | None) -> UsageEvent | None:
+
+def _usage_event(rec: RequestRecord, res: Reservation, produced: Produced, body_bytes: int) -> UsageEvent | None:
     """The billed usage of a finished request, or None when nothing billable was produced."""
     if not produced.billable:
         return None
@@ -156,25 +167,20 @@ def _usage_event(rec: RequestRecord, res: Reservation, produced: Produced, body_
                       estimated=True)
         rec.usage = usage
         rec.estimated = True
-    if usage.service_tier is None and requested_tier is not None:
-        usage = msgspec.structs.replace(usage, service_tier=requested_tier)
     rec.prompt_tokens, rec.completion_tokens = usage.prompt_total, usage.completion_total
-    cost, row = version_cost_micros(res.price, usage, byok=rec.byok)
-    # Never more than the reservation (what the balance, credit limit and spend cap allowed when the request
-    # was accepted): an upstream that ignored the cap leaves the excess uncharged and on record.
-    charged = min(cost, res.amount)
-    if charged < cost:
+    charged, uncharged, price_id = produced.price(usage, rec.byok)
+    if uncharged:  # an upstream that ignored the cap: the excess is not charged, and is on record
         log.warning("request %s: usage (%d prompt, %d completion tokens) exceeds its reservation; %d µ$ uncharged",
-                    rec.request_id, usage.prompt_total, usage.completion_total, cost - charged)
+                    rec.request_id, usage.prompt_total, usage.completion_total, uncharged)
     return UsageEvent(
         request_id=rec.request_id, created_us=res.started_us, org_id=res.org_id, api_key_id=res.key_id,
         model=rec.model or "", provider=rec.provider, route_id=rec.route_id, prompt_tokens=usage.prompt_total,
-        completion_tokens=usage.completion_total, cost_micros=charged, price_id=row.id, byok=rec.byok,
-        uncharged_micros=cost - charged, cached_input_tokens=usage.cached_input,
+        completion_tokens=usage.completion_total, cost_micros=charged, price_id=price_id, byok=rec.byok,
+        uncharged_micros=uncharged, cached_input_tokens=usage.cached_input,
         cache_write_5m_tokens=usage.cache_write_5m, cache_write_1h_tokens=usage.cache_write_1h,
         reasoning_tokens=usage.reasoning, input_image_tokens=usage.input_image, input_audio_tokens=usage.input_audio,
         output_image_tokens=usage.output_image, output_audio_tokens=usage.output_audio,
-        service_tier=usage.service_tier, estimated=usage.estimated,
+        service_tier=usage.service_tier or produced.requested_tier, estimated=usage.estimated,
     )
 
 
@@ -190,7 +196,12 @@ async def _forward(state: ProxyState, entry: ModelEntry, path: str, body: bytes,
     if not attempts:
         raise InvalidRequest(f"The model `{entry.name}` cannot be used with {path}.", param="model",
                              code="model_not_supported")
-    opened = await _open_upstream(state, attempts, path, body, request.model, stream, client_usage, bound, rec)
+    def pricer(upstream_usage: dict) -> int:  # the cost a stream's last usage event carries to the client
+        usage = normalise(rec.provider_format, upstream_usage) or Usage()
+        return produced.price(usage, rec.byok)[0]
+
+    opened = await _open_upstream(state, attempts, path, body, request.model, stream, client_usage, bound, rec,
+                                  pricer)
     route = opened.route
 
     if opened.meter is None:  # a whole answer (or an error), already read
@@ -208,6 +219,10 @@ async def _forward(state: ProxyState, entry: ModelEntry, path: str, body: bytes,
                 rec.usage = normalise(route.api_format, parsed.get("usage"), parsed.get("service_tier"))
             produced.billable = True
             produced.answer_bytes = len(raw)
+            if rec.usage is not None:  # the cost goes on the answer (settlement charges the same figure)
+                charged = produced.price(rec.usage, rec.byok)[0]
+                answer = with_cost(answer, parsed if answer is raw else None, charged)
+                out_headers.append((b"x-rr-cost-micros", b"%d" % charged))
         else:
             rec.error_code = "upstream_rejected_request"
         rec.status_code = status
@@ -242,7 +257,8 @@ class Opened:
 
 
 async def _open_upstream(state: ProxyState, attempts: list[Attempt], path: str, body: bytes, model: str,
-                         stream: bool, client_usage: bool, bound: Bound, rec: RequestRecord) -> Opened:
+                         stream: bool, client_usage: bool, bound: Bound, rec: RequestRecord,
+                         pricer: Pricer) -> Opened:
     """Try the planned routes in order until one answers. Only failures before any byte reached the client
     get here, so failing over is invisible to it; the failover budget bounds the whole search."""
     parsed: dict | None = None
@@ -255,6 +271,7 @@ async def _open_upstream(state: ProxyState, attempts: list[Attempt], path: str, 
         rec.attempts += 1
         rec.provider, rec.route_id, rec.upstream_model, rec.byok = (route.provider, route.id, route.upstream_model,
                                                                     attempt.byok)
+        rec.provider_format = route.api_format
         inject_usage = stream and not client_usage and route.api_format == OPENAI == client
         upstream_path, payload, parsed = upstream_request(
             path, route.api_format, route.upstream_model, body, parsed, same_model=route.upstream_model == model,
@@ -263,7 +280,7 @@ async def _open_upstream(state: ProxyState, attempts: list[Attempt], path: str, 
         breakers.attempt(route.id, now)
         try:
             resp = await state.upstream.send(route, upstream_path, payload, attempt.credential)
-            opened = await _commit(route, resp, path, model, stream, inject_usage, client_usage)
+            opened = await _commit(route, resp, path, model, stream, inject_usage, client_usage, pricer)
         except UpstreamError as exc:
             last_error = exc
             if attempt.byok and exc.code in ("upstream_auth_failed", "upstream_credential_unusable"):
@@ -286,11 +303,12 @@ async def _open_upstream(state: ProxyState, attempts: list[Attempt], path: str, 
 
 
 async def _commit(route: Route, resp: UpstreamResponse, path: str, model: str, stream: bool, inject_usage: bool,
-                  client_usage: bool) -> Opened:
+                  client_usage: bool, pricer: Pricer) -> Opened:
     """Read an answer until it can no longer fail over: the whole body, or a stream's first client bytes."""
     if resp.status != 200 or not stream:
         return Opened(route, resp, await resp.read())
-    meter = stream_transformer(path, route.api_format, model, inject_usage=inject_usage, client_usage=client_usage)
+    meter = stream_transformer(path, route.api_format, model, inject_usage=inject_usage, client_usage=client_usage,
+                               pricer=pricer)
     chunks = resp.chunks()
     first = b""
     try:

@@ -11,6 +11,7 @@ from typing import Protocol
 
 import orjson
 
+from proxy.translate import Pricer, with_cost
 from shared.usage import merge_anthropic
 
 __all__ = ["AnthropicMeter", "StreamMeter", "StreamTransformer", "sse_error_event"]
@@ -36,7 +37,7 @@ def _last_boundary(buf: bytes) -> int:
 
 
 class StreamMeter:
-    __slots__ = ("_tail", "drop_usage_chunk", "events", "model", "service_tier", "usage")
+    __slots__ = ("_tail", "drop_usage_chunk", "events", "model", "pricer", "service_tier", "usage")
 
     def __init__(self, *, drop_usage_chunk: bool) -> None:
         self._tail = b""
@@ -45,6 +46,7 @@ class StreamMeter:
         self.model: str | None = None
         self.usage: dict | None = None
         self.service_tier: object = None
+        self.pricer: Pricer | None = None  # upstream usage -> the request's cost, added to the usage chunk
 
     @property
     def upstream_usage(self) -> dict | None:
@@ -72,7 +74,7 @@ class StreamMeter:
 
     def _inspect(self, complete: bytes) -> bytes:
         kept = []
-        dropped = False
+        dropped = changed = False
         for event in complete.replace(b"\r\n", b"\n").split(b"\n\n"):
             payload = _data_of(event)
             if payload is None or payload == b"[DONE]":
@@ -95,8 +97,11 @@ class StreamMeter:
                 if self.drop_usage_chunk and obj.get("choices") == []:
                     dropped = True
                     continue
+                if self.pricer is not None:  # the client's usage chunk carries the request's cost
+                    obj["usage"] = with_cost(usage, self.pricer, usage)
+                    event, changed = b"data: " + orjson.dumps(obj), True
             kept.append(event)
-        if not dropped and b"\r\n" not in complete:
+        if not dropped and not changed and b"\r\n" not in complete:
             return complete  # unchanged: forward the original bytes
         return b"\n\n".join(kept)
 
@@ -108,13 +113,14 @@ class AnthropicMeter:
     that mention usage are parsed.
     """
 
-    __slots__ = ("_tail", "events", "model", "usage")
+    __slots__ = ("_tail", "events", "model", "pricer", "usage")
 
     def __init__(self) -> None:
         self._tail = b""
         self.events = 0
         self.model: str | None = None
         self.usage: dict | None = None
+        self.pricer: Pricer | None = None  # upstream usage -> the request's cost, added to message_delta
 
     def feed(self, chunk: bytes) -> bytes:
         buf = self._tail + chunk if self._tail else chunk
@@ -125,31 +131,38 @@ class AnthropicMeter:
         complete, self._tail = buf[:end], buf[end:]
         self.events += complete.count(b"content_block_delta")
         if b'"usage"' in complete:
-            for event in complete.replace(b"\r\n", b"\n").split(b"\n\n"):
-                self._read_usage(_data_of(event))
+            events = complete.replace(b"\r\n", b"\n").split(b"\n\n")
+            priced = [self._read_usage(event) for event in events]
+            if any(p is not None for p in priced):
+                return b"\n\n".join(e if p is None else p for e, p in zip(events, priced, strict=True))
         return complete
 
     def finish(self) -> bytes:
         tail, self._tail = self._tail, b""
-        self._read_usage(_data_of(tail))
-        return tail
+        return self._read_usage(tail) or tail
 
-    def _read_usage(self, payload: bytes | None) -> None:
+    def _read_usage(self, event: bytes) -> bytes | None:
+        """Fold an event's usage in; returns the event rewritten with the cost (a message_delta, when priced)."""
+        payload = _data_of(event)
         if not payload or b'"usage"' not in payload:
-            return
+            return None
         try:
             obj = orjson.loads(payload)
         except orjson.JSONDecodeError:
-            return
+            return None
         message = obj.get("message") if isinstance(obj, dict) else None
         usage = (message or obj).get("usage") if isinstance(message or obj, dict) else None
         if not isinstance(usage, dict):
-            return
+            return None
         if isinstance(message, dict) and isinstance(message.get("model"), str):
             self.model = message["model"]
         if self.usage is None:
             self.usage = {}
         merge_anthropic(self.usage, usage)  # message_start's, then message_delta's (cumulative): later wins
+        if self.pricer is None or obj.get("type") != "message_delta":
+            return None
+        obj["usage"] = with_cost(usage, self.pricer, self.usage)
+        return b"event: message_delta\ndata: " + orjson.dumps(obj)
 
     @property
     def upstream_usage(self) -> dict | None:

@@ -34,10 +34,12 @@ Anthropic), tool-call arguments that are not a JSON object (become {}), stop-seq
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import orjson
 
+from shared.money import format_usd
 from shared.usage import from_anthropic, merge_anthropic
 
 __all__ = [
@@ -73,6 +75,18 @@ _STOP_FROM_FINISH: dict[str, str] = {
     "stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use", "function_call": "tool_use",
     "content_filter": "refusal",
 }
+
+
+Pricer = Callable[[Json], int]
+
+
+def with_cost(usage: Json, pricer: Pricer | None, upstream_usage: Json) -> Json:
+    """`usage` for the client with the request's cost added (`cost_micros`, and `cost` as a decimal string of
+    USD), priced from the upstream's own usage object; unchanged without a pricer."""
+    if pricer is None:
+        return usage
+    cost = pricer(upstream_usage)
+    return {**usage, "cost": format_usd(cost), "cost_micros": cost}
 
 
 def _finish_reason(stop_reason: str | None) -> str:
@@ -577,7 +591,7 @@ def _json(payload: bytes) -> Json | None:
 class _StreamTranslator:
     """Shared plumbing: `feed`/`finish` over an SSE reader, and the `done`/`model`/`usage` the relay reads."""
 
-    __slots__ = ("_finish", "_reader", "done", "model", "usage")
+    __slots__ = ("_finish", "_reader", "done", "model", "pricer", "usage")
 
     def __init__(self) -> None:
         self._reader = _SSEReader()
@@ -585,6 +599,7 @@ class _StreamTranslator:
         self.done = False
         self.model: str | None = None
         self.usage: Json | None = None
+        self.pricer: Pricer | None = None  # upstream usage -> the request's cost, for the client's usage
 
     def feed(self, chunk: bytes) -> bytes:
         """Take upstream bytes; return the client bytes to send now (possibly empty)."""
@@ -637,7 +652,8 @@ class AnthropicToOpenAIStream(_StreamTranslator):
         out = (self._head + b'{"index":0,"delta":{},"logprobs":null,"finish_reason":'
                + _dumps(self._finish or "stop") + b"}]}\n\n")
         if self._include_usage and self.usage is not None:
-            out += self._head + b'],"usage":' + _dumps(self.usage) + b"}\n\n"
+            out += self._head + b'],"usage":' + _dumps(with_cost(self.usage, self.pricer, self._anthropic_usage))
+            out += b"}\n\n"
         return out + b"data: [DONE]\n\n"
 
     @property
@@ -745,7 +761,8 @@ class OpenAIToAnthropicStream(_StreamTranslator):
         out: list[bytes] = []
         self._close(out)
         self.done = True
-        usage = _anthropic_usage(self.usage) if self.usage is not None else {"output_tokens": 0}
+        usage = (with_cost(_anthropic_usage(self.usage), self.pricer, self.usage) if self.usage is not None
+                 else {"output_tokens": 0})
         out.append(self._event(b"message_delta", {"type": "message_delta", "delta": {
             "stop_reason": _stop_reason(self._finish), "stop_sequence": None}, "usage": usage}))
         out.append(b'event: message_stop\ndata: {"type":"message_stop"}\n\n')

@@ -27,6 +27,8 @@ DEMO_MODELS = (
     ("gpt-4o-mini", "chat", 150_000, 600_000),
     ("text-embedding-3-small", "embedding", 20_000, 0),
 )
+# The components OpenAI bills gpt-4o-mini apart (its price list): cached input at half the input price.
+DEMO_COMPONENTS = {"gpt-4o-mini": {"cached_input_micros_per_mtok": 75_000}}
 
 
 class DemoSeed(msgspec.Struct, frozen=True):
@@ -97,11 +99,14 @@ async def _ensure_catalogue(
         await conn.execute(
             "insert into models (name, kind) values ($1, $2) on conflict (name) do nothing", model, kind
         )
+        components = DEMO_COMPONENTS.get(model, {})
+        names = "".join(f", {c}" for c in components)
+        params = "".join(f", ${i}" for i in range(4, 4 + len(components)))
         await conn.execute(
-            """insert into model_prices (model, input_micros_per_mtok, output_micros_per_mtok, effective_from)
-               select $1, $2, $3, '2000-01-01'
-               where not exists (select 1 from model_prices where model = $1)""",
-            model, input_price, output_price,
+            f"""insert into model_prices (model, input_micros_per_mtok, output_micros_per_mtok, effective_from{names})
+                select $1, $2, $3, '2000-01-01'{params}
+                where not exists (select 1 from model_prices where model = $1)""",
+            model, input_price, output_price, *components.values(),
         )
         await conn.execute(
             """insert into routes (model, provider_id, upstream_model) values ($1, $2, $1)

@@ -58,7 +58,43 @@ class Model(msgspec.Struct, frozen=True):
     created_at: datetime.datetime
 
 
-class PriceCreate(msgspec.Struct, frozen=True):
+OptMicros = NonNegMicros | None
+TierName = Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9_]{1,32}$(?!\n)")]
+
+
+class PriceComponents(msgspec.Struct, frozen=True, kw_only=True):
+    """µ$ per million tokens of the components billed apart. Unset: the fallback of `shared.money.Price`
+    (cached input, cache writes, input images/audio → the input price; 1-hour writes → the 5-minute price;
+    reasoning, output images/audio → the output price; the BYOK ones → the BYOK input/output prices)."""
+
+    cached_input_micros_per_mtok: OptMicros = None
+    cache_write_5m_micros_per_mtok: OptMicros = None
+    cache_write_1h_micros_per_mtok: OptMicros = None
+    reasoning_micros_per_mtok: OptMicros = None
+    input_image_micros_per_mtok: OptMicros = None
+    input_audio_micros_per_mtok: OptMicros = None
+    output_image_micros_per_mtok: OptMicros = None
+    output_audio_micros_per_mtok: OptMicros = None
+    byok_cached_input_micros_per_mtok: OptMicros = None
+    byok_cache_write_5m_micros_per_mtok: OptMicros = None
+    byok_cache_write_1h_micros_per_mtok: OptMicros = None
+    byok_reasoning_micros_per_mtok: OptMicros = None
+
+
+class PriceTier(PriceComponents, frozen=True, kw_only=True):
+    """Another row of the same price version: a service tier's price, or the price from a prompt size up."""
+
+    service_tier: TierName = "default"
+    min_prompt_tokens: Annotated[int, msgspec.Meta(ge=0, le=100_000_000)] = 0
+    input_micros_per_mtok: NonNegMicros
+    output_micros_per_mtok: NonNegMicros
+    request_micros: NonNegMicros = 0
+    byok_input_micros_per_mtok: NonNegMicros = 0
+    byok_output_micros_per_mtok: NonNegMicros = 0
+    byok_request_micros: NonNegMicros = 0
+
+
+class PriceCreate(PriceComponents, frozen=True, kw_only=True):
     model: ModelName
     input_micros_per_mtok: NonNegMicros
     output_micros_per_mtok: NonNegMicros
@@ -67,9 +103,13 @@ class PriceCreate(msgspec.Struct, frozen=True):
     byok_output_micros_per_mtok: NonNegMicros = 0
     byok_request_micros: NonNegMicros = 0
     effective_from: datetime.datetime | None = None  # default: now + the minimum lead
+    # More rows of this version (same model and effective_from): e.g. {"min_prompt_tokens": 200000, ...} for a
+    # long-context price, {"service_tier": "flex", ...} for a cheaper tier. This row is the default tier's
+    # price from 0 prompt tokens.
+    tiers: Annotated[list[PriceTier], msgspec.Meta(max_length=32)] = []
 
 
-class Price(msgspec.Struct, frozen=True):
+class Price(msgspec.Struct, frozen=True, kw_only=True):
     id: int
     model: str
     input_micros_per_mtok: int
@@ -78,6 +118,20 @@ class Price(msgspec.Struct, frozen=True):
     byok_input_micros_per_mtok: int
     byok_output_micros_per_mtok: int
     byok_request_micros: int
+    cached_input_micros_per_mtok: int | None
+    cache_write_5m_micros_per_mtok: int | None
+    cache_write_1h_micros_per_mtok: int | None
+    reasoning_micros_per_mtok: int | None
+    input_image_micros_per_mtok: int | None
+    input_audio_micros_per_mtok: int | None
+    output_image_micros_per_mtok: int | None
+    output_audio_micros_per_mtok: int | None
+    byok_cached_input_micros_per_mtok: int | None
+    byok_cache_write_5m_micros_per_mtok: int | None
+    byok_cache_write_1h_micros_per_mtok: int | None
+    byok_reasoning_micros_per_mtok: int | None
+    service_tier: str
+    min_prompt_tokens: int
     effective_from: datetime.datetime
     created_at: datetime.datetime
 
@@ -180,7 +234,7 @@ class AdminCatalogueController(Controller):
         """Every price (past, current and scheduled), newest effective date first."""
         rows = await cp.pool.fetch(
             f"""select {_PRICE_COLUMNS} from model_prices where $1::text is null or model = $1
-                order by model, effective_from desc""", model)
+                order by model, effective_from desc, service_tier, min_prompt_tokens""", model)
         return [_row(Price, r) for r in rows]
 
     @post("/prices", guards=[require("platform.catalogue.manage")], opt={"errors": (409,)})
@@ -191,17 +245,28 @@ class AdminCatalogueController(Controller):
         if effective < earliest - datetime.timedelta(seconds=1):
             raise Invalid(f"effective_from must be at least {cp.settings.price_min_lead_s:g} s in the future, "
                           "so that every proxy knows a price before it applies.", code="price_too_soon")
-        values = {**msgspec.structs.asdict(data), "effective_from": effective}
+        base = {k: v for k, v in msgspec.structs.asdict(data).items() if k != "tiers"}
+        values = {**base, "effective_from": effective}
+        rows = [values] + [{**msgspec.structs.asdict(t), "model": data.model, "effective_from": effective}
+                           for t in data.tiers]
+        seen = {(r.get("service_tier", "default"), r.get("min_prompt_tokens", 0)) for r in rows}
+        if len(seen) != len(rows):
+            raise Invalid("Each tier of a price needs its own (service_tier, min_prompt_tokens); the price itself is "
+                          "the default tier from 0 prompt tokens.", code="duplicate_price_tier")
         async with cp.pool.acquire() as conn, conn.transaction():
             if not await conn.fetchval("select 1 from models where name = $1", data.model):
                 raise Invalid("No such model.", code="unknown_model")
-            names = ", ".join(values)
-            params = ", ".join(f"${i}" for i in range(1, len(values) + 1))
-            row = await conn.fetchrow(f"insert into model_prices ({names}) values ({params}) returning *",
-                                      *values.values())
-            await audit.record(conn, principal, "price.create", "model_price", row["id"], org_id=None, after=values)
+            created = []
+            for fields in rows:
+                names = ", ".join(fields)
+                params = ", ".join(f"${n}" for n in range(1, len(fields) + 1))
+                inserted = await conn.fetchrow(f"insert into model_prices ({names}) values ({params}) returning *",
+                                               *fields.values())
+                created.append(inserted)
+                await audit.record(conn, principal, "price.create", "model_price", inserted["id"], org_id=None,
+                                   after=fields)
         await cp.publish_config()
-        return _row(Price, row)
+        return _row(Price, created[0])
 
     # --- providers -------------------------------------------------------------------------------------
 

@@ -74,6 +74,7 @@ class CatalogueController(Controller):
                       p.byok_request_micros, p.effective_from
                from models m
                left join lateral (select * from model_prices mp where mp.model = m.name and mp.effective_from <= now()
+                                    and mp.service_tier = 'default' and mp.min_prompt_tokens = 0
                                   order by mp.effective_from desc limit 1) p on true
                where exists (select 1 from routes r join providers pr on pr.id = r.provider_id
                              where r.model = m.name and r.status <> 'disabled' and pr.status = 'active')
