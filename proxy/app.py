@@ -20,8 +20,6 @@ from proxy.billing import Biller
 from proxy.byok import ByokCredentials
 from proxy.errors import MethodNotAllowed, NotFound, ProxyError, error_body
 from proxy.events import EventListener
-from proxy.generations import PREFIX as GENERATIONS
-from proxy.generations import generation, new_request_id
 from proxy.health import CircuitBreakers
 from proxy.http import BodyReader, ClientAddress, Receive, RequestHeaders, Scope, Send, send_response
 from proxy.inputs import recordable
@@ -31,6 +29,7 @@ from proxy.routing import Catalogue, load_catalogue
 from proxy.translate import openai_error_to_anthropic
 from proxy.upstream import UpstreamClient
 from shared.crypto import box_from_settings
+from shared.generations import fetch_generation, new_request_id
 from shared.redis_client import connect_redis
 from shared.redis_keys import RedisKeys
 from shared.redis_pipeline import PipelinedRedis
@@ -43,6 +42,7 @@ log = logging.getLogger("rocket_relay.proxy")
 _ALLOWED = {path: b"POST" for path in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings",
                                         "/v1/messages")}
 _ALLOWED["/v1/models"] = b"GET"
+GENERATIONS = "/v1/generations/"
 
 
 class ProxyState:
@@ -174,9 +174,13 @@ class ProxyApp:
         key = await state.auth.authenticate(headers.api_key)
         rec.org_id, rec.api_key_id = key.org_id, key.key_id
         rec.path = GENERATIONS + "{id}"  # not the id itself: paths are metadata, ids of other requests are not
-        body = await generation(state.pool, key.org_id, request_id)
+        record = await fetch_generation(state.pool, key.org_id, request_id)
+        if record is None:
+            raise NotFound("No such generation (records appear a moment after the answer).",
+                           code="generation_not_found")
+        del record["price_id"]
         rec.status_code = 200
-        await send_response(send, 200, body, out_headers)
+        await send_response(send, 200, orjson.dumps(record), out_headers)
 
     async def _ready(self, send: Send) -> None:
         state = self.state

@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import asyncpg
 
@@ -29,6 +29,7 @@ from shared.usage import Usage
 __all__ = ["COLUMNS", "RequestLogWriter", "RequestRecord"]
 
 log = logging.getLogger("rocket_relay.records")
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 COLUMNS = (
     "created_at", "request_id", "client_request_id", "org_id", "api_key_id", "model", "provider",
@@ -52,7 +53,9 @@ class RequestRecord:
                  client_ip: str | None, user_agent: str | None) -> None:
         self.started = time.perf_counter()
         self.started_wall = time.time()
-        self.created_at = datetime.fromtimestamp(self.started_wall, UTC)
+        # Exactly the microsecond the usage event carries (int(started_wall × 10^6)), so the request log and
+        # its usage record share created_at to the microsecond and join on it.
+        self.created_at = _EPOCH + timedelta(microseconds=int(self.started_wall * 1_000_000))
         self.request_id = request_id
         self.client_request_id = client_request_id
         self.path = path

@@ -44,7 +44,7 @@ import logging
 import os
 import socket
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import asyncpg
 import msgspec
@@ -61,6 +61,7 @@ from shared.workers import sleep_unless_stopped
 __all__ = ["BillingFlusher"]
 
 log = logging.getLogger("rocket_relay.flusher")
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _decode_event = msgspec.msgpack.Decoder(UsageEvent).decode
 # The billed components of an event (shared.billing.UsageEvent), as usage_records columns of the same name.
 _COMPONENT_COLUMNS = ("cached_input_tokens", "cache_write_5m_tokens", "cache_write_1h_tokens", "reasoning_tokens",
@@ -256,7 +257,7 @@ class BillingFlusher:
                 continue
             entry = _Held(_text_id(entry_id), fields[b"d"], e)
             try:
-                created_at = datetime.fromtimestamp(e.created_us / 1_000_000, UTC)
+                created_at = _EPOCH + timedelta(microseconds=e.created_us)  # exact: as the request log's
             except (OverflowError, ValueError, OSError) as exc:  # a time no datetime can hold
                 held.append(entry.refused(None, type(exc).__name__))
                 continue
@@ -351,7 +352,7 @@ async def _keep(conn: asyncpg.Connection, h: _Held, shard: int) -> None:
     e = h.event
     rid = e.request_id if e.request_id.isprintable() and len(e.request_id) <= 200 else None
     try:
-        created = datetime.fromtimestamp(e.created_us / 1_000_000, UTC)
+        created = _EPOCH + timedelta(microseconds=e.created_us)
     except (OverflowError, ValueError, OSError):
         created = None
     org_id, cost = _bigint(e.org_id), _bigint(e.cost_micros)
