@@ -16,6 +16,8 @@ import datetime
 
 import msgspec
 
+from shared.generations import COMPONENT_COLUMNS
+
 __all__ = ["LogCursor", "LogFilter", "UsageFilter", "decode_cursor", "encode_cursor", "log_window",
            "request_log_query", "usage_query", "usage_window"]
 
@@ -106,14 +108,15 @@ def request_log_query(f: LogFilter) -> tuple[str, list]:
 
 
 def usage_query(f: UsageFilter) -> tuple[str, list]:
-    """Usage per UTC day × model × key."""
+    """Usage per UTC day × model × key × price row × credential, with the token sum of every component."""
     args: list = [f.org_id, f.start, f.end]
     where = _filters(f, args)
-    sql = f"""select (created_at at time zone 'UTC')::date as day, model, api_key_id, count(*) as requests,
-       sum(prompt_tokens)::bigint as prompt_tokens, sum(completion_tokens)::bigint as completion_tokens,
-       sum(cost_micros)::bigint as cost_micros
+    components = "".join(f", sum({c})::bigint as {c}" for c in COMPONENT_COLUMNS)
+    sql = f"""select (created_at at time zone 'UTC')::date as day, model, api_key_id, price_id, byok,
+       count(*) as requests, sum(prompt_tokens)::bigint as prompt_tokens,
+       sum(completion_tokens)::bigint as completion_tokens, sum(cost_micros)::bigint as cost_micros{components}
 from usage_records
 where {' and '.join(where)}
-group by 1, 2, 3
+group by 1, 2, 3, 4, 5
 order by 1, 2, 3"""
     return sql, args

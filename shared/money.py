@@ -10,7 +10,7 @@ import msgspec
 
 from shared.usage import Usage
 
-__all__ = ["MICROS_PER_USD", "Price", "PriceVersion", "cost_micros", "format_usd", "parse_usd", "usage_cost_micros",
+__all__ = ["COMPONENTS", "MICROS_PER_USD", "Price", "PriceVersion", "component_costs", "cost_micros", "format_usd", "parse_usd", "usage_cost_micros",
            "version_cost_micros", "worst_case_micros"]
 
 MICROS_PER_USD = 1_000_000
@@ -75,7 +75,7 @@ def _or(value: int | None, fallback: int) -> int:
 
 
 # The order of `Price.rates`: input components first, then output components.
-_COMPONENTS = ("input", "cached_input", "cache_write_5m", "cache_write_1h", "input_image", "input_audio",
+COMPONENTS = _COMPONENTS = ("input", "cached_input", "cache_write_5m", "cache_write_1h", "input_image", "input_audio",
                "output", "reasoning", "output_image", "output_audio")
 _INPUTS = 6
 
@@ -114,6 +114,13 @@ def usage_cost_micros(price: Price, usage: Usage, *, byok: bool = False) -> int:
     rates, fee = price.rates(byok=byok)
     total = sum(getattr(usage, name) * rate for name, rate in zip(_COMPONENTS, rates, strict=True))
     return -(-total // _PER_MTOK) + fee
+
+
+def component_costs(price: Price, usage: Usage, *, byok: bool = False) -> dict[str, int]:
+    """What each component of `usage` contributes at one price row, in µ$ rounded down (the charged cost is
+    their exact sum rounded up once, plus the fee: these parts may add up to a few µ$ less)."""
+    rates, _ = price.rates(byok=byok)
+    return {name: getattr(usage, name) * rate // _PER_MTOK for name, rate in zip(_COMPONENTS, rates, strict=True)}
 
 
 def version_cost_micros(version: PriceVersion, usage: Usage, *, byok: bool = False) -> tuple[int, Price]:

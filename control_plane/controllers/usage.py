@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import datetime
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 from litestar import Controller, get
 from litestar.params import FromQuery, Parameter
 
 from control_plane.common import CP, DEPENDENCIES, IdParam, LimitParam, utc
-from control_plane.errors import Invalid
+from control_plane.errors import Invalid, NotFound
 from control_plane.logs import (
     LogFilter,
     UsageFilter,
@@ -23,6 +23,9 @@ from control_plane.logs import (
 )
 from control_plane.permissions import require
 from control_plane.state import MAX_ID
+from shared.generations import fetch_generation
+from shared.money import COMPONENTS, Price, component_costs
+from shared.usage import Usage as Tokens
 
 MAX_LOG_RANGE = datetime.timedelta(days=93)
 MAX_USAGE_DAYS = 366
@@ -51,14 +54,48 @@ class TransactionPage(msgspec.Struct, frozen=True):
     next_before_id: int | None  # pass as before_id for the next (older) page
 
 
+class ComponentUsage(msgspec.Struct, frozen=True):
+    tokens: int
+    cost_micros: int  # this component's share, rounded down (the row's cost_micros is what was charged)
+
+
 class UsageRow(msgspec.Struct, frozen=True):
     day: datetime.date
     model: str
     api_key_id: int | None
     requests: int
-    prompt_tokens: int
-    completion_tokens: int
+    prompt_tokens: int  # all input components
+    completion_tokens: int  # all output components (reasoning included)
     cost_micros: int
+    # input, cached_input, cache_write_5m, cache_write_1h, input_image, input_audio, output, reasoning,
+    # output_image, output_audio: tokens and cost of each (only those with tokens)
+    components: dict[str, ComponentUsage] = {}
+
+
+class Generation(msgspec.Struct, frozen=True):
+    """One request's record with its usage components and what each cost (the request-log detail)."""
+
+    id: str
+    created_at: datetime.datetime
+    model: str | None
+    provider: str | None
+    route_id: int | None
+    upstream_model: str | None
+    reported_model: str | None
+    path: str
+    status_code: int
+    error_code: str | None
+    stream: bool
+    latency_ms: int
+    ttfb_ms: int | None
+    attempts: int
+    byok: bool
+    estimated: bool
+    billed: bool
+    service_tier: str | None
+    cost_micros: int | None
+    uncharged_micros: int | None
+    components: dict[str, ComponentUsage]
 
 
 class Usage(msgspec.Struct, frozen=True):
@@ -147,8 +184,35 @@ class UsageController(Controller):
             raise Invalid("The date range is out of bounds.") from None
         sql, args = usage_query(UsageFilter(org_id, lower, upper, key_id, model))
         rows = await cp.pool.fetch(sql, *args)
-        data = [UsageRow(**dict(r)) for r in rows]
+        prices = await _prices(cp, {r["price_id"] for r in rows})
+        merged: dict[tuple, dict] = {}
+        for r in rows:  # one row per price row and credential: priced, then merged per day × model × key
+            row = merged.setdefault((r["day"], r["model"], r["api_key_id"]), {
+                "requests": 0, "prompt_tokens": 0, "completion_tokens": 0, "cost_micros": 0, "components": {}})
+            for f in ("requests", "prompt_tokens", "completion_tokens", "cost_micros"):
+                row[f] += r[f]
+            for name, (tokens, cost) in _components(prices.get(r["price_id"]), _usage_of(r), r["byok"]).items():
+                was = row["components"].get(name, (0, 0))
+                row["components"][name] = (was[0] + tokens, was[1] + cost)
+        data = [UsageRow(day, m, k, v["requests"], v["prompt_tokens"], v["completion_tokens"], v["cost_micros"],
+                         {n: ComponentUsage(*tc) for n, tc in v["components"].items()})
+                for (day, m, k), v in merged.items()]
         return Usage(start, end, data, sum(r.cost_micros for r in data))
+
+    @get("/request-logs/{request_id:str}", guards=[require("usage.read")])
+    async def request_log(self, cp: CP, org_id: IdParam,
+                          request_id: Annotated[str, Parameter(max_length=64)]) -> Generation:
+        """One request's record, with tokens and cost per usage component."""
+        record = await fetch_generation(cp.pool, org_id, request_id)
+        if record is None:
+            raise NotFound("No such request (records appear a moment after the answer).")
+        tokens = record.pop("tokens")
+        price = (await _prices(cp, {record["price_id"]})).get(record["price_id"])
+        usage = _usage_of({"prompt_tokens": tokens["prompt"] or 0, "completion_tokens": tokens["completion"] or 0,
+                           **{f"{c}_tokens": tokens.get(c) for c in (*_INPUT_PARTS, *_OUTPUT_PARTS)}})
+        components = {n: ComponentUsage(*tc) for n, tc in _components(price, usage, record["byok"]).items()}
+        return Generation(**{f: record[f] for f in Generation.__struct_fields__ if f != "components"},
+                          components=components)
 
     @get("/request-logs", guards=[require("usage.read")])
     async def request_logs(self, cp: CP, org_id: IdParam, start: FromQuery[datetime.datetime | None] = None,
@@ -174,3 +238,30 @@ class UsageController(Controller):
         data = [RequestLog(**dict(r)) for r in rows[:limit]]
         last = data[-1] if len(rows) > limit else None
         return RequestLogPage(data, encode_cursor(last.created_at, last.request_id) if last else None)
+
+
+async def _prices(cp: CP, ids: set[int | None]) -> dict[int, Price]:
+    wanted = [i for i in ids if i is not None]
+    if not wanted:
+        return {}
+    rows = await cp.pool.fetch(f"select {', '.join(_PRICE_FIELDS)}, extract(epoch from effective_from)::float8 "
+                               "as effective_from from model_prices where id = any($1)", wanted)
+    return {r["id"]: Price(**dict(r)) for r in rows}
+
+
+_PRICE_FIELDS = tuple(f for f in Price.__struct_fields__ if f != "effective_from")
+_INPUT_PARTS = ("cached_input", "cache_write_5m", "cache_write_1h", "input_image", "input_audio")
+_OUTPUT_PARTS = ("reasoning", "output_image", "output_audio")
+
+
+def _usage_of(row: Any) -> Tokens:
+    """A summed usage row as `Usage`: the plain input/output are what the other components leave."""
+    parts = {c: row[f"{c}_tokens"] or 0 for c in (*_INPUT_PARTS, *_OUTPUT_PARTS)}
+    return Tokens(input=row["prompt_tokens"] - sum(parts[c] for c in _INPUT_PARTS),
+                 output=row["completion_tokens"] - sum(parts[c] for c in _OUTPUT_PARTS), **parts)
+
+
+def _components(price: Price | None, usage: Tokens, byok: bool) -> dict[str, tuple[int, int]]:
+    """{component: (tokens, µ$)} for the components with tokens (cost 0 when the price row is gone)."""
+    costs = component_costs(price, usage, byok=byok) if price is not None else {}
+    return {c: (getattr(usage, c), costs.get(c, 0)) for c in COMPONENTS if getattr(usage, c)}

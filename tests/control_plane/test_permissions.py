@@ -23,6 +23,7 @@ from control_plane.permissions import ORG_ROLES, PERMISSIONS, Scope, allowed, sc
 from shared.settings import load_settings
 from tests.conftest import Factory, Server
 from tests.control_plane.conftest import PASSWORD, Account, Portal
+from tests.control_plane.test_usage import insert_request_log
 
 # The app is built (not started) with placeholder settings, only to enumerate its endpoints.
 _APP = create_app(load_settings({}, database_url="postgresql://unused", redis_url="redis://unused",
@@ -122,6 +123,12 @@ async def _(w, portal, factory, who):
 
 
 # --- org A --------------------------------------------------------------------------------------------
+@example("GET", "/v1/orgs/{org_id:int}/request-logs/{request_id:str}")
+async def _(w, portal, factory, who):
+    request_id, _ = await insert_request_log(factory.db, w.org_id)
+    return Call({"org_id": w.org_id, "request_id": request_id})
+
+
 @example("PATCH", "/v1/orgs/{org_id:int}")
 async def _(w, portal, factory, who):
     return Call({"org_id": w.org_id}, {"name": "Org A", "request_log_retention_days": 30})
@@ -236,7 +243,7 @@ async def _(w, portal, factory, who):
 # --- the matrix ---------------------------------------------------------------------------------------
 
 
-def fill(path: str, params: dict[str, int]) -> str:
+def fill(path: str, params: dict[str, int | str]) -> str:
     """`/v1/orgs/{org_id:int}` with the given path parameters."""
     return re.sub(r"\{(\w+):\w+\}", lambda m: str(params[m.group(1)]), path)
 

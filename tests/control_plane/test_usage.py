@@ -11,6 +11,7 @@ import pytest
 
 from control_plane.logs import LogFilter, log_window, request_log_query, usage_window
 from shared.billing import BillingScripts, rebuild_balance
+from shared.generations import new_request_id
 from tests.conftest import ensure_partitions
 from tests.control_plane.conftest import Portal
 
@@ -260,3 +261,57 @@ def test_default_windows_follow_the_clock_across_month_and_year_ends() -> None:
     new_year = datetime.datetime(2027, 1, 1, 0, 0, 30, tzinfo=UTC)
     assert usage_window(None, None, new_year) == (datetime.date(2026, 12, 3), datetime.date(2027, 1, 1))
     assert log_window(None, None, new_year)[0] == datetime.datetime(2026, 12, 31, 0, 0, 30, tzinfo=UTC)
+
+
+
+async def insert_request_log(db, org_id: int, *, usage: dict | None = None, price_id: int | None = None,
+                             cost: int = 0) -> tuple[str, datetime.datetime]:
+    """A request log row (and, with `usage`, its usage record) as the proxy and the flusher write them."""
+    now = datetime.datetime.now(UTC).replace(microsecond=123456)
+    request_id = new_request_id(now.timestamp())
+    await db.execute(
+        """insert into request_logs (created_at, request_id, org_id, api_key_id, model, path, method, status_code,
+                                     stream, latency_ms, prompt_tokens, completion_tokens, cost_micros)
+           values ($1, $2, $3, 1, 'm-detail', '/v1/chat/completions', 'POST', 200, false, 12, $4, $5, $6)""",
+        now, request_id, org_id, (usage or {}).get("prompt_tokens"), (usage or {}).get("completion_tokens"), cost)
+    if usage is not None:
+        columns = ", ".join(usage)
+        params = ", ".join(f"${i}" for i in range(7, 7 + len(usage)))
+        await db.execute(
+            f"""insert into usage_records (created_at, request_id, org_id, api_key_id, model, price_id, cost_micros,
+                                           {columns}) values ($1, $2, $3, 1, $4, $5, $6, {params})""",
+            now, request_id, org_id, "m-detail", price_id, cost, *usage.values())
+    return request_id, now
+
+
+async def _component_price(db) -> int:
+    model = f"m-{secrets.token_hex(3)}"
+    await db.execute("insert into models (name, kind) values ($1, 'chat')", model)
+    return await db.fetchval(
+        """insert into model_prices (model, input_micros_per_mtok, output_micros_per_mtok,
+                                     cached_input_micros_per_mtok, reasoning_micros_per_mtok, effective_from)
+           values ($1, 2500000, 10000000, 1250000, 12000000, '2000-01-01') returning id""", model)
+
+
+async def test_usage_and_request_logs_show_tokens_and_cost_per_component(portal: Portal, db) -> None:
+    owner = await portal.signup()
+    other = await portal.signup()
+    price_id = await _component_price(db)
+    usage = {"prompt_tokens": 100_000, "completion_tokens": 1_000, "cached_input_tokens": 90_000,
+             "reasoning_tokens": 600}
+    # 10,000 × 2.5 + 90,000 × 1.25 + 400 × 10 + 600 × 12 = 25,000 + 112,500 + 4,000 + 7,200 = 148,700 µ$
+    request_id, _ = await insert_request_log(db, owner.org_id, usage=usage, price_id=price_id, cost=148_700)
+    body = (await portal.request("GET", f"/v1/orgs/{owner.org_id}/usage", owner)).json()
+    (row,) = [r for r in body["data"] if r["model"] == "m-detail"]
+    assert row["cost_micros"] == 148_700
+    assert row["components"] == {"input": {"tokens": 10_000, "cost_micros": 25_000},
+                                 "cached_input": {"tokens": 90_000, "cost_micros": 112_500},
+                                 "output": {"tokens": 400, "cost_micros": 4_000},
+                                 "reasoning": {"tokens": 600, "cost_micros": 7_200}}
+    detail = await portal.request("GET", f"/v1/orgs/{owner.org_id}/request-logs/{request_id}", owner)
+    assert detail.status_code == 200, detail.text
+    assert detail.json()["components"] == row["components"] and detail.json()["billed"] is True
+    assert detail.json()["cost_micros"] == 148_700
+    elsewhere = await portal.request("GET", f"/v1/orgs/{other.org_id}/request-logs/{request_id}", other)
+    assert elsewhere.status_code == 404  # another org's request is not there for it
+    assert (await portal.request("GET", f"/v1/orgs/{owner.org_id}/request-logs/nope", owner)).status_code == 404
