@@ -10,8 +10,8 @@ import msgspec
 
 from shared.usage import Usage
 
-__all__ = ["COMPONENTS", "MICROS_PER_USD", "Price", "PriceVersion", "component_costs", "cost_micros", "format_usd", "parse_usd", "usage_cost_micros",
-           "version_cost_micros", "worst_case_micros"]
+__all__ = ["COMPONENTS", "MICROS_PER_USD", "Price", "PriceVersion", "component_costs", "cost_micros", "format_usd",
+           "parse_usd", "usage_cost_micros", "version_cost_micros", "worst_case_micros"]
 
 MICROS_PER_USD = 1_000_000
 _PER_MTOK = 1_000_000
