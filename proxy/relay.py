@@ -19,6 +19,7 @@ from proxy import inputs
 from proxy.billing import Reservation
 from proxy.bounds import Bound, request_bound
 from proxy.errors import ByokRejected, InvalidRequest, ModelUnavailable, UpstreamError
+from proxy.estimate import SENT_KEPT, estimate_usage
 from proxy.formats import (
     OPENAI,
     SERVES,
@@ -130,6 +131,13 @@ async def relay(state: ProxyState, path: str, scope: Scope, receive: Receive, se
     try:
         await _forward(state, entry, path, body, request, stream, bound, receive, send, rec, out_headers, produced)
     finally:
+        if produced.billable and rec.usage is None:  # a stream cut short before its usage: estimate it
+            try:
+                rec.usage = await asyncio.to_thread(estimate_usage, body, produced.sent, produced.answer_bytes,
+                                                    rec.upstream_model or request.model)
+            except Exception:  # never let an estimate stand between a request and its settlement
+                log.exception("usage estimate of %s failed; using bytes / 4", rec.request_id)
+            rec.estimated = True
         event = _usage_event(rec, reservation, produced, len(body))
         rec.cost_micros = await state.biller.settle(
             reservation, event, (event.prompt_tokens + event.completion_tokens) if event else 0)
@@ -138,7 +146,7 @@ async def relay(state: ProxyState, path: str, scope: Scope, receive: Receive, se
 class Produced:
     """What the upstream delivered, and how it is priced: for billing, and for the cost on the answer."""
 
-    __slots__ = ("answer_bytes", "billable", "content_events", "requested_tier", "reservation")
+    __slots__ = ("answer_bytes", "billable", "content_events", "requested_tier", "reservation", "sent")
 
     def __init__(self, reservation: Reservation, requested_tier: str | None) -> None:
         self.reservation = reservation
@@ -146,6 +154,12 @@ class Produced:
         self.billable = False  # true once an answer (or part of a stream) went to the client
         self.content_events = 0
         self.answer_bytes = 0
+        self.sent: list[bytes] = []  # a stream's first SENT_KEPT bytes: what an estimate counts if it is cut
+
+    def keep(self, out: bytes) -> None:
+        if self.answer_bytes < SENT_KEPT:
+            self.sent.append(out)  # a reference to bytes sent anyway: no copy
+        self.answer_bytes += len(out)
 
     def price(self, usage: Usage, byok: bool) -> tuple[int, int, int]:
         """(charged, uncharged, price row id): the cost of `usage`, never more than the reservation (what the
@@ -358,13 +372,13 @@ async def _pump(chunks: AsyncIterator[bytes], first: bytes, send: Send, rec: Req
     try:
         if first:
             rec.mark_first_byte()
-            produced.answer_bytes += len(first)
+            produced.keep(first)
             await send({"type": "http.response.body", "body": first, "more_body": True})
         async for chunk in chunks:
             out = meter.feed(chunk)
             if out:
                 rec.mark_first_byte()
-                produced.answer_bytes += len(out)
+                produced.keep(out)
                 await send({"type": "http.response.body", "body": out, "more_body": True})
         tail = meter.finish()
     except UpstreamError as exc:

@@ -180,3 +180,37 @@ async def test_values_that_would_reach_an_upstream_request_head_are_refused_when
     good = await portal.request("PUT", f"/v1/orgs/{owner.org_id}/byok/{provider_id}", owner,
                                 json={"api_key": "sk-proj-" + secrets.token_hex(16)})
     assert good.status_code == 200
+
+
+async def test_a_price_with_components_and_tiers_is_one_version(portal: Portal, db) -> None:
+    admin = await portal.platform_admin()
+    name = f"cp-tiered-{secrets.token_hex(3)}"
+    created = await portal.request("POST", "/v1/admin/models", admin, json={"name": name, "kind": "chat"})
+    assert created.status_code == 201
+    when = (datetime.datetime.now(datetime.UTC) + datetime.timedelta(hours=1)).isoformat()
+    resp = await portal.request("POST", "/v1/admin/prices", admin, json={
+        "model": name, "input_micros_per_mtok": 2_500_000, "output_micros_per_mtok": 10_000_000,
+        "cached_input_micros_per_mtok": 1_250_000, "effective_from": when,
+        "tiers": [{"min_prompt_tokens": 200_000, "input_micros_per_mtok": 5_000_000,
+                   "output_micros_per_mtok": 15_000_000},
+                  {"service_tier": "flex", "input_micros_per_mtok": 1_250_000, "output_micros_per_mtok": 5_000_000}]})
+    assert resp.status_code == 201, resp.text
+    base = resp.json()
+    assert (base["service_tier"], base["min_prompt_tokens"], base["cached_input_micros_per_mtok"]) == ("default", 0,
+                                                                                                     1_250_000)
+    assert base["reasoning_micros_per_mtok"] is None  # unset: falls back to the output price (documented)
+    listed = (await portal.request("GET", "/v1/admin/prices", admin, params={"model": name})).json()
+    assert [(p["service_tier"], p["min_prompt_tokens"], p["input_micros_per_mtok"]) for p in listed] == [
+        ("default", 0, 2_500_000), ("default", 200_000, 5_000_000), ("flex", 0, 1_250_000)]
+    assert len({p["effective_from"] for p in listed}) == 1  # one version
+    for bad in ([{"input_micros_per_mtok": 1, "output_micros_per_mtok": 1}],  # the base row again
+                [{"service_tier": "Flex!", "input_micros_per_mtok": 1, "output_micros_per_mtok": 1}],
+                [{"min_prompt_tokens": -1, "input_micros_per_mtok": 1, "output_micros_per_mtok": 1}],
+                [{"service_tier": "flex", "input_micros_per_mtok": 1}]):
+        resp = await portal.request("POST", "/v1/admin/prices", admin, json={
+            "model": name, "input_micros_per_mtok": 1, "output_micros_per_mtok": 1, "tiers": bad})
+        assert resp.status_code == 422, (bad, resp.text)
+    resp = await portal.request("POST", "/v1/admin/prices", admin, json={
+        "model": name, "input_micros_per_mtok": 1, "output_micros_per_mtok": 1, "reasoning_micros_per_mtok": -5})
+    assert resp.status_code == 422
+    assert await db.fetchval("select count(*) from model_prices where model = $1", name) == 3

@@ -11,6 +11,8 @@ import httpx
 import orjson
 import pytest
 
+from proxy.estimate import IMAGE_TOKENS
+from shared import tokenizer
 from tests.conftest import Factory, Server, wait_for_rows
 from tests.proxy.test_billing import pg_money, wait_usage
 from tests.proxy.test_endpoints import configure_mock, sse_events
@@ -179,3 +181,37 @@ async def test_a_generation_record_is_its_own_orgs_only(
         resp = await client.get(proxy.url + f"/v1/generations/{gid}", headers={"authorization": f"Bearer {who}"})
         assert resp.status_code == 404 and resp.json()["error"]["code"] == "generation_not_found", (who, gid)
     assert (await client.get(proxy.url + f"/v1/generations/{generation_id}")).status_code == 401
+
+
+async def test_a_cut_stream_is_estimated_with_the_models_tokenizer_and_marked(
+    client: httpx.AsyncClient, proxy: Server, mock_upstream: Server, worker, factory: Factory, db,
+) -> None:
+    """No usage came (the stream broke after 3 chunks): prompt and output are counted with tiktoken's o200k
+    table for a gpt-4o model, an image counts its documented allowance, not its base64 bytes."""
+    org_id = await factory.org(balance_micros=10_000_000)
+    _, key = await factory.key(org_id)
+    provider_id = await factory.provider(mock_upstream.url + "/v1")
+    model = await factory.model(provider_id, upstream_model="gpt-4o-mini", price=(1_000_000, 1_000_000))
+    await factory.publish_config(proxy, key, model)
+    await configure_mock(mock_upstream, {"gpt-4o-mini": {"chunks": 10, "fail_after_chunks": 3}})
+    image = "data:image/png;base64," + "A" * 40_000
+    text = "Describe this picture of a lighthouse in three words."
+    body = {"model": model, "stream": True, "max_tokens": 50, "messages": [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": [{"type": "text", "text": text},
+                                     {"type": "image_url", "image_url": {"url": image}}]}]}
+    trace = f"cut-{secrets.token_hex(4)}"
+    resp = await client.post(proxy.url + "/v1/chat/completions", json=body,
+                             headers={"authorization": f"Bearer {key}", "x-request-id": trace})
+    assert '"error"' in resp.text  # the stream broke after its first bytes: no failover, an error event
+    received = "".join(orjson.loads(e)["choices"][0]["delta"].get("content") or "" for e in sse_events(resp.text)
+                       if '"choices":[{' in e)
+    assert received.startswith("tok1 ")
+    tokenizer.warm("o200k_base")
+    prompt = tokenizer.count("You are terse.\n" + text, "gpt-4o-mini")[0] + 3 + 3 + 3 + IMAGE_TOKENS
+    output = tokenizer.count(received, "gpt-4o-mini")[0]
+    (record,) = await wait_usage(db, org_id, 1)
+    assert (record["prompt_tokens"], record["completion_tokens"], record["estimated"]) == (prompt, output, True)
+    assert record["prompt_tokens"] < 1_000  # bytes / 4 would have been over 10,000
+    (log,) = await wait_for_rows(db, "select estimated from request_logs where client_request_id = $1", trace)
+    assert log["estimated"] is True
