@@ -106,7 +106,8 @@ async def test_long_context_and_service_tiers_take_their_own_rows(
     flex = await client.post(proxy.url + "/v1/chat/completions", content=big_chat(model, 1_000), headers=headers)
     assert flex.json()["usage"]["cost_micros"] == 6_250  # 1,000 × $1.25 + 1,000 × $5
     records = sorted(await wait_usage(db, org_id, 2), key=lambda r: r["cost_micros"])
-    assert [(r["cost_micros"], r["service_tier"]) for r in records] == [(6_250, "flex"), (1_126_500, None)]
+    assert [(r["cost_micros"], r["service_tier"], r["uncharged_micros"]) for r in records] == [
+        (6_250, "flex", 0), (1_126_500, None, 0)]  # the reservation covered both: nothing uncharged
     assert {r["price_id"] for r in records} == set(await db.fetchval(
         """select array_agg(id) from model_prices where model = $1 and
            ((service_tier = 'flex') or (min_prompt_tokens = 200000))""", model))
@@ -134,7 +135,7 @@ async def test_anthropic_cache_reads_and_both_cache_writes(
         usage = resp.json()["usage"]
     assert _usage_cost(usage) == (expected, "0.097500")
     (record,) = await wait_usage(db, org_id, 1)
-    assert record["cost_micros"] == expected
+    assert (record["cost_micros"], record["uncharged_micros"]) == (expected, 0)
     assert (record["cached_input_tokens"], record["cache_write_5m_tokens"], record["cache_write_1h_tokens"],
             record["prompt_tokens"], record["completion_tokens"]) == (50_000, 10_000, 2_000, 63_000, 2_000)
 
