@@ -264,7 +264,7 @@ def build_round(rng: random.Random, *, long_context_chars: int = 4000) -> list[P
     probes.append(Probe("json", "known_answer",
                         _user(f'Return only a JSON object with key "a" set to {n} and key "b" set to "{word}".'),
                         32, 0.0, _json_is({"a": n, "b": word})))
-    for i in range(2):
+    for i in range(4):
         city, unit = rng.choice(CITIES), rng.choice(("celsius", "fahrenheit"))
         probes.append(Probe(f"tool-{i}", "tool_call",
                             _user(f"What is the weather in {city} in {unit}? Use the get_weather tool."),
