@@ -33,7 +33,7 @@ COLUMNS = (
     "created_at", "request_id", "client_request_id", "org_id", "api_key_id", "model", "provider",
     "route_id", "upstream_model", "reported_model", "path", "method", "status_code", "error_code",
     "stream", "latency_ms", "ttfb_ms", "prompt_tokens", "completion_tokens", "total_tokens", "attempts",
-    "cost_micros", "client_ip", "user_agent", "byok",
+    "cost_micros", "client_ip", "user_agent", "byok", "route_status",
 )
 
 
@@ -43,7 +43,8 @@ class RequestRecord:
     __slots__ = (
         "api_key_id", "attempts", "byok", "client_ip", "client_request_id", "completion_tokens", "cost_micros",
         "created_at", "error_code", "method", "model", "org_id", "path", "prompt_tokens", "provider",
-        "reported_model", "request_id", "route_id", "started", "started_wall", "status_code", "stream", "ttfb_ms",
+        "reported_model", "request_id", "route_id", "route_status", "started", "started_wall", "status_code", "stream",
+        "ttfb_ms",
         "upstream_model", "user_agent",
     )
 
@@ -63,6 +64,7 @@ class RequestRecord:
         self.model: str | None = None
         self.provider: str | None = None
         self.route_id: int | None = None
+        self.route_status: str | None = None  # the route's probe status when it served (model-route evidence)
         self.upstream_model: str | None = None
         self.reported_model: str | None = None
         self.status_code = 0
@@ -89,7 +91,7 @@ class RequestRecord:
             self.method, self.status_code, self.error_code, self.stream,
             int((time.perf_counter() - self.started) * 1000), self.ttfb_ms, self.prompt_tokens,
             self.completion_tokens, total, self.attempts, self.cost_micros, self.client_ip,
-            (self.user_agent or None) and self.user_agent[:512], self.byok,
+            (self.user_agent or None) and self.user_agent[:512], self.byok, self.route_status,
         )
 
 
