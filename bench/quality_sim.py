@@ -78,7 +78,7 @@ def simulate(persona: str, rounds: int, seed: int, *, bad_from: int = 0, errors:
         route_rounds.append((status, obs))
         recent = [o for _, rnd in route_rounds[-window:] for o in rnd]
         older = [rnd for s, rnd in route_rounds[:-window] if s == "healthy"][-baseline:]
-        reference = [o for rnd in ref_rounds[-window:] for o in rnd]
+        reference = [o for rnd in ref_rounds[-(window + baseline):] for o in rnd]
         findings = evaluate(recent, [o for rnd in older for o in rnd], reference, expected_model=MODEL, rng=np_rng,
                             t=t)
         level = level_of(findings)

@@ -235,6 +235,7 @@ class ProbeRunner:
         report = RoundReport(route.id, str(round_id), status=route.probe_status)
         if entry.kind != "chat":
             return report  # the suite is chat prompts; other kinds are watched by their breakers only
+        await self._pool.execute("insert into route_quality (route_id) values ($1) on conflict do nothing", route.id)
         probes = build_round(self._rng, long_context_chars=self._settings.probe_long_context_chars)
         gap = self._settings.probe_gap_ms / 1000
         for i, probe in enumerate(probes):
@@ -347,8 +348,10 @@ class ProbeRunner:
             ref_id = await reference_route_id(conn, route.model)
             reference = None
             if ref_id is not None and ref_id != route.id:
-                ref_rounds = await self._window(conn, ref_id, s.probe_window_rounds, since)
-                reference = [o for _, obs in ref_rounds for o in obs] or None
+                # The reference's healthy rounds over the route's whole span (recent + baseline): more samples of
+                # the model as it should be, so smaller effects are significant sooner.
+                ref_rounds = await self._window(conn, ref_id, s.probe_window_rounds + s.probe_baseline_rounds, since)
+                reference = [o for status, obs in ref_rounds if status == "healthy" for o in obs] or None
             findings = evaluate(recent, baseline, reference, expected_model=route.upstream_model, rng=self._np_rng,
                                 t=self._thresholds)
             level = level_of(findings)
