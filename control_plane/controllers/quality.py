@@ -291,7 +291,7 @@ class AdminQualityController(Controller):
     @get("/spend", guards=[require("platform.quality.read")])
     async def spend(self, cp: CP, days: Annotated[int, Parameter(ge=1, le=93)] = 7) -> list[ProbeSpend]:
         """Probe spend of the platform account per day (all routes, then each route) against its budgets."""
-        rows = await cp.pool.fetch("""select * from probe_spend where day > (now() at time zone 'UTC')::date - $1
+        rows = await cp.pool.fetch("""select * from probe_spend where day > (now() at time zone 'UTC')::date - $1::int
                                       order by day desc, route_id""", days)
         s = cp.settings
         return [ProbeSpend(r["day"], r["route_id"] or None, r["spent_micros"], r["reserved_micros"], r["probes"],
