@@ -229,7 +229,7 @@ class AdminQualityController(Controller):
             row = await conn.fetchrow(_ROUTE_SQL + " where r.id = $1", route_id)
         return _row(RouteQuality, row)
 
-    @post("/routes/{route_id:int}/status", guards=[require("platform.quality.manage")])
+    @post("/routes/{route_id:int}/status", guards=[require("platform.quality.manage")], status_code=200)
     async def override_status(self, cp: CP, principal: Caller, route_id: IdParam,
                               data: JSONBody[StatusOverride]) -> RouteQuality:
         """Set a route's probe status and pin it (quarantine is only ever set so), or `auto` to unpin (a
@@ -270,7 +270,7 @@ class AdminQualityController(Controller):
         await cp.publish_config()
         return _row(RouteQuality, row)
 
-    @post("/references", guards=[require("platform.quality.manage")])
+    @post("/references", guards=[require("platform.quality.manage")], status_code=200)
     async def choose_reference(self, cp: CP, principal: Caller, data: JSONBody[ReferenceChoice]) -> list[RouteQuality]:
         """Choose the route a model's other routes are compared with (null: the first-party default)."""
         async with cp.pool.acquire() as conn, conn.transaction():
