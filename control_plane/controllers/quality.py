@@ -22,7 +22,9 @@ from control_plane.errors import Invalid, NotFound
 from control_plane.permissions import require
 
 ProbeStatus = Literal["healthy", "degraded", "failing", "quarantined"]
-Reason = Annotated[str, msgspec.Meta(min_length=3, max_length=500)]
+# A reason is shown to admins and kept in the history and audit log: text without control characters (a NUL
+# cannot be stored in PostgreSQL text at all).
+Reason = Annotated[str, msgspec.Meta(min_length=3, max_length=500, pattern=r"^[^\x00-\x1f\x7f]+$(?!\n)")]
 MAX_EVIDENCE_RANGE = datetime.timedelta(days=93)
 
 
@@ -144,10 +146,10 @@ _ROUTE_SQL = """
 select r.id as route_id, r.model, p.name as provider_name, r.upstream_model, r.status, r.probe_status,
        coalesce(q.pinned, false) as pinned, q.pin_reason, q.status_since, q.last_round_at, q.next_round_at,
        coalesce(q.rounds, 0) as rounds,
-       coalesce(m.reference_route_id = r.id, false) or (m.reference_route_id is null and
+       coalesce(m.reference_route_id = r.id or (m.reference_route_id is null and
            r.id = (select r2.id from routes r2 join providers p2 on p2.id = r2.provider_id
                    where r2.model = r.model and r2.status <> 'disabled' and lower(p2.name) = lower(m.owned_by)
-                   order by r2.id limit 1)) as is_reference,
+                   order by r2.id limit 1)), false) as is_reference,
        (select count(*) from quality_findings f
         where f.route_id = r.id and f.created_at > now() - interval '24 hours') as findings_24h
 from routes r join providers p on p.id = r.provider_id join models m on m.name = r.model
