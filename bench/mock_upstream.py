@@ -40,6 +40,11 @@ Knobs, at three levels, later overriding earlier:
                     chunk, Anthropic message_start / message_delta): a provider's real shapes, e.g. cached
                     tokens, cache writes, reasoning tokens
   service_tier      an OpenAI answer's ``service_tier`` (Anthropic: put it inside ``usage``)
+  persona           "reference" | "substitute" | "broken_tools": non-stream chat and messages answers to the
+                    probe suite's prompts come from a simulated model (``bench/mock_model.py``): right or
+                    wrong answers, answer distributions and tokenizer of that model, under the requested
+                    model name; other prompts get the usual pieces
+  tool_break_rate   0..1, persona "broken_tools": share of tool calls that break the tool's schema (0.3)
 
 Usage numbers: prompt tokens = ceil(characters / 4), at least 1, over all message / prompt / input
 texts; completion tokens = pieces generated = min(chunks, max_tokens), times ``max(n, best_of)`` as
@@ -64,6 +69,8 @@ from functools import partial
 from typing import Any
 
 import orjson
+
+from bench.mock_model import PERSONAS, Reply, respond
 
 CONFIG_ENV = "MOCK_UPSTREAM_CONFIG"
 MAX_RECORDED = 1000
@@ -121,6 +128,8 @@ class Settings:
     stall_after_headers: bool = False
     usage: dict | None = None
     service_tier: str | None = None
+    persona: str | None = None
+    tool_break_rate: float = 0.3
 
 
 _NUM, _INT, _OPT_INT, _BOOL = (int, float), (int,), (int, type(None)), (bool,)
@@ -130,6 +139,7 @@ FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "omit_usage": _BOOL, "require_api_key": (str, type(None)), "tool_call": (str, type(None)),
     "ignore_max_tokens": _BOOL, "break_after_headers": _BOOL, "stall_after_headers": _BOOL,
     "usage": (dict, type(None)), "service_tier": (str, type(None)),
+    "persona": (str, type(None)), "tool_break_rate": _NUM,
 }
 
 
@@ -144,8 +154,11 @@ def _check_fields(cfg: Any, where: str) -> dict[str, Any]:
             raise ConfigError(f"{where}: bad value for {key!r}: {value!r}")
         if types is not _BOOL and isinstance(value, int | float) and value < 0:
             raise ConfigError(f"{where}: {key!r} must be >= 0")
-    if cfg.get("error_rate", 0) > 1:
-        raise ConfigError(f"{where}: 'error_rate' must be within 0..1")
+    for key in ("error_rate", "tool_break_rate"):
+        if cfg.get(key, 0) > 1:
+            raise ConfigError(f"{where}: {key!r} must be within 0..1")
+    if cfg.get("persona") is not None and cfg["persona"] not in PERSONAS:
+        raise ConfigError(f"{where}: 'persona' must be one of {', '.join(PERSONAS)}")
     for key in ("status", "error_status"):
         if cfg.get(key) is not None and not 100 <= cfg[key] <= 599:
             raise ConfigError(f"{where}: {key!r} must be an HTTP status")
@@ -554,6 +567,15 @@ class MockUpstream:
             message["tool_calls"] = [{"id": "call_mock1", "type": "function", "function": {
                 "name": call.settings.tool_call, "arguments": TOOL_ARGUMENTS}}]
             reason = "tool_calls"
+        usage = openai_usage(estimate_tokens(call.body.get("messages")), n * choice_counts(call.body)[1])
+        if (reply := self.persona_reply(call)) is not None:
+            message = {"role": "assistant", "content": reply.text, "refusal": None}
+            reason = "stop"
+            if reply.tool_call:
+                message["tool_calls"] = [{"id": "call_mock1", "type": "function", "function": {
+                    "name": reply.tool_call[0], "arguments": reply.tool_call[1]}}]
+                reason = "tool_calls"
+            usage = openai_usage(reply.prompt_tokens, reply.completion_tokens)
         out: dict[str, Any] = {
             "id": new_id("chatcmpl-"), "object": "chat.completion", "created": int(time.time()),
             "model": call.model, "system_fingerprint": "fp_mock",
@@ -561,11 +583,17 @@ class MockUpstream:
                         for i in range(choice_counts(call.body)[0])],
         }
         if not call.settings.omit_usage:
-            out["usage"] = call.settings.usage or openai_usage(estimate_tokens(call.body.get("messages")),
-                                                               n * choice_counts(call.body)[1])
+            out["usage"] = call.settings.usage or usage
         if call.settings.service_tier:
             out["service_tier"] = call.settings.service_tier
         return out
+
+    def persona_reply(self, call: Call) -> Reply | None:
+        """The simulated model's answer, when the `persona` knob is set and the prompt is a probe's."""
+        persona = call.settings.persona
+        if persona is None:
+            return None
+        return respond(persona, call.body, random.Random(), tool_break_rate=call.settings.tool_break_rate)
 
     def completion_json(self, call: Call, n: int, cut: bool) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -630,9 +658,21 @@ class MockUpstream:
             out["content"] = [{"type": "tool_use", "id": "toolu_mock1", "name": call.settings.tool_call,
                                "input": orjson.loads(TOOL_ARGUMENTS)}]
             out["stop_reason"] = "tool_use"
+        usage = {"input_tokens": estimate_tokens(call.body.get("system"), call.body.get("messages")),
+                 "output_tokens": n}
+        if (reply := self.persona_reply(call)) is not None:
+            out["content"], out["stop_reason"] = [{"type": "text", "text": reply.text or ""}], "end_turn"
+            if reply.tool_call:
+                try:
+                    arguments = orjson.loads(reply.tool_call[1])
+                except orjson.JSONDecodeError:
+                    arguments = {"_raw": reply.tool_call[1]}  # Anthropic sends an object; keep it broken
+                out["content"] = [{"type": "tool_use", "id": "toolu_mock1", "name": reply.tool_call[0],
+                                   "input": arguments}]
+                out["stop_reason"] = "tool_use"
+            usage = {"input_tokens": reply.prompt_tokens, "output_tokens": reply.completion_tokens}
         if not call.settings.omit_usage:
-            input_tokens = estimate_tokens(call.body.get("system"), call.body.get("messages"))
-            out["usage"] = call.settings.usage or {"input_tokens": input_tokens, "output_tokens": n}
+            out["usage"] = call.settings.usage or usage
         return out
 
     def messages_stream(self, call: Call, n: int, cut: bool) -> StreamPlan:

@@ -28,6 +28,7 @@ from control_plane.controllers.byok import ByokController, CatalogueController
 from control_plane.controllers.health import HealthController
 from control_plane.controllers.keys import KeysController
 from control_plane.controllers.orgs import OrgsController
+from control_plane.controllers.quality import AdminQualityController, RouteEvidenceController
 from control_plane.controllers.usage import UsageController
 from control_plane.errors import ErrorBody, exception_handlers
 from control_plane.permissions import Scope, scope_of
@@ -40,7 +41,8 @@ __all__ = ["CONTROLLERS", "create_app", "endpoint_actions"]
 CONTROLLERS = [
     HealthController, AuthController, MeController, OrgsController, KeysController, UsageController,
     CatalogueController, ByokController, OrgAuditController, AdminOrgsController, AdminCatalogueController,
-    AdminAuditController, AdminUsageController, AdminRejectedRowsController,
+    AdminAuditController, AdminUsageController, AdminRejectedRowsController, AdminQualityController,
+    RouteEvidenceController,
 ]
 
 _ERROR_DESCRIPTIONS = {

@@ -16,7 +16,7 @@ __all__ = ["ORG_ROLES", "PERMISSIONS", "Scope", "allowed", "require", "scope_of"
 
 ORG_ROLES = ("owner", "admin", "developer", "billing", "viewer")
 
-_READ_ORG = {"org.read", "members.read", "usage.read"}
+_READ_ORG = {"org.read", "members.read", "usage.read", "route_evidence.read"}
 
 PERMISSIONS: dict[str, frozenset[str]] = {
     "anonymous": frozenset({"public"}),
@@ -25,7 +25,7 @@ PERMISSIONS: dict[str, frozenset[str]] = {
     "platform_admin": frozenset({
         "platform.orgs.read", "platform.orgs.manage", "platform.balance.adjust",
         "platform.catalogue.read", "platform.catalogue.manage", "platform.audit.read", "platform.usage.read",
-        "platform.rejected_rows.read",
+        "platform.rejected_rows.read", "platform.quality.read", "platform.quality.manage",
     }),
     "owner": frozenset({
         *_READ_ORG, "org.update", "billing_settings.update", "members.manage", "members.manage_owners",

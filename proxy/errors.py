@@ -116,9 +116,10 @@ class UpstreamError(ProxyError):
     code = "upstream_error"
 
     def __init__(self, message: str, *, retryable: bool = True, status: int | None = None,
-                 code: str | None = None) -> None:
+                 code: str | None = None, upstream_status: int | None = None) -> None:
         super().__init__(message, code=code)
         self.retryable = retryable
+        self.upstream_status = upstream_status  # the provider's HTTP status, when it answered one
         if status is not None:
             self.status = status
 

@@ -8,7 +8,28 @@ cool-down too. Upstream 429s fail over but don't open the breaker: the route is 
 
 from __future__ import annotations
 
-__all__ = ["CircuitBreakers"]
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from proxy.routing import Route
+
+__all__ = ["DEGRADED", "HEALTHY", "CircuitBreakers", "route_rank"]
+
+HEALTHY, DEGRADED = 0, 1
+_PROBE_RANK = {"healthy": HEALTHY, "degraded": DEGRADED}  # failing, quarantined: not used
+
+
+def route_rank(breakers: CircuitBreakers, route: Route, now: float) -> int | None:
+    """One picture of a route's health for the router: None if it is not to be used now (its breaker is
+    open, or the quality probes find it failing, or an admin quarantined it); else HEALTHY, or DEGRADED when
+    either the probes or the catalogue's admin status say degraded. (A half-open breaker keeps its rank, so
+    that its one trial request is actually sent.)"""
+    probe = _PROBE_RANK.get(route.probe_status)
+    if probe is None or not breakers.allows(route.id, now):
+        return None
+    if probe == DEGRADED or route.status != "active":
+        return DEGRADED
+    return HEALTHY
 
 
 class CircuitBreakers:

@@ -35,7 +35,7 @@ COLUMNS = (
     "created_at", "request_id", "client_request_id", "org_id", "api_key_id", "model", "provider",
     "route_id", "upstream_model", "reported_model", "path", "method", "status_code", "error_code",
     "stream", "latency_ms", "ttfb_ms", "prompt_tokens", "completion_tokens", "total_tokens", "attempts",
-    "cost_micros", "client_ip", "user_agent", "byok", "estimated",
+    "cost_micros", "client_ip", "user_agent", "byok", "estimated", "route_status",
 )
 
 
@@ -45,8 +45,8 @@ class RequestRecord:
     __slots__ = (
         "api_key_id", "attempts", "byok", "client_ip", "client_request_id", "completion_tokens", "cost_micros",
         "created_at", "error_code", "estimated", "method", "model", "org_id", "path", "prompt_tokens", "provider",
-        "provider_format", "reported_model", "request_id", "route_id", "started", "started_wall", "status_code",
-        "stream", "ttfb_ms", "upstream_model", "usage", "user_agent",
+        "provider_format", "reported_model", "request_id", "route_id", "route_status", "started", "started_wall",
+        "status_code", "stream", "ttfb_ms", "upstream_model", "usage", "user_agent",
     )
 
     def __init__(self, request_id: str, client_request_id: str | None, path: str, method: str,
@@ -68,6 +68,7 @@ class RequestRecord:
         self.provider: str | None = None
         self.provider_format = "openai"  # the dialect of the route that answered (not a column)
         self.route_id: int | None = None
+        self.route_status: str | None = None  # the route's probe status when it served (model-route evidence)
         self.upstream_model: str | None = None
         self.reported_model: str | None = None
         self.status_code = 0
@@ -96,7 +97,7 @@ class RequestRecord:
             self.method, self.status_code, self.error_code, self.stream,
             int((time.perf_counter() - self.started) * 1000), self.ttfb_ms, self.prompt_tokens,
             self.completion_tokens, total, self.attempts, self.cost_micros, self.client_ip,
-            (self.user_agent or None) and self.user_agent[:512], self.byok, self.estimated,
+            (self.user_agent or None) and self.user_agent[:512], self.byok, self.estimated, self.route_status,
         )
 
 

@@ -286,6 +286,7 @@ async def _open_upstream(state: ProxyState, attempts: list[Attempt], path: str, 
         rec.provider, rec.route_id, rec.upstream_model, rec.byok = (route.provider, route.id, route.upstream_model,
                                                                     attempt.byok)
         rec.provider_format = route.api_format
+        rec.route_status = route.probe_status
         inject_usage = stream and not client_usage and route.api_format == OPENAI == client
         upstream_path, payload, parsed = upstream_request(
             path, route.api_format, route.upstream_model, body, parsed, same_model=route.upstream_model == model,

@@ -14,7 +14,7 @@ import asyncpg
 import msgspec
 
 from proxy.errors import InvalidRequest, ModelNotFound, UpstreamError
-from proxy.health import CircuitBreakers
+from proxy.health import HEALTHY, CircuitBreakers, route_rank
 from shared.apikeys import KeyRecord
 from shared.crypto import SecretBox
 from shared.money import Price, PriceVersion
@@ -36,6 +36,9 @@ class Route(msgspec.Struct, frozen=True):
     priority: int
     weight: int
     status: str  # active | degraded (disabled routes are not loaded)
+    # What the model-quality probes say (shared/quality): healthy | degraded | failing | quarantined.
+    # Failing and quarantined routes are loaded (the probe runner keeps probing them) but never planned.
+    probe_status: str = "healthy"
 
 
 class ModelEntry(msgspec.Struct, frozen=True):
@@ -100,13 +103,14 @@ class Attempt(msgspec.Struct, frozen=True, array_like=True):
     byok: bool
 
 
-def _weighted_order(routes: list[Route]) -> list[Route]:
+def _weighted_order(routes: list[Route], rng: random.Random | None) -> list[Route]:
     """A random order in which heavier routes tend to come first (weighted sampling without replacement)."""
     if len(routes) < 2:
         return routes
+    draw = (rng or random).random
     pool, order = list(routes), []
     while pool:
-        pick = random.random() * sum(r.weight for r in pool)
+        pick = draw() * sum(r.weight for r in pool)
         for i, route in enumerate(pool):
             pick -= route.weight
             if pick < 0 or i == len(pool) - 1:
@@ -116,20 +120,22 @@ def _weighted_order(routes: list[Route]) -> list[Route]:
 
 
 def plan_attempts(entry: ModelEntry, byok: dict[int, str], breakers: CircuitBreakers, now: float,
-                  limit: int) -> list[Attempt]:
+                  limit: int, rng: random.Random | None = None) -> list[Attempt]:
     """The routes to try, in order: the org's BYOK routes first, then by priority; within a priority,
-    active before degraded, weighted at random; routes whose breaker is open are left out."""
+    healthy before degraded (`proxy.health.route_rank`: the breaker, the probe status and the admin status
+    in one rank), weighted at random (`rng`, default the module's generator); routes whose breaker is open
+    or that probes found failing, or an admin quarantined, are left out."""
     if len(entry.routes) == 1 and not byok:  # the common case, without allocation beyond the list
         route = entry.routes[0]
-        if breakers.allows(route.id, now):
+        if route_rank(breakers, route, now) is not None:
             return [Attempt(route, route.credential, False)]
         raise UpstreamError(f"The model `{entry.name}` is temporarily unavailable (its provider is failing).",
                             status=503, code="model_unavailable")
     own, ours = [], []
     for tier in entry.tiers:
-        allowed = [r for r in tier if breakers.allows(r.id, now)]
-        ordered = _weighted_order([r for r in allowed if r.status == "active"])
-        ordered += _weighted_order([r for r in allowed if r.status != "active"])
+        ranked = [(r, rank) for r in tier if (rank := route_rank(breakers, r, now)) is not None]
+        ordered = _weighted_order([r for r, rank in ranked if rank == HEALTHY], rng)
+        ordered += _weighted_order([r for r, rank in ranked if rank != HEALTHY], rng)
         for route in ordered:
             credential = byok.get(route.provider_id)
             if credential is not None:
@@ -150,7 +156,7 @@ select model, {", ".join(_PRICE_FIELDS)}, extract(epoch from effective_from)::fl
 from model_prices order by model, effective_from desc, service_tier, min_prompt_tokens
 """
 _ROUTES_SQL = """
-select r.id, r.model, p.id as provider_id, p.name as provider, r.status, p.api_format, p.base_url,
+select r.id, r.model, p.id as provider_id, p.name as provider, r.status, r.probe_status, p.api_format, p.base_url,
        r.upstream_model, p.credential_secret_id,
        p.connect_timeout_ms, p.read_timeout_ms, r.priority, r.weight,
        s.kind as secret_kind, s.master_key_id, s.wrapped_key, s.ciphertext
@@ -182,7 +188,7 @@ async def load_catalogue(pool: asyncpg.Pool, box: SecretBox) -> Catalogue:
                                   r["wrapped_key"], r["ciphertext"]).decode()
         routes.setdefault(r["model"], []).append(Route(
             id=r["id"], model=r["model"], provider_id=r["provider_id"], provider=r["provider"],
-            api_format=r["api_format"], status=r["status"],
+            api_format=r["api_format"], status=r["status"], probe_status=r["probe_status"],
             base_url=r["base_url"].rstrip("/"), upstream_model=r["upstream_model"], credential=credential,
             connect_timeout_s=r["connect_timeout_ms"] / 1000, read_timeout_s=r["read_timeout_ms"] / 1000,
             priority=r["priority"], weight=r["weight"],

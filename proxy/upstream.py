@@ -118,8 +118,9 @@ class UpstreamClient:
         resp.close()
         if status in (401, 403):
             raise UpstreamError(f"The upstream provider {route.provider} refused the relay's credential.",
-                                retryable=True, code="upstream_auth_failed")
+                                retryable=True, code="upstream_auth_failed", upstream_status=status)
         if status == 429:
             raise UpstreamError(f"The upstream provider {route.provider} is rate limiting requests.",
-                                status=429, code="upstream_rate_limited")
-        raise UpstreamError(f"The upstream provider {route.provider} failed with status {status}.")
+                                status=429, code="upstream_rate_limited", upstream_status=status)
+        raise UpstreamError(f"The upstream provider {route.provider} failed with status {status}.",
+                            upstream_status=status)

@@ -274,7 +274,8 @@ def _start_upstream(
         raise DevError("RR_MOCK_PORT must be a port number") from None
     log_path = data_dir / "mock-upstream.log"
     mock = stack.add("mock upstream", ChildProcess(
-        [sys.executable, "-m", "bench.mock_upstream", "--port", str(port)],
+        # As the reference model, so that the probe runner of rr-worker finds the demo routes healthy.
+        [sys.executable, "-m", "bench.mock_upstream", "--port", str(port), "--persona", "reference"],
         env=env, grace_s=CHILD_STOP_GRACE_S, log_path=log_path,
     ))
     _wait_http_ok(mock, "mock upstream", port, "/v1/models", MOCK_READY_TIMEOUT_S)

@@ -129,6 +129,25 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # (change event, or at worst its periodic refresh) before any request can start under it.
     price_min_lead_s: float = 60.0
 
+    # Model-quality probes (rr-worker, shared/workers/probes.py): a round per route every interval (± jitter
+    # as a fraction), one probe request at a time per route at most every probe_gap_ms, paid from the
+    # platform's probe budgets (µ$ per route per UTC day, and for all routes per day), never by an org.
+    probe_enabled: bool = True
+    probe_interval_s: float = 900.0
+    probe_jitter: float = 0.2
+    probe_poll_interval_s: float = 5.0
+    probe_gap_ms: int = 250
+    probe_concurrency: int = 4
+    probe_route_budget_micros: int = 2_000_000
+    probe_daily_budget_micros: int = 20_000_000
+    probe_long_context_chars: int = 4000
+    # Detection windows (rounds) and the status hysteresis (evaluations to go up / to come down a step).
+    probe_window_rounds: int = 10
+    probe_baseline_rounds: int = 20
+    probe_status_up: int = 2
+    probe_status_down: int = 3
+    probe_retention_days: int = 90
+
     def __post_init__(self) -> None:
         _check_positive(self, "proxy_port", "proxy_workers", "max_body_bytes", "upstream_pool_size",
                         "log_batch_size", "log_flush_interval_ms", "log_buffer_max",
@@ -146,6 +165,14 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
                         "login_max_failures_per_email", "password_time_cost", "password_memory_kib",
                         "log_retention_min_days", "price_min_lead_s")
         _check_positive(self, "usage_retention_days", "retention_interval_s", "retention_batch_size")
+        _check_positive(self, "probe_interval_s", "probe_poll_interval_s", "probe_concurrency", "probe_window_rounds",
+                        "probe_baseline_rounds", "probe_status_up", "probe_status_down", "probe_retention_days",
+                        "probe_long_context_chars")
+        if not 0 <= self.probe_jitter < 1:
+            raise SettingsError(f"{ENV_NAMES['probe_jitter']} must be within [0, 1)")
+        if min(self.probe_gap_ms, self.probe_route_budget_micros, self.probe_daily_budget_micros) < 0:
+            raise SettingsError(f"{ENV_NAMES['probe_gap_ms']}, {ENV_NAMES['probe_route_budget_micros']} and "
+                                f"{ENV_NAMES['probe_daily_budget_micros']} cannot be negative")
         if self.log_retention_max_days < self.log_retention_min_days:
             raise SettingsError(f"{ENV_NAMES['log_retention_max_days']} must be at least "
                                 f"{ENV_NAMES['log_retention_min_days']}")

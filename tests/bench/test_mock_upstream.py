@@ -448,3 +448,50 @@ def test_default_config_from_cli_and_env(launch: str) -> None:
         assert httpx.post(server.url + CHAT, json=chat_body("slow")).status_code == 418
     finally:
         server.stop()
+
+
+# ---- personas (simulated models for the quality probes) -----------------------------------------------
+
+
+def _ask(mock: httpx.Client, model: str, text: str, path: str = CHAT, **extra: Any) -> dict[str, Any]:
+    body = {"model": model, "messages": [{"role": "user", "content": text}], "max_tokens": 32, **extra}
+    response = mock.post(path, json=body)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def test_persona_reference_answers_probe_prompts_and_others_as_usual(mock: httpx.Client) -> None:
+    configure(mock, models={"ref": {"persona": "reference"}})
+    answer = _ask(mock, "ref", "What is the capital of Japan? Reply with one word.")
+    assert answer["choices"][0]["message"]["content"] == "Tokyo" and answer["model"] == "ref"
+    assert answer["usage"]["completion_tokens"] == 2  # ~4 characters per token
+    tool = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+    call = _ask(mock, "ref", "What is the weather in Oslo in celsius? Use the get_weather tool.", tools=[tool])
+    assert call["choices"][0]["finish_reason"] == "tool_calls"
+    assert json.loads(call["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"]) == {
+        "city": "Oslo", "unit": "celsius"}
+    anthropic = _ask(mock, "ref", "Compute 12 * 11. Reply with the number only.", path=MESSAGES)
+    assert anthropic["content"] == [{"type": "text", "text": "132"}]
+    assert _ask(mock, "ref", PROMPT)["choices"][0]["message"]["content"] == EIGHT  # not a probe prompt
+    assert _ask(mock, "other", "Compute 12 * 11. Reply with the number only.")["choices"][0]["message"][
+        "content"] == EIGHT  # no persona for this model
+
+
+def test_persona_substitute_and_broken_tools(mock: httpx.Client) -> None:
+    configure(mock, models={"sub": {"persona": "substitute"}, "tools": {"persona": "broken_tools",
+                                                                      "tool_break_rate": 1.0}})
+    answers = [_ask(mock, "sub", "Compute 40 + 2. Reply with the number only.")["choices"][0]["message"]["content"]
+               for _ in range(40)]
+    assert "42" in answers and set(answers) != {"42"}  # wrong now and then
+    assert _ask(mock, "sub", "Compute 40 + 2. Reply with the number only.")["model"] == "sub"  # same name
+    tool = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+    for _ in range(5):
+        call = _ask(mock, "tools", "What is the weather in Lima in fahrenheit? Use the get_weather tool.",
+                    tools=[tool])["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"]
+        assert call != json.dumps({"city": "Lima", "unit": "fahrenheit"})
+
+
+def test_persona_config_is_checked(mock: httpx.Client) -> None:
+    assert mock.post("/_mock/config", json={"persona": "gpt-5"}).status_code == 400
+    assert mock.post("/_mock/config", json={"tool_break_rate": 1.5}).status_code == 400
+    configure(mock, persona="reference", tool_break_rate=0.5)

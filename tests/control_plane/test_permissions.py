@@ -78,11 +78,12 @@ async def _fresh_key(w: World, factory: Factory) -> int:
 # --- public -----------------------------------------------------------------------------------------------
 for _path in ("/healthz", "/readyz", "/openapi.json", "/v1/me", "/v1/orgs", "/v1/models", "/v1/providers",
               "/v1/admin/orgs", "/v1/admin/models", "/v1/admin/prices", "/v1/admin/providers", "/v1/admin/routes",
-              "/v1/admin/audit-log", "/v1/admin/uncharged-usage", "/v1/admin/rejected-rows"):
+              "/v1/admin/audit-log", "/v1/admin/uncharged-usage", "/v1/admin/rejected-rows",
+              "/v1/admin/quality/routes", "/v1/admin/quality/spend"):
     EXAMPLES[("GET", _path)] = lambda w, p, f, a: _call()
 
 for _path in ("", "/members", "/keys", "/balance", "/transactions", "/usage", "/request-logs", "/byok",
-              "/audit-log"):
+              "/audit-log", "/route-evidence"):
     EXAMPLES[("GET", "/v1/orgs/{org_id:int}" + _path)] = lambda w, p, f, a: _call(org_id=w.org_id)
 
 
@@ -238,6 +239,32 @@ async def _(w, portal, factory, who):
 @example("DELETE", "/v1/admin/routes/{route_id:int}")
 async def _(w, portal, factory, who):
     return Call({"route_id": await factory.route(w.model, w.provider_id, _unique("up"))})
+
+
+@example("GET", "/v1/admin/quality/routes/{route_id:int}")
+async def _(w, portal, factory, who):
+    return Call({"route_id": w.route_id})
+
+
+@example("GET", "/v1/admin/quality/routes/{route_id:int}/probes")
+async def _(w, portal, factory, who):
+    return Call({"route_id": w.route_id})
+
+
+@example("POST", "/v1/admin/quality/routes/{route_id:int}/rounds")
+async def _(w, portal, factory, who):
+    return Call({"route_id": w.route_id})
+
+
+@example("POST", "/v1/admin/quality/routes/{route_id:int}/status")
+async def _(w, portal, factory, who):
+    route_id = await factory.route(w.model, w.provider_id, _unique("up"))
+    return Call({"route_id": route_id}, {"status": "degraded", "reason": "matrix test"})
+
+
+@example("POST", "/v1/admin/quality/references")
+async def _(w, portal, factory, who):
+    return Call(json={"model": w.model, "route_id": w.route_id, "reason": "matrix test"})
 
 
 # --- the matrix ---------------------------------------------------------------------------------------
