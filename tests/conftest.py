@@ -192,8 +192,10 @@ def mock_upstream() -> Iterator[Server]:
 def start_worker(settings: Settings, **overrides: object) -> subprocess.Popen:
     """An `rr-worker` process (billing flusher, partition manager) for these settings."""
     log_path = Path(tempfile.mkstemp(prefix="rr-worker-", suffix=".log")[1])
-    return subprocess.Popen([sys.executable, "-m", "shared.workers.main"], env=settings_env(settings, **overrides),
-                            cwd=ROOT, stdout=log_path.open("wb"), stderr=subprocess.STDOUT)
+    process = subprocess.Popen([sys.executable, "-m", "shared.workers.main"], env=settings_env(settings, **overrides),
+                               cwd=ROOT, stdout=log_path.open("wb"), stderr=subprocess.STDOUT)
+    process.log_path = log_path  # type: ignore[attr-defined]  # what it logged, for tests that read it
+    return process
 
 
 def stop_process(process: subprocess.Popen, timeout: float = 15.0) -> int:

@@ -1,0 +1,240 @@
+"""The canary, everywhere: a unique string sent in every client-controlled field, through every endpoint and
+path, appears nowhere we keep anything — a `pg_dump` of the whole database, every Redis key and stream entry,
+every log of our processes — and neither does any secret in clear. The scanners are shown to find a
+deliberate leak in each of those places (`test_the_scanner_finds_a_deliberate_leak`), so a pass means
+something.
+
+The stack is this module's own: a database and Redis prefix of its own (so the dump holds only what these
+requests left), a proxy, a worker (billing flusher) and a control plane started for it. The mock upstream
+is a provider: it receives prompts by design, so its log is not searched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import subprocess
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import asyncpg
+import httpx
+import pytest
+import pytest_asyncio
+from redis.asyncio import Redis
+
+from shared.crypto import box_from_settings, store_secret
+from shared.redis_keys import RedisKeys
+from shared.settings import Settings
+from tests.conftest import Factory, Server, start_proxy, start_worker, stop_process, wait_for_rows
+from tests.control_plane.conftest import isolated_database, start_control_plane
+from tests.proxy.test_endpoints import configure_mock
+
+CANARY = f"CANARY-{secrets.token_hex(8)}"
+BYOK_SECRET = f"sk-byok-{secrets.token_hex(12)}"
+PROVIDER_SECRET = f"sk-provider-{secrets.token_hex(12)}"
+PASSWORD = f"pw-{secrets.token_hex(10)}"
+
+
+@dataclass
+class Stack:
+    settings: Settings
+    proxy: Server
+    control_plane: Server
+    worker_log: Path
+    db: asyncpg.Pool
+    redis: Redis
+    factory: Factory
+
+
+@pytest.fixture(scope="module")
+def canary_settings(servers, settings: Settings) -> Iterator[Settings]:
+    admin_url, _ = servers
+    with isolated_database(admin_url, settings, f"canary{secrets.token_hex(3)}") as isolated:
+        yield isolated
+
+
+@pytest_asyncio.fixture(scope="module")
+async def stack(canary_settings: Settings) -> AsyncIterator[Stack]:
+    proxy = start_proxy(canary_settings)
+    control_plane = start_control_plane(canary_settings)
+    worker = start_worker(canary_settings)
+    db = await asyncpg.create_pool(canary_settings.database_url, min_size=1, max_size=4)
+    redis = Redis.from_url(canary_settings.redis_url)
+    factory = Factory(db, redis, RedisKeys(canary_settings.redis_prefix), canary_settings)
+    try:
+        yield Stack(canary_settings, proxy, control_plane, worker.log_path, db, redis, factory)
+    finally:
+        await db.close()
+        await redis.aclose()
+        stop_process(worker)
+        control_plane.stop()
+        proxy.stop()
+
+
+# --- the scanners -----------------------------------------------------------------------------------------
+
+
+def dump_postgres(settings: Settings) -> str:
+    """The whole database as pg_dump writes it (schema and every row of every table and partition)."""
+    return subprocess.run(["pg_dump", "--no-owner", "--data-only", settings.database_url], check=True,
+                          capture_output=True, text=True, timeout=120).stdout
+
+
+async def dump_redis(redis: Redis, prefix: str) -> bytes:
+    """Every key of the prefix with its whole value, stream entries and consumer-group state included."""
+    parts: list[bytes] = []
+    async for key in redis.scan_iter(match=prefix + "*", count=1000):
+        kind = (await redis.type(key)).decode()
+        parts.append(key)
+        if kind == "string":
+            parts.append(await redis.get(key) or b"")
+        elif kind == "hash":
+            parts += [k + b"=" + v for k, v in (await redis.hgetall(key)).items()]
+        elif kind == "list":
+            parts += await redis.lrange(key, 0, -1)
+        elif kind == "set":
+            parts += list(await redis.smembers(key))
+        elif kind == "zset":
+            parts += [m for m, _ in await redis.zrange(key, 0, -1, withscores=True)]
+        elif kind == "stream":
+            for _, fields in await redis.xrange(key):
+                parts += [k + b"=" + v for k, v in fields.items()]
+    return b"\n".join(parts)
+
+
+def logs(stack: Stack) -> str:
+    return "\n".join((stack.proxy.log(), stack.control_plane.log(), stack.worker_log.read_text(errors="replace")))
+
+
+async def leaks(stack: Stack, needle: str) -> list[str]:
+    """Where `needle` was found: 'postgres', 'redis', 'logs'."""
+    found = []
+    if needle in await asyncio.to_thread(dump_postgres, stack.settings):
+        found.append("postgres")
+    if needle.encode() in await dump_redis(stack.redis, stack.settings.redis_prefix):
+        found.append("redis")
+    if needle in logs(stack):
+        found.append("logs")
+    return found
+
+
+# --- the traffic ------------------------------------------------------------------------------------------
+
+
+async def _tenant(stack: Stack, mock: Server) -> dict:
+    f = stack.factory
+    box = box_from_settings(stack.settings.master_key_bytes, stack.settings.master_key_id)
+    ours = await store_secret(f.db, box, "provider_credential", PROVIDER_SECRET, hint="…")
+    provider = await f.provider(mock.url + "/v1", credential_secret_id=ours)
+    spare = await f.provider(mock.url + "/v1")
+    anthropic = await f.provider(mock.url + "/v1", api_format="anthropic")
+    tag = secrets.token_hex(3)
+    chat = await f.model(provider, upstream_model=f"a-{tag}", priority=10)
+    await f.route(chat, spare, f"b-{tag}", priority=0)  # failover target
+    claude = await f.model(anthropic)
+    embed = await f.model(provider, kind="embedding")
+    org_id = await f.org(balance_micros=10_000_000)
+    _, key = await f.key(org_id)
+    _, limited = await f.key(org_id, rpm_limit=1)
+    poor_org = await f.org(balance_micros=1)
+    _, poor = await f.key(poor_org)
+    byok = await store_secret(f.db, box, "byok_credential", BYOK_SECRET, org_id=org_id, hint="…")
+    await f.db.execute("insert into org_provider_credentials (org_id, provider_id, secret_id) values ($1, $2, $3)",
+                       org_id, spare, byok)
+    for model in (chat, claude, embed):
+        await f.publish_config(stack.proxy, key, model)
+    return {"chat": chat, "claude": claude, "embed": embed, "key": key, "limited": limited, "poor": poor,
+            "a": f"a-{tag}", "org_id": org_id}
+
+
+def _everywhere(model: str, **extra: object) -> dict:
+    """A chat body with the canary in every field a client controls that is not metadata we keep."""
+    return {"model": model, "user": CANARY, "metadata": {"note": CANARY},
+            "messages": [{"role": "system", "content": CANARY}, {"role": "user", "content": f"say {CANARY}"}],
+            "tools": [{"type": "function", "function": {"name": "lookup", "description": CANARY,
+                                                        "parameters": {"type": "object", "properties": {
+                                                            "q": {"type": "string", "description": CANARY}}}}}],
+            **extra}
+
+
+async def send_everything(stack: Stack, mock: Server) -> int:
+    """Every endpoint and path; returns how many requests were made."""
+    t = await _tenant(stack, mock)
+    base = stack.proxy.url + "/v1"
+    auth = {"authorization": f"Bearer {t['key']}", "x-canary-header": CANARY}
+    claude_body = {"model": t["claude"], "max_tokens": 20, "system": [{"type": "text", "text": CANARY}],
+                   "metadata": {"user_id": CANARY}, "messages": [{"role": "user", "content": CANARY}]}
+    calls: list[tuple[str, dict, dict]] = [
+        ("/chat/completions", _everywhere(t["chat"]), auth),
+        ("/chat/completions", _everywhere(t["chat"], stream=True), auth),
+        ("/chat/completions", _everywhere(t["chat"], stream=True, stream_options={"include_usage": True}), auth),
+        ("/completions", {"model": t["chat"], "prompt": CANARY, "user": CANARY}, auth),
+        ("/completions", {"model": t["chat"], "prompt": [CANARY], "stream": True}, auth),
+        ("/embeddings", {"model": t["embed"], "input": [CANARY, CANARY], "user": CANARY}, auth),
+        ("/messages", claude_body, {"x-api-key": t["key"], "anthropic-beta": CANARY}),
+        ("/messages", {**claude_body, "stream": True}, {"x-api-key": t["key"]}),
+        ("/chat/completions", _everywhere(t["claude"]), auth),  # translated to Anthropic
+        ("/chat/completions", {**_everywhere(t["chat"]), "messages": CANARY}, auth),  # 400
+        ("/chat/completions", {**_everywhere(t["chat"]), "max_tokens": CANARY}, auth),  # 400 on a field
+        ("/chat/completions", _everywhere("no-such-model"), auth),  # 404
+        ("/chat/completions", _everywhere(t["chat"]), {"authorization": f"Bearer {t['poor']}"}),  # 402
+        ("/chat/completions", _everywhere(t["chat"]), {"authorization": f"Bearer {t['limited']}"}),
+        ("/chat/completions", _everywhere(t["chat"]), {"authorization": f"Bearer {t['limited']}"}),  # 429
+        ("/chat/completions", _everywhere(t["chat"]), {"authorization": "Bearer rr-wrong-key"}),  # 401
+    ]
+    async with httpx.AsyncClient(timeout=30) as http:
+        for path, body, headers in calls:
+            await http.post(base + path, json=body, headers=headers)
+        await http.post(base + "/chat/completions", headers={**auth, "content-type": "application/json"},
+                        content=b'{"model": "x", "messages": [{"content": "' + CANARY.encode() + b'"')  # bad JSON
+        # Failover: route A fails with 500, then B (the org's BYOK credential) answers.
+        await configure_mock(mock, {t["a"]: {"status": 500}})
+        await http.post(base + "/chat/completions", json=_everywhere(t["chat"]), headers=auth)
+        # An upstream error (both routes failing), and a stream broken after its first bytes.
+        await configure_mock(mock, {t["a"]: {"status": 503}, f"b-{t['a'][2:]}": {"status": 500}})
+        await http.post(base + "/chat/completions", json=_everywhere(t["chat"]), headers=auth)
+        await configure_mock(mock, {t["a"]: {"chunks": 20, "fail_after_chunks": 2}})
+        await http.post(base + "/chat/completions", json=_everywhere(t["chat"], stream=True), headers=auth)
+        # A client that goes away mid-stream.
+        await configure_mock(mock, {t["a"]: {"chunks": 50, "chunk_delay_ms": 50}})
+        async with http.stream("POST", base + "/chat/completions", json=_everywhere(t["chat"], stream=True),
+                               headers=auth) as resp:
+            async for _ in resp.aiter_raw():
+                break
+        await configure_mock(mock, {})
+        # The control plane: signup with the password, a BYOK credential set through the portal.
+        cp = stack.control_plane.url
+        signup = await http.post(cp + "/v1/auth/signup", json={
+            "email": f"c-{secrets.token_hex(4)}@example.com", "password": PASSWORD, "org_name": "Canary org"})
+        assert signup.status_code == 201, signup.text
+        await http.post(cp + "/v1/auth/login", json={"email": "nobody@example.com", "password": PASSWORD})
+    return len(calls) + 6
+
+
+async def test_the_canary_and_the_secrets_are_stored_nowhere(stack: Stack, mock_upstream: Server) -> None:
+    made = await send_everything(stack, mock_upstream)
+    rows = await wait_for_rows(stack.db, "select 1 from request_logs", count=made - 1, timeout=15)
+    assert len(rows) >= made - 1  # the disconnected stream may still be settling
+    await asyncio.sleep(1.0)  # the billing flusher's last batch
+    assert await stack.db.fetchval("select count(*) from usage_records") >= 5
+    for needle in (CANARY, BYOK_SECRET, PROVIDER_SECRET, PASSWORD):
+        assert await leaks(stack, needle) == [], needle[:12]
+
+
+@pytest.mark.parametrize("store", ["postgres", "redis", "logs"])
+async def test_the_scanner_finds_a_deliberate_leak(stack: Stack, store: str) -> None:
+    """A body put on purpose where a careless change would put it is found: the search is not blind."""
+    leak = f"LEAK-{secrets.token_hex(8)}"
+    if store == "postgres":  # a request body logged into a request-log column
+        await stack.db.execute(
+            """insert into request_logs (created_at, request_id, path, method, status_code, stream, latency_ms,
+                                         user_agent) values (now(), $1, '/v1/chat/completions', 'POST', 200, false, 1,
+                                         $2)""", secrets.token_hex(12), f'{{"messages":[{{"content":"{leak}"}}]}}')
+    elif store == "redis":  # a body cached next to a key record
+        await stack.redis.set(stack.settings.redis_prefix + "apikey:debug", f"body={leak}", ex=60)
+    else:  # a body written to a process log
+        with stack.worker_log.open("a") as log:
+            log.write(f"DEBUG request body: {leak}\n")
+    assert await leaks(stack, leak) == [store]
