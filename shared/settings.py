@@ -129,6 +129,16 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # (change event, or at worst its periodic refresh) before any request can start under it.
     price_min_lead_s: float = 60.0
 
+    # Payments (shared/payments/). Stripe's keys are platform settings in the database (admin-editable,
+    # encrypted), not environment variables. A webhook whose signature is older than this is refused.
+    stripe_webhook_tolerance_s: int = 300
+    stripe_timeout_s: float = 20.0
+    # Bounds of one Stripe top-up (whole cents) and of one crypto claim.
+    topup_min_micros: int = 5_000_000
+    topup_max_micros: int = 10_000_000_000
+    # Where Stripe Checkout sends the customer back to (`?checkout=success|cancel` is appended).
+    checkout_return_url: str = "http://127.0.0.1:8090/"
+
     def __post_init__(self) -> None:
         _check_positive(self, "proxy_port", "proxy_workers", "max_body_bytes", "upstream_pool_size",
                         "log_batch_size", "log_flush_interval_ms", "log_buffer_max",
@@ -146,6 +156,14 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
                         "login_max_failures_per_email", "password_time_cost", "password_memory_kib",
                         "log_retention_min_days", "price_min_lead_s")
         _check_positive(self, "usage_retention_days", "retention_interval_s", "retention_batch_size")
+        _check_positive(self, "stripe_webhook_tolerance_s", "stripe_timeout_s", "topup_min_micros")
+        if self.topup_max_micros < self.topup_min_micros:
+            raise SettingsError(f"{ENV_NAMES['topup_max_micros']} must be at least {ENV_NAMES['topup_min_micros']}")
+        if self.topup_min_micros % 10_000 or self.topup_max_micros % 10_000:
+            raise SettingsError(f"{ENV_NAMES['topup_min_micros']} and {ENV_NAMES['topup_max_micros']} must be "
+                                "whole cents (multiples of 10000)")
+        if not re.fullmatch(r"https?://[\x21-\x7e]+", self.checkout_return_url):
+            raise SettingsError(f"{ENV_NAMES['checkout_return_url']} must be an http(s) URL")
         if self.log_retention_max_days < self.log_retention_min_days:
             raise SettingsError(f"{ENV_NAMES['log_retention_max_days']} must be at least "
                                 f"{ENV_NAMES['log_retention_min_days']}")
