@@ -144,8 +144,8 @@ def reduce_event(event: dict[str, Any]) -> dict[str, Any]:
 async def store_event(conn: asyncpg.Connection | asyncpg.Pool, event: dict[str, Any]) -> bool:
     """Queue a verified event; False if this event id was stored before (a redelivery)."""
     status = await conn.execute(
-        """insert into stripe_events (id, type, stripe_created, facts) values ($1, $2, $3, $4)
-           on conflict (id) do nothing""",
+        """insert into stripe_events (id, type, stripe_created, facts) values ($1, $2, $3, $4::text::jsonb)
+           on conflict (id) do nothing""",  # as text: the same on pools with and without a jsonb codec
         event["id"], event["type"], event["created"], msgspec.json.encode(reduce_event(event)).decode())
     return status == "INSERT 0 1"
 
@@ -216,14 +216,14 @@ class EventProcessor:
         try:
             async with self.pool.acquire() as conn, conn.transaction():
                 row = await conn.fetchrow(
-                    """select id, type, stripe_created, facts, attempts from stripe_events
+                    """select id, type, stripe_created, facts::text as facts, attempts from stripe_events
                        where status in ('pending', 'waiting') and next_attempt_at <= now()
                        order by next_attempt_at, received_at, id limit 1 for update skip locked""")
                 if row is None:
                     return False
                 event_id = row["id"]
                 work = _Work(conn)
-                facts = row["facts"] if isinstance(row["facts"], dict) else msgspec.json.decode(row["facts"])
+                facts = msgspec.json.decode(row["facts"])
                 try:
                     outcome = await self._handle(work, row["type"], row["stripe_created"], facts)
                 except ExternalIdTaken:
@@ -366,16 +366,19 @@ class EventProcessor:
         if customer_org is not None and customer_org != org_id:
             return _hold("the event's customer is not the org's")
         status = await work.conn.execute(
-            """insert into stripe_subscriptions (subscription_id, org_id, plan_id, status, checkout_session_id)
+            """insert into stripe_subscriptions as s (subscription_id, org_id, plan_id, status, checkout_session_id)
                values ($1, $2, (select id from billing_plans where id = $3), 'active', $4)
-               on conflict (subscription_id) do update set checkout_session_id = excluded.checkout_session_id
-               where stripe_subscriptions.checkout_session_id is null""",
+               on conflict (subscription_id) do update
+               set checkout_session_id = coalesce(s.checkout_session_id, excluded.checkout_session_id),
+                   plan_id = coalesce(s.plan_id, excluded.plan_id)
+               where s.checkout_session_id is null""",
             subscription, org_id, plan_id, facts.get("object_id"))
         work.effect = True
         return _done("subscription recorded" if status.endswith("1") else "subscription already known")
 
     async def _subscription_of(self, work: _Work, subscription: str, facts: dict[str, Any]) -> asyncpg.Record | None:
-        """The subscription row (locked), created from our metadata on the event if it is not known yet."""
+        """The subscription row (locked), created from our metadata on the event (org and plan) if it is not
+        known yet; None while neither the event nor an earlier one says which org and plan it is."""
         row = await work.conn.fetchrow("select * from stripe_subscriptions where subscription_id = $1 for update",
                                        subscription)
         if row is not None:
@@ -385,9 +388,9 @@ class EventProcessor:
         if "rr_org_id" in meta and meta["rr_org_id"].isdigit():
             org_id = int(meta["rr_org_id"])
         org_id = org_id or await self._org_of_customer(work, facts.get("customer"))
-        if org_id is None or not await work.conn.fetchval("select 1 from orgs where id = $1", org_id):
-            return None
         plan = int(meta["rr_plan_id"]) if meta.get("rr_plan_id", "").isdigit() else None
+        if org_id is None or plan is None or not await work.conn.fetchval("select 1 from orgs where id = $1", org_id):
+            return None
         await work.conn.execute(
             """insert into stripe_subscriptions (subscription_id, org_id, plan_id, status)
                values ($1, $2, (select id from billing_plans where id = $3), 'active')""", subscription, org_id, plan)
@@ -437,10 +440,11 @@ class EventProcessor:
             return _wait("subscription's org not known yet")
         if sub["status"] == "canceled":
             return _done("already canceled (final)")
-        if created < sub["event_created"]:
+        if created < sub["event_created"] and status != "canceled":  # a deletion is final whenever it arrives
             return _done("older than the state applied")
         await work.conn.execute(
-            """update stripe_subscriptions set status = $2, event_created = $3, updated_at = now()
+            """update stripe_subscriptions set status = $2, event_created = greatest(event_created, $3),
+                      updated_at = now()
                where subscription_id = $1""", subscription, status, created)
         return _done(f"subscription {status}")
 
@@ -473,7 +477,7 @@ class EventProcessor:
             """update payments set refunded_cents = $2, reversed_micros = reversed_micros + $3,
                       stripe_charge_id = coalesce(stripe_charge_id, $4), updated_at = now(),
                       status = case when status = 'disputed' then status
-                                    when $2 >= $5 then 'refunded' else 'partially_refunded' end
+                                    when $2::bigint >= $5::bigint then 'refunded' else 'partially_refunded' end
                where id = $1""", payment["id"], level, debit, facts.get("charge"), whole)
         return _done(f"refund debited {debit} micros")
 
