@@ -48,7 +48,7 @@ async def test_formats_are_checked_per_network(portal: Portal, claimant: Account
         assert body["status"] == "pending" and body["chain_check"] == "unverified"
         assert body["crypto_tx_hash"] == tx_hash.lower().removeprefix("0x")
     bad = [
-        ({"network": "dogecoin"}, "invalid_network"),
+        ({"network": "dogecoin"}, "invalid_request"),  # not in the enum of the schema
         ({"tx_hash": _hash("")}, "invalid_tx_hash"),  # Ethereum hashes have 0x
         ({"tx_hash": "0x" + "ab" * 31}, "invalid_tx_hash"),
         ({"tx_hash": "0x" + "0" * 64}, "invalid_tx_hash"),
