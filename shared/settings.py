@@ -133,6 +133,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # encrypted), not environment variables. A webhook whose signature is older than this is refused.
     stripe_webhook_tolerance_s: int = 300
     stripe_timeout_s: float = 20.0
+    # rr-worker processes Stripe events the webhook request did not (a crash, a failed Redis call) once they
+    # are this old, leaving fresh ones to the request that stored them.
+    stripe_sweep_delay_s: float = 10.0
     # Bounds of one Stripe top-up (whole cents) and of one crypto claim.
     topup_min_micros: int = 5_000_000
     topup_max_micros: int = 10_000_000_000

@@ -204,21 +204,23 @@ class EventProcessor:
         self.keys = keys
         self.failpoint = failpoint
 
-    async def process_due(self, limit: int = 100) -> int:
-        """Process up to `limit` due events, oldest first; returns how many were handled."""
+    async def process_due(self, limit: int = 100, *, min_age_s: float = 0.0) -> int:
+        """Process up to `limit` due events, oldest first, received at least `min_age_s` ago (rr-worker sweeps
+        up what a webhook request left behind, and leaves fresh ones to it); returns how many were handled."""
         handled = 0
-        while handled < limit and await self._process_one():
+        while handled < limit and await self._process_one(min_age_s):
             handled += 1
         return handled
 
-    async def _process_one(self) -> bool:
+    async def _process_one(self, min_age_s: float) -> bool:
         event_id = None
         try:
             async with self.pool.acquire() as conn, conn.transaction():
                 row = await conn.fetchrow(
                     """select id, type, stripe_created, facts::text as facts, attempts from stripe_events
                        where status in ('pending', 'waiting') and next_attempt_at <= now()
-                       order by next_attempt_at, received_at, id limit 1 for update skip locked""")
+                         and received_at <= now() - make_interval(secs => $1)
+                       order by next_attempt_at, received_at, id limit 1 for update skip locked""", min_age_s)
                 if row is None:
                     return False
                 event_id = row["id"]

@@ -1,5 +1,6 @@
-"""`rr-worker`: the background workers of one process — the billing flusher, the partition manager and
-retention (expired partitions dropped, request logs past each org's retention deleted in batches).
+"""`rr-worker`: the background workers of one process — the billing flusher, the partition manager,
+retention (expired partitions dropped, request logs past each org's retention deleted in batches) and
+payments (Stripe events left behind by a webhook request, live credits a dead process never applied).
 
 Stateless apart from PostgreSQL and Redis: run as many copies as you like; the flusher's shard leases
 keep them from stepping on each other, and one retention pass runs at a time. SIGTERM/SIGINT stop it after
@@ -20,6 +21,7 @@ from shared.redis_client import connect_redis
 from shared.settings import Settings, SettingsError, load_settings
 from shared.workers import sleep_unless_stopped
 from shared.workers.flusher import BillingFlusher
+from shared.workers.payments import process_payments
 from shared.workers.retention import enforce_retention
 
 log = logging.getLogger("rocket_relay.worker")
@@ -59,8 +61,9 @@ async def run_workers(settings: Settings) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     tasks = [asyncio.create_task(flusher.run()), asyncio.create_task(manage_partitions(pool, stop)),
-             asyncio.create_task(enforce_retention(pool, settings, stop))]
-    log.info("worker started: billing flusher (%d shards), partition manager, retention every %.0f s",
+             asyncio.create_task(enforce_retention(pool, settings, stop)),
+             asyncio.create_task(process_payments(pool, redis, settings, stop))]
+    log.info("worker started: billing flusher (%d shards), partition manager, payments, retention every %.0f s",
              settings.billing_shards, settings.retention_interval_s)
     await stop.wait()
     flusher.stop()

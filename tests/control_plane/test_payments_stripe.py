@@ -17,8 +17,9 @@ import pytest_asyncio
 
 from shared.billing import BillingScripts, rebuild_balance
 from shared.payments.ledger import retry_live_credits
+from shared.payments.stripe_events import store_event
 from shared.redis_keys import RedisKeys
-from tests.conftest import Server, wait_for_rows
+from tests.conftest import Server, start_worker, stop_process, wait_for_rows
 from tests.control_plane.conftest import Account, LocalStripe, Portal, start_control_plane
 from tests.invariants import OrgExpectation, assert_money_invariants
 
@@ -364,4 +365,20 @@ async def test_a_top_up_paid_at_the_local_stripe_is_credited_by_its_webhooks(
     assert len(await _ledger(db, payer.org_id)) == 1
     receipt = await portal.request("GET", f"/v1/orgs/{payer.org_id}/payments/{started['payment_id']}/receipt", payer)
     assert receipt.status_code == 200 and receipt.json()["paid_micros"] == 15_000_000
+    await _invariants(db, redis, settings, payer.org_id)
+
+
+async def test_rr_worker_processes_an_event_a_webhook_request_left_behind(
+        portal: Portal, payer: Account, local_stripe: LocalStripe, db, redis, settings) -> None:
+    _, session, intent, _ = await _paid_topup(portal, payer, local_stripe, 8_000_000)
+    event = LocalStripe.event("checkout.session.completed", session)
+    assert await store_event(db, event)  # stored, as by a control plane that died right after
+    worker = start_worker(settings, stripe_sweep_delay_s=0)
+    try:
+        rows = await wait_for_rows(db, "select 1 from stripe_events where id = $1 and status = 'processed'",
+                                   event["id"], timeout=15.0)
+        assert rows
+    finally:
+        stop_process(worker)
+    assert await _ledger(db, payer.org_id) == [("topup", 8_000_000, f"stripe:{intent['id']}")]
     await _invariants(db, redis, settings, payer.org_id)
