@@ -21,7 +21,7 @@ from msgspec import UNSET, UnsetType
 from control_plane import audit
 from control_plane.common import CP, DEPENDENCIES, Caller, IdParam, LimitParam, mask_secret, set_fields
 from control_plane.controllers.payments import PAYMENT_COLUMNS, Payment, Plan, payment_view
-from control_plane.errors import Conflict, NotFound
+from control_plane.errors import Conflict, Invalid, NotFound
 from control_plane.permissions import require
 from control_plane.state import MAX_ID, ControlPlane
 from shared.payments.ledger import flush_live_credits, ledger_entry
@@ -113,6 +113,12 @@ class AdminPaymentsController(Controller):
         fields = set_fields(data)
         async with cp.pool.acquire() as conn, conn.transaction():
             before = await load_stripe_config(conn, cp.box)
+            if "api_base" in fields and fields["api_base"] != before.api_base and before.secret_key \
+                    and "secret_key" not in fields:
+                # The client sends the secret key to the API base: moving it must not hand a stored key
+                # (which nobody can read back) to another server.
+                raise Invalid("Changing api_base needs the secret_key in the same request.",
+                              code="secret_key_required")
             await save_stripe_config(conn, cp.box, **fields)
             await audit.record(
                 conn, principal, "stripe.settings.update", "stripe_config", None, org_id=None,

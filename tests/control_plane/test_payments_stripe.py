@@ -382,3 +382,27 @@ async def test_rr_worker_processes_an_event_a_webhook_request_left_behind(
         stop_process(worker)
     assert await _ledger(db, payer.org_id) == [("topup", 8_000_000, f"stripe:{intent['id']}")]
     await _invariants(db, redis, settings, payer.org_id)
+
+
+async def test_stripe_settings_are_masked_audited_and_kept_with_their_server(portal: Portal, local_stripe: LocalStripe,
+                                                                            db) -> None:
+    admin = await portal.platform_admin()
+    shown = await portal.request("GET", "/v1/admin/stripe", admin)
+    assert shown.status_code == 200
+    assert shown.json()["secret_key"] == "sk_…ocal" and shown.json()["webhook_secret"] == "whs…test"
+    assert local_stripe.secret_key not in shown.text and local_stripe.webhook_secret not in shown.text
+    # Moving the API base without the key would send the stored key to another server.
+    moved = await portal.request("PATCH", "/v1/admin/stripe", admin, json={"api_base": "https://stripe.attacker.example"})
+    assert moved.status_code == 422 and moved.json()["error"]["code"] == "secret_key_required"
+    same = await portal.request("PATCH", "/v1/admin/stripe", admin, json={
+        "secret_key": local_stripe.secret_key, "webhook_secret": local_stripe.webhook_secret,
+        "api_base": local_stripe.server.url})
+    assert same.status_code == 200 and local_stripe.secret_key not in same.text
+    for bad in ({"secret_key": "pk_live_publishable"}, {"webhook_secret": "nope"}, {"api_base": "ftp://x"},
+                {"secret_key": "sk_test_x\r\nHost: evil"}):
+        assert (await portal.request("PATCH", "/v1/admin/stripe", admin, json=bad)).status_code == 422, bad
+    changes = await db.fetchval("""select changes::text from audit_log where action = 'stripe.settings.update'
+                                   and actor_user_id = $1 order by id desc limit 1""", admin.user_id)
+    assert local_stripe.secret_key not in changes and local_stripe.webhook_secret not in changes
+    owner = await portal.signup(org_name="Not an admin")
+    assert (await portal.request("GET", "/v1/admin/stripe", owner)).status_code == 403
