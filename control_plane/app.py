@@ -20,6 +20,7 @@ from litestar.openapi.spec import Components, SecurityScheme
 from control_plane.body_deadline import BodyDeadline
 from control_plane.controllers.admin_catalogue import AdminCatalogueController
 from control_plane.controllers.admin_orgs import AdminOrgsController
+from control_plane.controllers.admin_payments import AdminPaymentsController
 from control_plane.controllers.admin_rejected import AdminRejectedRowsController
 from control_plane.controllers.admin_usage import AdminUsageController
 from control_plane.controllers.audit_log import AdminAuditController, OrgAuditController
@@ -28,8 +29,10 @@ from control_plane.controllers.byok import ByokController, CatalogueController
 from control_plane.controllers.health import HealthController
 from control_plane.controllers.keys import KeysController
 from control_plane.controllers.orgs import OrgsController
+from control_plane.controllers.payments import PaymentsController, PlansController
 from control_plane.controllers.quality import AdminQualityController, RouteEvidenceController
 from control_plane.controllers.usage import UsageController
+from control_plane.controllers.webhooks import WebhooksController
 from control_plane.errors import ErrorBody, exception_handlers
 from control_plane.permissions import Scope, scope_of
 from control_plane.state import ControlPlane
@@ -42,13 +45,14 @@ CONTROLLERS = [
     HealthController, AuthController, MeController, OrgsController, KeysController, UsageController,
     CatalogueController, ByokController, OrgAuditController, AdminOrgsController, AdminCatalogueController,
     AdminAuditController, AdminUsageController, AdminRejectedRowsController, AdminQualityController,
-    RouteEvidenceController,
+    RouteEvidenceController, PaymentsController, PlansController, AdminPaymentsController, WebhooksController,
 ]
 
 _ERROR_DESCRIPTIONS = {
     400: "Malformed request.", 401: "Missing, invalid or expired credentials.",
     403: "Signed in, but not allowed to do this.", 404: "No such object (or not visible to you).",
     409: "Conflicts with the current state.", 422: "Invalid input.", 429: "Too many attempts; see Retry-After.",
+    502: "A payment provider refused the call.", 503: "A payment provider is not configured or not reachable.",
 }
 
 

@@ -21,7 +21,7 @@ __all__ = ["REDACTED", "SECRET_FIELDS", "changes", "record"]
 
 REDACTED = "[redacted]"
 SECRET_FIELDS = frozenset({"password", "password_hash", "api_key", "key", "key_hash", "secret", "credential",
-                           "refresh_token"})
+                           "refresh_token", "secret_key", "webhook_secret"})
 
 
 def _plain(value: Any) -> Any:

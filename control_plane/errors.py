@@ -18,12 +18,15 @@ from litestar.exceptions import HTTPException, ValidationException
 
 __all__ = [
     "ApiError",
+    "BadGateway",
+    "BadRequest",
     "Conflict",
     "ErrorBody",
     "ErrorDetail",
     "Forbidden",
     "Invalid",
     "NotFound",
+    "ServiceUnavailable",
     "TooManyRequests",
     "Unauthorized",
     "exception_handlers",
@@ -50,6 +53,11 @@ class ApiError(Exception):
         self.message = message
         self.code = code or self.code
         self.headers = headers or {}
+
+
+class BadRequest(ApiError):
+    status = 400
+    code = "bad_request"
 
 
 class Unauthorized(ApiError):
@@ -80,6 +88,20 @@ class Invalid(ApiError):
 class TooManyRequests(ApiError):
     status = 429
     code = "too_many_requests"
+
+
+class BadGateway(ApiError):
+    """A payment provider refused or failed a call we made for the client."""
+
+    status = 502
+    code = "payment_provider_error"
+
+
+class ServiceUnavailable(ApiError):
+    """A service we depend on (Stripe) is not configured or did not answer; worth retrying later."""
+
+    status = 503
+    code = "service_unavailable"
 
 
 _HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",

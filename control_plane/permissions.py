@@ -26,17 +26,20 @@ PERMISSIONS: dict[str, frozenset[str]] = {
         "platform.orgs.read", "platform.orgs.manage", "platform.balance.adjust",
         "platform.catalogue.read", "platform.catalogue.manage", "platform.audit.read", "platform.usage.read",
         "platform.rejected_rows.read", "platform.quality.read", "platform.quality.manage",
+        "platform.stripe.read", "platform.stripe.manage", "platform.plans.manage",
+        "platform.payments.read", "platform.payments.review",
     }),
     "owner": frozenset({
         *_READ_ORG, "org.update", "billing_settings.update", "members.manage", "members.manage_owners",
         "keys.read", "keys.manage", "billing.read", "byok.read", "byok.manage", "audit.read",
+        "payments.create", "receipts.read",
     }),
     "admin": frozenset({
         *_READ_ORG, "org.update", "billing_settings.update", "members.manage",
-        "keys.read", "keys.manage", "billing.read", "byok.read", "byok.manage",
+        "keys.read", "keys.manage", "billing.read", "byok.read", "byok.manage", "payments.create", "receipts.read",
     }),
     "developer": frozenset({*_READ_ORG, "keys.read", "keys.manage", "byok.read"}),
-    "billing": frozenset({*_READ_ORG, "billing.read", "billing_settings.update"}),
+    "billing": frozenset({*_READ_ORG, "billing.read", "billing_settings.update", "payments.create", "receipts.read"}),
     "viewer": frozenset({*_READ_ORG, "keys.read", "billing.read"}),
 }
 

@@ -7,6 +7,7 @@ that needs the token service, Redis and PostgreSQL it holds.
 from __future__ import annotations
 
 import asyncpg
+import stripe
 from redis.asyncio import Redis
 
 from control_plane.errors import Forbidden, NotFound, Unauthorized
@@ -18,6 +19,8 @@ from control_plane.redis_keys import ControlPlaneKeys
 from control_plane.tokens import TokenService
 from shared.billing import BillingScripts
 from shared.crypto import box_from_settings
+from shared.payments.networks import ChainVerifier, NoChainVerifier
+from shared.payments.stripe_events import EventProcessor
 from shared.redis_keys import RedisKeys
 from shared.settings import Settings
 
@@ -45,8 +48,14 @@ class ControlPlane:
         self.passwords = Passwords(time_cost=settings.password_time_cost, memory_kib=settings.password_memory_kib)
         self.login_limiter = LoginLimiter(settings, redis, self.cp_keys)
         self.client_address = ClientAddress(settings.trusted_proxy_header, settings.trusted_proxies)
+        # Payments: one connection pool for Stripe calls, the webhook events' processor (also run by
+        # rr-worker), and the seam where a chain verifier of crypto top-ups plugs in.
+        self.stripe_http = stripe.HTTPXClient(timeout=settings.stripe_timeout_s)
+        self.stripe_events = EventProcessor(pool, self.scripts, self.keys, failpoint=settings.failpoint)
+        self.chain_verifier: ChainVerifier = NoChainVerifier()
 
     async def close(self) -> None:
+        await self.stripe_http.close_async()
         await self.redis.aclose()
         await self.pool.close()
 

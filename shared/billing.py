@@ -4,7 +4,8 @@
   (redis-py's `Script` re-loads them on NOSCRIPT).
 - `UsageEvent`: what the settle script appends to the billing stream, msgpack-encoded.
 - `rebuild_balance`: (re)creates an org's live Redis balance from PostgreSQL plus un-flushed events.
-- `apply_ledger_entry`: top-ups and adjustments: PostgreSQL ledger first, then the live balance.
+- `apply_ledger_entry`: top-ups and adjustments: PostgreSQL ledger first, then the live balance
+  (`record_ledger_entry` + `apply_live_credit` when the ledger row joins a larger transaction).
 """
 
 from __future__ import annotations
@@ -27,8 +28,10 @@ __all__ = [
     "RebuildResult",
     "UsageEvent",
     "apply_ledger_entry",
+    "apply_live_credit",
     "lua_source",
     "rebuild_balance",
+    "record_ledger_entry",
 ]
 
 _LUA = Path(__file__).with_name("lua")
@@ -137,6 +140,44 @@ class LedgerResult:
     created: bool  # false: the external id was seen before; nothing changed
 
 
+async def record_ledger_entry(
+    conn: asyncpg.Connection, org_id: int, kind: str, amount_micros: int, *, external_id: str | None = None,
+    reason: str | None = None, actor_user_id: int | None = None,
+) -> LedgerResult:
+    """The PostgreSQL half of `apply_ledger_entry`, inside the caller's transaction on `conn`: one ledger
+    row and the balance row, idempotent on (kind, external_id). After the commit, the caller applies the
+    created transaction to the live balance (`apply_live_credit`)."""
+    if kind not in CREDIT_KINDS:
+        raise ValueError(f"kind must be one of {', '.join(CREDIT_KINDS)}")
+    if not isinstance(amount_micros, int) or isinstance(amount_micros, bool):
+        raise TypeError("amount_micros must be an int (micro-units)")
+    txn_id = await conn.fetchval(
+        """insert into balance_transactions (org_id, kind, amount_micros, external_id, reason, actor_user_id)
+           values ($1, $2, $3, $4, $5, $6) on conflict do nothing returning id""",
+        org_id, kind, amount_micros, external_id, reason, actor_user_id,
+    )
+    if txn_id is None:
+        existing = await conn.fetchrow(
+            "select id, org_id from balance_transactions where kind = $1 and external_id = $2", kind, external_id)
+        if existing["org_id"] != org_id:
+            # The same payment id credited to another org is a caller's bug, never an "already done".
+            raise ExternalIdTaken(f"external id {external_id!r} belongs to another org's {kind}")
+        return LedgerResult(existing["id"], False)
+    await conn.execute(
+        "update org_balances set balance_micros = balance_micros + $2, updated_at = now() where org_id = $1",
+        org_id, amount_micros,
+    )
+    return LedgerResult(txn_id, True)
+
+
+async def apply_live_credit(scripts: BillingScripts, keys: RedisKeys, org_id: int, transaction_id: int,
+                            amount_micros: int) -> None:
+    """Apply a committed ledger transaction to the org's live balance (idempotent on the transaction id)."""
+    org = keys.org(org_id)
+    await scripts.credit(keys=[org.balance, org.pending_credits, org.applied_credits],
+                         args=[transaction_id, amount_micros])
+
+
 async def apply_ledger_entry(
     pool: asyncpg.Pool, scripts: BillingScripts, keys: RedisKeys, org_id: int, kind: str, amount_micros: int,
     *, external_id: str | None = None, reason: str | None = None, actor_user_id: int | None = None,
@@ -147,27 +188,9 @@ async def apply_ledger_entry(
     If Redis can't be reached after the commit, the ledger still holds the change and the reconciler
     reports (and `--repair` fixes) the live balance.
     """
-    if kind not in CREDIT_KINDS:
-        raise ValueError(f"kind must be one of {', '.join(CREDIT_KINDS)}")
-    if not isinstance(amount_micros, int) or isinstance(amount_micros, bool):
-        raise TypeError("amount_micros must be an int (micro-units)")
     async with pool.acquire() as conn, conn.transaction():
-        txn_id = await conn.fetchval(
-            """insert into balance_transactions (org_id, kind, amount_micros, external_id, reason, actor_user_id)
-               values ($1, $2, $3, $4, $5, $6) on conflict do nothing returning id""",
-            org_id, kind, amount_micros, external_id, reason, actor_user_id,
-        )
-        if txn_id is None:
-            existing = await conn.fetchrow(
-                "select id, org_id from balance_transactions where kind = $1 and external_id = $2", kind, external_id)
-            if existing["org_id"] != org_id:
-                # The same payment id credited to another org is a caller's bug, never an "already done".
-                raise ExternalIdTaken(f"external id {external_id!r} belongs to another org's {kind}")
-            return LedgerResult(existing["id"], False)
-        await conn.execute(
-            "update org_balances set balance_micros = balance_micros + $2, updated_at = now() where org_id = $1",
-            org_id, amount_micros,
-        )
-    org = keys.org(org_id)
-    await scripts.credit(keys=[org.balance, org.pending_credits, org.applied_credits], args=[txn_id, amount_micros])
-    return LedgerResult(txn_id, True)
+        result = await record_ledger_entry(conn, org_id, kind, amount_micros, external_id=external_id,
+                                           reason=reason, actor_user_id=actor_user_id)
+    if result.created:
+        await apply_live_credit(scripts, keys, org_id, result.transaction_id, amount_micros)
+    return result

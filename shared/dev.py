@@ -2,8 +2,9 @@
 
 Without `DATABASE_URL`/`REDIS_URL` it starts an embedded PostgreSQL and Redis in the data folder
 (`RR_DATA_DIR`, default `.data`); without `UPSTREAM_BASE_URL` it starts the local mock upstream. It then
-migrates, seeds the demo org and key and a demo platform admin, starts the proxy and the control plane,
-prints a working curl command, the control plane's URL and the admin login, and waits. Ctrl-C or SIGTERM
+migrates, seeds the demo org and key and a demo platform admin, starts the proxy and the control plane
+(and, when no Stripe key is configured, a local Stripe as the platform's Stripe account), prints a working
+curl command, the control plane's URL, the admin login and how to top up the demo org, and waits. Ctrl-C or SIGTERM
 stops everything it started, newest first; if one of its processes dies, it stops the rest and exits
 non-zero.
 
@@ -296,6 +297,73 @@ def _seed(settings: Settings, base_url: str, api_key: str | None, demo_key: str)
         raise DevError(f"seeding the demo data failed: {exc}") from exc
 
 
+LOCAL_STRIPE_KEY = "sk_test_rocketrelay_dev"
+DEMO_TOPUP_MICROS = 10_000_000
+
+
+def _stripe_is_configured(settings: Settings) -> bool:
+    """Whether an admin set a Stripe key (then `make run` uses it and starts no local Stripe)."""
+    import asyncpg
+
+    async def check() -> bool:
+        conn = await asyncpg.connect(settings.database_url)
+        try:
+            return bool(await conn.fetchval(
+                "select 1 from stripe_config where origin = 'admin' and secret_key_id is not null"))
+        finally:
+            await conn.close()
+
+    return asyncio.run(check())
+
+
+def _start_local_stripe(stack: DevStack, env: MutableMapping[str, str], settings: Settings,
+                        data_dir: Path) -> str | None:
+    """Start the local Stripe (localstripe with the test fixture's Checkout Sessions) unless a Stripe key is
+    configured, make it the platform's Stripe account and send its webhooks to the control plane; returns
+    its URL (None: the configured Stripe is used)."""
+    if _stripe_is_configured(settings):
+        return None
+    import asyncpg
+
+    from shared.crypto import box_from_settings
+    from shared.payments.stripe_account import save_stripe_config
+
+    port = free_port()
+    local = stack.add("local Stripe", ChildProcess(
+        [sys.executable, "-m", "tests.fixtures.local_stripe", "--port", str(port),
+         "--store", str(data_dir / "local-stripe.pickle")],
+        env=env, grace_s=CHILD_STOP_GRACE_S, log_path=data_dir / "local-stripe.log",
+    ))
+    _wait_http_ok(local, "local Stripe", port, "/_config/health", MOCK_READY_TIMEOUT_S)
+    url = f"http://127.0.0.1:{port}"
+    webhook_secret = "whsec_" + secrets.token_hex(16)  # a new one per run: localstripe keeps none
+
+    async def configure() -> None:
+        conn = await asyncpg.connect(settings.database_url)
+        try:
+            async with conn.transaction():
+                await save_stripe_config(conn, box_from_settings(settings.master_key_bytes, settings.master_key_id),
+                                         secret_key=LOCAL_STRIPE_KEY, webhook_secret=webhook_secret, api_base=url,
+                                         origin="dev")
+                await conn.execute("""insert into billing_plans (name, price_cents, monthly_allowance_micros)
+                                      values ('Starter', 2000, 25000000) on conflict do nothing""")
+        finally:
+            await conn.close()
+
+    asyncio.run(configure())
+    hook = f"http://{_client_host(settings.control_plane_host)}:{settings.control_plane_port}/v1/webhooks/stripe"
+    body = urllib.parse.urlencode({"url": hook, "secret": webhook_secret})
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5.0)
+    try:
+        conn.request("POST", "/_config/webhooks/rocket-relay", body,
+                     {"Content-Type": "application/x-www-form-urlencoded"})
+        if conn.getresponse().status != 200:
+            raise DevError("the local Stripe refused the webhook registration")
+    finally:
+        conn.close()
+    return url
+
+
 def _check_proxy_port(settings: Settings) -> None:
     host, port = _client_host(settings.proxy_host), settings.proxy_port
     if _port_open(host, port):
@@ -355,7 +423,8 @@ def _wait_http_ok(
 
 
 def _print_banner(*, postgres: str, redis: str, upstream: str, proxy_port: int, seed: DemoSeed,
-                  control_plane_port: int, admin_email: str, admin_password: str) -> None:
+                  control_plane_port: int, admin_email: str, admin_password: str,
+                  local_stripe: str | None = None) -> None:
     base = f"http://127.0.0.1:{proxy_port}"
     key, chat_model = seed.api_key, seed.chat_model
     body = json.dumps(
@@ -380,9 +449,28 @@ def _print_banner(*, postgres: str, redis: str, upstream: str, proxy_port: int, 
         f"  curl {base}/v1/chat/completions -H \"Authorization: Bearer {key}\" "
         f"-H \"Content-Type: application/json\" -d '{body}'",
         "",
+        *_topup_lines(control_plane_port, seed, admin_email, admin_password, local_stripe),
         "Press Ctrl-C to stop.",
     ]
     print("\n".join(lines), flush=True)
+
+
+def _topup_lines(control_plane_port: int, seed: DemoSeed, admin_email: str, admin_password: str,
+                 local_stripe: str | None) -> list[str]:
+    cp = f"http://127.0.0.1:{control_plane_port}"
+    login = json.dumps({"email": admin_email, "password": admin_password}, separators=(",", ":"))
+    where = f"the local Stripe at {local_stripe}, test card" if local_stripe else "the configured Stripe account"
+    return [
+        f"Top up the demo org by card ({where}):",
+        f"  TOKEN=$(curl -s {cp}/v1/auth/login -H \"Content-Type: application/json\" -d '{login}' "
+        "| python3 -c 'import json,sys; print(json.load(sys.stdin)[\"access_token\"])')",
+        f"  curl -s {cp}/v1/orgs/{seed.org_id}/payments/stripe-checkout -H \"Authorization: Bearer $TOKEN\" "
+        f"-H \"Content-Type: application/json\" -d '{{\"amount_micros\":{DEMO_TOPUP_MICROS}}}'",
+        "  then open the \"url\" it returns and press Pay"
+        + (" (or: curl -X POST <url>/pay)" if local_stripe else "")
+        + f"; GET {cp}/v1/orgs/{seed.org_id}/balance shows the credit.",
+        "",
+    ]
 
 
 def _watch(stack: DevStack) -> None:
@@ -423,10 +511,12 @@ def run(stack: DevStack, env: dict[str, str], data_dir: Path) -> None:
         log_path=data_dir / "worker.log",
     ))
     admin_email = _seed_admin(settings, admin_password, seed.org_id)
+    local_stripe = _start_local_stripe(stack, env, settings, data_dir)
     proxy_port = _start_proxy(stack, env, settings)
     control_plane_port = _start_control_plane(stack, env, settings, data_dir)
     _print_banner(postgres=postgres, redis=redis, upstream=upstream, proxy_port=proxy_port, seed=seed,
-                  control_plane_port=control_plane_port, admin_email=admin_email, admin_password=admin_password)
+                  control_plane_port=control_plane_port, admin_email=admin_email, admin_password=admin_password,
+                  local_stripe=local_stripe)
     _watch(stack)
 
 

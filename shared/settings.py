@@ -147,6 +147,18 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     probe_status_up: int = 2
     probe_status_down: int = 3
     probe_retention_days: int = 90
+    # Payments (shared/payments/). Stripe's keys are platform settings in the database (admin-editable,
+    # encrypted), not environment variables. A webhook whose signature is older than this is refused.
+    stripe_webhook_tolerance_s: int = 300
+    stripe_timeout_s: float = 20.0
+    # rr-worker processes Stripe events the webhook request did not (a crash, a failed Redis call) once they
+    # are this old, leaving fresh ones to the request that stored them.
+    stripe_sweep_delay_s: float = 10.0
+    # Bounds of one Stripe top-up (whole cents) and of one crypto claim.
+    topup_min_micros: int = 5_000_000
+    topup_max_micros: int = 10_000_000_000
+    # Where Stripe Checkout sends the customer back to (`?checkout=success|cancel` is appended).
+    checkout_return_url: str = "http://127.0.0.1:8090/"
 
     def __post_init__(self) -> None:
         _check_positive(self, "proxy_port", "proxy_workers", "max_body_bytes", "upstream_pool_size",
@@ -173,6 +185,14 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         if min(self.probe_gap_ms, self.probe_route_budget_micros, self.probe_daily_budget_micros) < 0:
             raise SettingsError(f"{ENV_NAMES['probe_gap_ms']}, {ENV_NAMES['probe_route_budget_micros']} and "
                                 f"{ENV_NAMES['probe_daily_budget_micros']} cannot be negative")
+        _check_positive(self, "stripe_webhook_tolerance_s", "stripe_timeout_s", "topup_min_micros")
+        if self.topup_max_micros < self.topup_min_micros:
+            raise SettingsError(f"{ENV_NAMES['topup_max_micros']} must be at least {ENV_NAMES['topup_min_micros']}")
+        if self.topup_min_micros % 10_000 or self.topup_max_micros % 10_000:
+            raise SettingsError(f"{ENV_NAMES['topup_min_micros']} and {ENV_NAMES['topup_max_micros']} must be "
+                                "whole cents (multiples of 10000)")
+        if not re.fullmatch(r"https?://[\x21-\x7e]+", self.checkout_return_url):
+            raise SettingsError(f"{ENV_NAMES['checkout_return_url']} must be an http(s) URL")
         if self.log_retention_max_days < self.log_retention_min_days:
             raise SettingsError(f"{ENV_NAMES['log_retention_max_days']} must be at least "
                                 f"{ENV_NAMES['log_retention_min_days']}")

@@ -1,4 +1,4 @@
-"""Background workers of `rr-worker`: the billing flusher, the partition manager and retention."""
+"""Background workers of `rr-worker`: the billing flusher, the partition manager, retention and payments."""
 
 from __future__ import annotations
 

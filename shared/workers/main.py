@@ -1,6 +1,7 @@
 """`rr-worker`: the background workers of one process — the billing flusher, the partition manager,
-retention (expired partitions dropped, request logs past each org's retention deleted in batches) and the
-model-quality probe runner (`RR_PROBE_ENABLED`; see shared/workers/probes.py).
+retention (expired partitions dropped, request logs past each org's retention deleted in batches), the
+model-quality probe runner (`RR_PROBE_ENABLED`; see shared/workers/probes.py) and payments (Stripe events
+left behind by a webhook request, live credits a dead process never applied).
 
 Stateless apart from PostgreSQL and Redis: run as many copies as you like; the flusher's shard leases
 keep them from stepping on each other, and one retention pass runs at a time. SIGTERM/SIGINT stop it after
@@ -21,6 +22,7 @@ from shared.redis_client import connect_redis
 from shared.settings import Settings, SettingsError, load_settings
 from shared.workers import sleep_unless_stopped
 from shared.workers.flusher import BillingFlusher
+from shared.workers.payments import process_payments
 from shared.workers.probes import ProbeRunner
 from shared.workers.retention import enforce_retention
 
@@ -61,11 +63,12 @@ async def run_workers(settings: Settings) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     tasks = [asyncio.create_task(flusher.run()), asyncio.create_task(manage_partitions(pool, stop)),
-             asyncio.create_task(enforce_retention(pool, settings, stop))]
+             asyncio.create_task(enforce_retention(pool, settings, stop)),
+             asyncio.create_task(process_payments(pool, redis, settings, stop))]
     if settings.probe_enabled:
         tasks.append(asyncio.create_task(ProbeRunner(settings, pool, redis).run(stop)))
-    log.info("worker started: billing flusher (%d shards), partition manager, retention every %.0f s, probes %s",
-             settings.billing_shards, settings.retention_interval_s,
+    log.info("worker started: billing flusher (%d shards), partition manager, payments, retention every %.0f s, "
+             "probes %s", settings.billing_shards, settings.retention_interval_s,
              f"every {settings.probe_interval_s:.0f} s" if settings.probe_enabled else "off")
     await stop.wait()
     flusher.stop()

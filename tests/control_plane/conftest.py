@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import os
 import secrets
 import sys
+import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit, urlunsplit
@@ -16,10 +19,13 @@ import httpx
 import msgspec
 import pytest
 import pytest_asyncio
+import stripe
 
 from control_plane.seed import ensure_platform_admin
+from shared.crypto import box_from_settings
 from shared.db.migrate import migrate
 from shared.embedded import free_port
+from shared.payments.stripe_account import save_stripe_config
 from shared.settings import Settings
 from tests.conftest import Server, settings_env, start_server
 
@@ -152,3 +158,74 @@ class Portal:
 async def portal(control_plane: Server, settings: Settings) -> AsyncIterator[Portal]:
     async with httpx.AsyncClient(timeout=20.0) as http:
         yield Portal(control_plane, http, settings)
+
+
+# --- Payments: the local Stripe, configured as the platform's Stripe account ---------------------------
+
+LOCAL_STRIPE_KEY = "sk_test_rocketrelay_local"
+LOCAL_WEBHOOK_SECRET = "whsec_rocketrelay_local_test"
+
+
+def start_local_stripe() -> Server:
+    port = free_port()
+    return start_server([sys.executable, "-m", "tests.fixtures.local_stripe", "--port", str(port)],
+                        dict(os.environ), port, "/_config/health", "local-stripe")
+
+
+@dataclass
+class LocalStripe:
+    """The local Stripe (localstripe + tests/fixtures/local_stripe.py), set as the platform's Stripe account,
+    the real `stripe` library pointed at it, and a webhook sender that signs as Stripe signs."""
+
+    server: Server
+    secret_key: str = LOCAL_STRIPE_KEY
+    webhook_secret: str = LOCAL_WEBHOOK_SECRET
+
+    @property
+    def client(self) -> stripe.StripeClient:
+        return stripe.StripeClient(self.secret_key, base_addresses={"api": self.server.url})
+
+    def pay(self, session_url: str) -> dict:
+        """Press Pay on the hosted checkout page."""
+        resp = httpx.post(session_url + "/pay", timeout=10.0)
+        assert resp.status_code == 200, resp.text
+        return resp.json()
+
+    def register_webhook(self, name: str, url: str, events: list[str]) -> None:
+        """Have the local Stripe itself send these event types to `url`, signed with our secret."""
+        resp = httpx.post(self.server.url + f"/_config/webhooks/{name}",
+                          data={"url": url, "secret": self.webhook_secret, "events[]": events}, timeout=10.0)
+        assert resp.status_code == 200, resp.text
+
+    @staticmethod
+    def event(kind: str, obj: dict, *, event_id: str | None = None, created: int | None = None) -> dict:
+        return {"id": event_id or f"evt_{secrets.token_hex(12)}", "object": "event", "type": kind,
+                "api_version": "2025-03-31", "created": created or int(time.time()), "livemode": False,
+                "data": {"object": obj}}
+
+    def sign(self, payload: bytes, *, secret: str | None = None, timestamp: int | None = None) -> str:
+        return stripe.WebhookSignature.generate_signature_header(payload.decode(), secret or self.webhook_secret,
+                                                                 timestamp)
+
+    async def deliver(self, http: httpx.AsyncClient, base_url: str, event: dict, **sign_options) -> httpx.Response:
+        payload = json.dumps(event).encode()
+        return await http.post(base_url + "/v1/webhooks/stripe", content=payload,
+                               headers={"stripe-signature": self.sign(payload, **sign_options),
+                                        "content-type": "application/json"})
+
+
+@pytest.fixture(scope="session")
+def local_stripe_server() -> Iterator[Server]:
+    server = start_local_stripe()
+    yield server
+    server.stop()
+
+
+@pytest_asyncio.fixture(scope="session")
+async def local_stripe(local_stripe_server: Server, db: asyncpg.Pool, settings: Settings) -> LocalStripe:
+    """The local Stripe as the platform's Stripe account of this test run (as an admin would set it)."""
+    box = box_from_settings(settings.master_key_bytes, settings.master_key_id)
+    async with db.acquire() as conn, conn.transaction():
+        await save_stripe_config(conn, box, secret_key=LOCAL_STRIPE_KEY, webhook_secret=LOCAL_WEBHOOK_SECRET,
+                                 api_base=local_stripe_server.url)
+    return LocalStripe(local_stripe_server)

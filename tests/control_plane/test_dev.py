@@ -45,6 +45,25 @@ def test_make_run_starts_the_control_plane_and_prints_a_working_admin_login(serv
             assert me.json()["is_platform_admin"] is True
             assert [(m["org_code"], m["role"]) for m in me.json()["memberships"]] == [("demo", "owner")]
             assert httpx.get(url + "/openapi.json").status_code == 200
+
+            # The printed top-up works against the local Stripe, whose webhook credits the demo org.
+            assert "Top up the demo org by card (the local Stripe at http://127.0.0.1:" in text
+            [(org_id, amount)] = re.findall(r"/v1/orgs/(\d+)/payments/stripe-checkout .*amount_micros\\?\":(\d+)",
+                                            text)
+            auth = {"authorization": f"Bearer {login.json()['access_token']}"}
+            before = httpx.get(f"{url}/v1/orgs/{org_id}/balance", headers=auth).json()["balance_micros"]
+            started = httpx.post(f"{url}/v1/orgs/{org_id}/payments/stripe-checkout", headers=auth,
+                                 json={"amount_micros": int(amount)})
+            assert started.status_code == 201, started.text + out_path.read_text()
+            assert httpx.post(started.json()["url"] + "/pay", timeout=10).status_code == 200
+            balance = None
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                balance = httpx.get(f"{url}/v1/orgs/{org_id}/balance", headers=auth).json()["balance_micros"]
+                if balance == before + int(amount):
+                    break
+                time.sleep(0.2)
+            assert balance == before + int(amount), (balance, (Path(data) / "local-stripe.log").read_text()[-2000:])
         finally:
             process.send_signal(signal.SIGTERM)
             assert process.wait(30) == 0, out_path.read_text()

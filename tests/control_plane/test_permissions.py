@@ -9,6 +9,7 @@ A new endpoint without an entry in EXAMPLES fails `test_every_endpoint_has_an_ex
 from __future__ import annotations
 
 import base64
+import json
 import re
 import secrets
 from collections.abc import Awaitable, Callable
@@ -22,7 +23,7 @@ from control_plane.app import create_app, endpoint_actions
 from control_plane.permissions import ORG_ROLES, PERMISSIONS, Scope, allowed, scope_of
 from shared.settings import load_settings
 from tests.conftest import Factory, Server
-from tests.control_plane.conftest import PASSWORD, Account, Portal
+from tests.control_plane.conftest import PASSWORD, Account, LocalStripe, Portal
 from tests.control_plane.test_usage import insert_request_log
 
 # The app is built (not started) with placeholder settings, only to enumerate its endpoints.
@@ -42,6 +43,8 @@ class World:
     model: str
     route_id: int
     login_account: Account  # for the public login example
+    stripe: LocalStripe  # the platform's Stripe account (the local Stripe)
+    plan_id: int
 
 
 @dataclass
@@ -50,6 +53,8 @@ class Call:
     json: object = None
     query: dict[str, str] | None = None
     account: Account | None = None  # overrides the principal's session (logout uses a throwaway one)
+    content: bytes | None = None  # a raw body instead of `json` (the signed Stripe webhook)
+    headers: dict[str, str] = field(default_factory=dict)
 
 
 Example = Callable[[World, Portal, Factory, Account | None], Awaitable[Call]]
@@ -79,11 +84,12 @@ async def _fresh_key(w: World, factory: Factory) -> int:
 for _path in ("/healthz", "/readyz", "/openapi.json", "/v1/me", "/v1/orgs", "/v1/models", "/v1/providers",
               "/v1/admin/orgs", "/v1/admin/models", "/v1/admin/prices", "/v1/admin/providers", "/v1/admin/routes",
               "/v1/admin/audit-log", "/v1/admin/uncharged-usage", "/v1/admin/rejected-rows",
-              "/v1/admin/quality/routes", "/v1/admin/quality/spend"):
+              "/v1/admin/quality/routes", "/v1/admin/quality/spend", "/v1/plans",
+              "/v1/admin/stripe", "/v1/admin/plans", "/v1/admin/payments", "/v1/admin/stripe-events"):
     EXAMPLES[("GET", _path)] = lambda w, p, f, a: _call()
 
 for _path in ("", "/members", "/keys", "/balance", "/transactions", "/usage", "/request-logs", "/byok",
-              "/audit-log", "/route-evidence"):
+              "/audit-log", "/route-evidence", "/payments", "/subscriptions"):
     EXAMPLES[("GET", "/v1/orgs/{org_id:int}" + _path)] = lambda w, p, f, a: _call(org_id=w.org_id)
 
 
@@ -267,6 +273,84 @@ async def _(w, portal, factory, who):
     return Call(json={"model": w.model, "route_id": w.route_id, "reason": "matrix test"})
 
 
+# --- payments -----------------------------------------------------------------------------------------
+async def _paid_payment(w: World, factory: Factory) -> int:
+    org = w.org_id
+    txn = await factory.db.fetchval("""insert into balance_transactions (org_id, kind, amount_micros, external_id)
+                                       values ($1, 'topup', 0, $2) returning id""", org, _unique("matrix-payment"))
+    return await factory.db.fetchval(
+        """insert into payments (org_id, method, purpose, status, amount_micros, credited_micros, transaction_id,
+                                 succeeded_at)
+           values ($1, 'stripe', 'topup', 'succeeded', 5000000, 5000000, $2, now()) returning id""", org, txn)
+
+
+async def _pending_crypto(w: World, factory: Factory) -> int:
+    return await factory.db.fetchval(
+        """insert into payments (org_id, method, purpose, status, amount_micros, crypto_network, crypto_tx_hash,
+                                 crypto_sender_address)
+           values ($1, 'crypto', 'topup', 'pending', 1000000, 'ethereum', $2, $3) returning id""",
+        w.target_org, secrets.token_hex(32), "0x" + "ab" * 20)
+
+
+@example("GET", "/v1/orgs/{org_id:int}/payments/{payment_id:int}")
+async def _(w, portal, factory, who):
+    return Call({"org_id": w.org_id, "payment_id": await _paid_payment(w, factory)})
+
+
+@example("GET", "/v1/orgs/{org_id:int}/payments/{payment_id:int}/receipt")
+async def _(w, portal, factory, who):
+    return Call({"org_id": w.org_id, "payment_id": await _paid_payment(w, factory)})
+
+
+@example("POST", "/v1/orgs/{org_id:int}/payments/stripe-checkout")
+async def _(w, portal, factory, who):
+    return Call({"org_id": w.org_id}, {"amount_micros": 5_000_000})
+
+
+@example("POST", "/v1/orgs/{org_id:int}/subscriptions")
+async def _(w, portal, factory, who):
+    return Call({"org_id": w.org_id}, {"plan_id": w.plan_id})
+
+
+@example("POST", "/v1/orgs/{org_id:int}/payments/crypto")
+async def _(w, portal, factory, who):
+    return Call({"org_id": w.org_id}, {"network": "tron", "tx_hash": secrets.token_hex(32),
+                                       "sender_address": "TR7NHqjeKQxGTCi8q8ZY4pL8otSzgjLj6t", "amount_micros": 1})
+
+
+@example("PATCH", "/v1/admin/stripe")
+async def _(w, portal, factory, who):
+    return Call(json={"secret_key": w.stripe.secret_key, "webhook_secret": w.stripe.webhook_secret,
+                      "api_base": w.stripe.server.url})
+
+
+@example("POST", "/v1/admin/plans")
+async def _(w, portal, factory, who):
+    return Call(json={"name": _unique("plan"), "price_cents": 500, "monthly_allowance_micros": 5_000_000})
+
+
+@example("PATCH", "/v1/admin/plans/{plan_id:int}")
+async def _(w, portal, factory, who):
+    return Call({"plan_id": w.plan_id}, {"active": True})
+
+
+@example("POST", "/v1/admin/payments/{payment_id:int}/approve")
+async def _(w, portal, factory, who):
+    return Call({"payment_id": await _pending_crypto(w, factory)}, {"amount_micros": 1_000_000})
+
+
+@example("POST", "/v1/admin/payments/{payment_id:int}/reject")
+async def _(w, portal, factory, who):
+    return Call({"payment_id": await _pending_crypto(w, factory)}, {"reason": "matrix"})
+
+
+@example("POST", "/v1/webhooks/stripe")
+async def _(w, portal, factory, who):
+    # Public, and proven by its signature: an event of a type we do not act on is acknowledged.
+    payload = json.dumps(LocalStripe.event("customer.created", {"id": "cus_matrix", "object": "customer"})).encode()
+    return Call(content=payload, headers={"stripe-signature": w.stripe.sign(payload)})
+
+
 # --- the matrix ---------------------------------------------------------------------------------------
 
 
@@ -292,7 +376,8 @@ def expected_statuses(action: str, who: str) -> set[int] | None:
 
 
 @pytest_asyncio.fixture(scope="module")
-async def world(control_plane: Server, settings, db, redis, redis_keys, mock_upstream: Server) -> World:
+async def world(control_plane: Server, settings, db, redis, redis_keys, mock_upstream: Server,
+                local_stripe: LocalStripe) -> World:
     async with httpx.AsyncClient(timeout=20.0) as http:
         portal = Portal(control_plane, http, settings)
         factory = Factory(db, redis, redis_keys, settings)
@@ -307,7 +392,10 @@ async def world(control_plane: Server, settings, db, redis, redis_keys, mock_ups
         model = await factory.model(provider_id)
         route_id = await db.fetchval("select id from routes where model = $1", model)
         login_account = await portal.signup(org_name="Login")
-        return World(owner.org_id, owner, accounts, target, provider_id, model, route_id, login_account)
+        plan_id = await db.fetchval("""insert into billing_plans (name, price_cents, monthly_allowance_micros)
+                                       values ($1, 1000, 10000000) returning id""", _unique("matrix-plan"))
+        return World(owner.org_id, owner, accounts, target, provider_id, model, route_id, login_account,
+                     local_stripe, plan_id)
 
 
 def test_every_endpoint_has_an_example() -> None:
@@ -332,7 +420,9 @@ async def test_role_matrix(world: World, portal: Portal, factory: Factory, path:
         account = world.accounts.get(who)
         call = await build(world, portal, factory, account)
         url = fill(path, call.params)
-        resp = await portal.request(method, url, call.account or account, json=call.json, params=call.query)
+        body = {"content": call.content} if call.content is not None else {"json": call.json}
+        resp = await portal.request(method, url, call.account or account, params=call.query, headers=call.headers,
+                                    **body)
         want = expected_statuses(action, who)
         if want is None:
             if not 200 <= resp.status_code < 300:
@@ -365,7 +455,8 @@ async def test_owner_of_one_org_cannot_read_or_change_another(portal: Portal, fa
                                                              world: World) -> None:
     attacker = await portal.signup(org_name="Org A")
     victim = await portal.signup(org_name="Org B")
-    b_world = World(victim.org_id, victim, {}, victim.org_id, world.provider_id, world.model, world.route_id, victim)
+    b_world = World(victim.org_id, victim, {}, victim.org_id, world.provider_id, world.model, world.route_id, victim,
+                    world.stripe, world.plan_id)
     resp = await portal.request("POST", f"/v1/orgs/{victim.org_id}/keys", victim, json={"name": "b"})
     b_key_id = resp.json()["api_key"]["id"]
     b_member = await portal.member(victim, victim.org_id, "admin")
