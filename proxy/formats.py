@@ -93,10 +93,21 @@ def _log_refused_shape(exc: Exception) -> None:
     log.info("translation refused a body: %s at %s:%s", type(exc).__name__, frame.filename, frame.lineno)
 
 
+_USAGE = b'"usage":{'
+
+
 def with_cost(answer: bytes, parsed: dict | None, cost_micros: int) -> bytes:
     """The client's JSON answer with the request's cost in its `usage`: `cost_micros` (integer micro-units) and
     `cost` (the same as an exact decimal string of USD, never a float). `parsed`: the answer already parsed, if
     it is (a passthrough answer); an answer without a usage object is returned as it is."""
+    fields = b'"cost":"%s","cost_micros":%d,' % (format_usd(cost_micros).encode(), cost_micros)
+    # The usual answer (compact JSON, one usage object with fields) takes the two fields in place, unparsed:
+    # an unescaped `"usage":{` can only be a key, and the parsed answer's top-level usage is that object.
+    at = answer.find(_USAGE)
+    if (at > 0 and answer.count(_USAGE) == 1 and answer[at + len(_USAGE):at + len(_USAGE) + 1] == b'"'
+            and (parsed is None or isinstance(parsed.get("usage"), dict))):
+        at += len(_USAGE)
+        return answer[:at] + fields + answer[at:]
     if parsed is None:
         try:
             parsed = orjson.loads(answer)

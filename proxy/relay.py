@@ -146,7 +146,7 @@ async def relay(state: ProxyState, path: str, scope: Scope, receive: Receive, se
 class Produced:
     """What the upstream delivered, and how it is priced: for billing, and for the cost on the answer."""
 
-    __slots__ = ("answer_bytes", "billable", "content_events", "requested_tier", "reservation", "sent")
+    __slots__ = ("_priced", "answer_bytes", "billable", "content_events", "requested_tier", "reservation", "sent")
 
     def __init__(self, reservation: Reservation, requested_tier: str | None) -> None:
         self.reservation = reservation
@@ -155,6 +155,7 @@ class Produced:
         self.content_events = 0
         self.answer_bytes = 0
         self.sent: list[bytes] = []  # a stream's first SENT_KEPT bytes: what an estimate counts if it is cut
+        self._priced: tuple[Usage, bool, tuple[int, int, int]] | None = None  # the answer's and the event's
 
     def keep(self, out: bytes) -> None:
         if self.answer_bytes < SENT_KEPT:
@@ -164,11 +165,17 @@ class Produced:
     def price(self, usage: Usage, byok: bool) -> tuple[int, int, int]:
         """(charged, uncharged, price row id): the cost of `usage`, never more than the reservation (what the
         balance, credit limit and spend cap allowed when the request was accepted)."""
+        priced = self._priced
+        if priced is not None and priced[0] is usage and priced[1] == byok:
+            return priced[2]  # the answer carried this figure already; the event charges the same one
+        given = usage
         if usage.service_tier is None and self.requested_tier is not None:
             usage = msgspec.structs.replace(usage, service_tier=self.requested_tier)
         cost, row = version_cost_micros(self.reservation.price, usage, byok=byok)
         charged = min(cost, self.reservation.amount)
-        return charged, cost - charged, row.id
+        result = charged, cost - charged, row.id
+        self._priced = (given, byok, result)
+        return result
 
 
 def _usage_event(rec: RequestRecord, res: Reservation, produced: Produced, body_bytes: int) -> UsageEvent | None:

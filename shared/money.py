@@ -6,6 +6,8 @@ million; the division rounds up (a fraction of a micro-dollar is charged as one)
 
 from __future__ import annotations
 
+import functools
+
 import msgspec
 
 from shared.usage import Usage
@@ -109,10 +111,21 @@ def _threshold(row: Price) -> int:
     return row.min_prompt_tokens
 
 
+@functools.lru_cache(maxsize=4096)
+def _rates(price: Price, byok: bool) -> tuple[tuple[int, ...], int]:
+    return price.rates(byok=byok)  # the fallbacks resolved once per price row (on the hot path per request)
+
+
 def usage_cost_micros(price: Price, usage: Usage, *, byok: bool = False) -> int:
     """Exact cost of `usage` at one price row: the sum over components, rounded up once, plus the fee."""
-    rates, fee = price.rates(byok=byok)
-    total = sum(getattr(usage, name) * rate for name, rate in zip(_COMPONENTS, rates, strict=True))
+    r, fee = _rates(price, byok)
+    u = usage
+    total = u.input * r[0] + u.output * r[6]
+    if u.cached_input or u.cache_write_5m or u.cache_write_1h or u.input_image or u.input_audio:
+        total += (u.cached_input * r[1] + u.cache_write_5m * r[2] + u.cache_write_1h * r[3] + u.input_image * r[4]
+                  + u.input_audio * r[5])
+    if u.reasoning or u.output_image or u.output_audio:
+        total += u.reasoning * r[7] + u.output_image * r[8] + u.output_audio * r[9]
     return -(-total // _PER_MTOK) + fee
 
 

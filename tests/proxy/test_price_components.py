@@ -12,6 +12,7 @@ import orjson
 import pytest
 
 from proxy.estimate import IMAGE_TOKENS
+from proxy.formats import with_cost
 from shared import tokenizer
 from tests.conftest import Factory, Server, wait_for_rows
 from tests.proxy.test_billing import pg_money, wait_usage
@@ -216,3 +217,16 @@ async def test_a_cut_stream_is_estimated_with_the_models_tokenizer_and_marked(
     assert record["prompt_tokens"] < 1_000  # bytes / 4 would have been over 10,000
     (log,) = await wait_for_rows(db, "select estimated from request_logs where client_request_id = $1", trace)
     assert log["estimated"] is True
+
+
+@pytest.mark.parametrize("answer", [
+    b'{"id":"x","choices":[],"usage":{"prompt_tokens":1,"completion_tokens":2}}',  # spliced in place
+    b'{"id": "x", "usage": {"prompt_tokens": 1}}',  # spaced: parsed and re-encoded
+    b'{"id":"x","usage":{}}',  # empty usage: parsed
+    b'{"a":{"usage":{"n":1}},"usage":{"prompt_tokens":1}}',  # two usage keys: parsed, the top-level one gets it
+])
+def test_the_cost_goes_into_the_top_level_usage_whatever_the_answers_formatting(answer: bytes) -> None:
+    out = orjson.loads(with_cost(answer, None, 1_234))
+    assert (out["usage"]["cost_micros"], out["usage"]["cost"]) == (1_234, "0.001234")
+    assert {k: v for k, v in out["usage"].items() if not k.startswith("cost")} == orjson.loads(answer)["usage"]
+    assert orjson.loads(with_cost(b'{"id":"x"}', None, 5)) == {"id": "x"}  # no usage: unchanged
