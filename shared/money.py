@@ -152,14 +152,22 @@ def cost_micros(price: Price, prompt_tokens: int, completion_tokens: int, *, byo
 def worst_case_micros(price: Price | PriceVersion, prompt_tokens: int, completion_tokens: int) -> int:
     """The most a request of these (upper-bound) sizes can cost: whichever row of the version, credential
     and component (the dearest input and output component) bills it."""
-    rows = price.rows if isinstance(price, PriceVersion) else (price,)
     worst = 0
+    for top_in, top_out, fee in _dearest(price):
+        worst = max(worst, -(-(prompt_tokens * top_in + completion_tokens * top_out) // _PER_MTOK) + fee)
+    return worst
+
+
+@functools.lru_cache(maxsize=4096)
+def _dearest(price: Price | PriceVersion) -> tuple[tuple[int, int, int], ...]:
+    """(dearest input rate, dearest output rate, fee) of every row and credential: computed once per version."""
+    rows = price.rows if isinstance(price, PriceVersion) else (price,)
+    out = []
     for row in rows:
         for byok in (False, True):
-            rates, fee = row.rates(byok=byok)
-            total = prompt_tokens * max(rates[:_INPUTS]) + completion_tokens * max(rates[_INPUTS:])
-            worst = max(worst, -(-total // _PER_MTOK) + fee)
-    return worst
+            rates, fee = _rates(row, byok)
+            out.append((max(rates[:_INPUTS]), max(rates[_INPUTS:]), fee))
+    return tuple(out)
 
 
 def format_usd(micros: int) -> str:
