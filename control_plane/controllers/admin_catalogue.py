@@ -81,27 +81,26 @@ class PriceComponents(msgspec.Struct, frozen=True, kw_only=True):
     byok_reasoning_micros_per_mtok: OptMicros = None
 
 
-class PriceTier(PriceComponents, frozen=True, kw_only=True):
+class PriceRow(PriceComponents, frozen=True, kw_only=True):
+    """The prices every row of a version has (µ$ per million tokens; the BYOK ones: what BYOK requests pay)."""
+
+    input_micros_per_mtok: NonNegMicros
+    output_micros_per_mtok: NonNegMicros
+    request_micros: NonNegMicros = 0
+    byok_input_micros_per_mtok: NonNegMicros = 0
+    byok_output_micros_per_mtok: NonNegMicros = 0
+    byok_request_micros: NonNegMicros = 0
+
+
+class PriceTier(PriceRow, frozen=True, kw_only=True):
     """Another row of the same price version: a service tier's price, or the price from a prompt size up."""
 
     service_tier: TierName = "default"
     min_prompt_tokens: Annotated[int, msgspec.Meta(ge=0, le=100_000_000)] = 0
-    input_micros_per_mtok: NonNegMicros
-    output_micros_per_mtok: NonNegMicros
-    request_micros: NonNegMicros = 0
-    byok_input_micros_per_mtok: NonNegMicros = 0
-    byok_output_micros_per_mtok: NonNegMicros = 0
-    byok_request_micros: NonNegMicros = 0
 
 
-class PriceCreate(PriceComponents, frozen=True, kw_only=True):
+class PriceCreate(PriceRow, frozen=True, kw_only=True):
     model: ModelName
-    input_micros_per_mtok: NonNegMicros
-    output_micros_per_mtok: NonNegMicros
-    request_micros: NonNegMicros = 0
-    byok_input_micros_per_mtok: NonNegMicros = 0
-    byok_output_micros_per_mtok: NonNegMicros = 0
-    byok_request_micros: NonNegMicros = 0
     effective_from: datetime.datetime | None = None  # default: now + the minimum lead
     # More rows of this version (same model and effective_from): e.g. {"min_prompt_tokens": 200000, ...} for a
     # long-context price, {"service_tier": "flex", ...} for a cheaper tier. This row is the default tier's
