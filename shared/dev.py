@@ -236,7 +236,7 @@ def _start_postgres(stack: DevStack, env: MutableMapping[str, str], data_dir: Pa
     _say(f"starting embedded PostgreSQL in {_show_path(pg_dir)} ...")
     service = stack.add("embedded PostgreSQL", start_embedded_postgres(pg_dir))
     env["DATABASE_URL"] = service.url
-    return f"embedded, data in {_show_path(pg_dir)} (unix socket)"
+    return f"embedded, {redact_url(service.url)} (data in {_show_path(pg_dir)})"
 
 
 def _start_redis(stack: DevStack, env: MutableMapping[str, str], data_dir: Path) -> str:
@@ -248,7 +248,7 @@ def _start_redis(stack: DevStack, env: MutableMapping[str, str], data_dir: Path)
         return f"external, {redact_url(url)}"
     service: EmbeddedService = stack.add("embedded Redis", start_embedded_redis(data_dir / "redis"))
     env["REDIS_URL"] = service.url
-    return f"embedded, {service.url} (no persistence)"
+    return f"embedded, {service.url} (append-only file in {_show_path(data_dir / 'redis')})"
 
 
 def _migrate(database_url: str) -> list[str]:

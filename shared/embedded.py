@@ -231,7 +231,10 @@ def start_embedded_redis(data_dir: Path, *, port: int | None = None, timeout: fl
 def _start_redis_once(binary: Path, port: int, data_dir: Path, timeout: float) -> EmbeddedRedis:
     log_path = data_dir / "redis.log"
     args = [
-        str(binary), "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no",
+        # An append-only file in the data folder (fsync every second; a write reaches the file before its
+        # reply): the live balances and unflushed usage events of `make run` survive a crash and a restart.
+        str(binary), "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "yes",
+        "--appendfsync", "everysec",
         "--dir", str(data_dir), "--daemonize", "no", "--protected-mode", "yes", "--logfile", "",
     ]
     with log_path.open("ab") as log:

@@ -217,20 +217,26 @@ class BillingFlusher:
             start = next_start
         # 2. New entries, as they come, but a shard is read at most once per interval unless it has a backlog:
         # flushing every event the moment it arrives would pay a transaction and four Redis calls per event.
+        # 3. Once stopping: what the stream still holds is written before the holder lets go (non-blocking
+        # reads until one comes back empty), so stopping a deployment — or `make run` — strands no charge.
         interval_s = self._settings.flusher_interval_ms / 1000
         read_at, full = 0.0, False
-        while not self._stopping.is_set():
-            if not full and (wait := read_at + interval_s - time.monotonic()) > 0:
+        while True:
+            stopping = self._stopping.is_set()
+            if not stopping and not full and (wait := read_at + interval_s - time.monotonic()) > 0:
                 await self._sleep(wait)
+                stopping = self._stopping.is_set()
             await self._hold(shard, token)
             read_at = time.monotonic()
             reply = await self._redis.xreadgroup(group, self._consumer, {stream: ">"}, count=batch,
-                                                 block=self._settings.flusher_block_ms)
-            full = False
+                                                 block=None if stopping else self._settings.flusher_block_ms)
+            full, read = False, 0
             for _, entries in reply or ():
                 if entries:
-                    full = len(entries) >= batch
+                    full, read = len(entries) >= batch, read + len(entries)
                     await self._flush(shard, token, stream, entries)
+            if stopping and not read:
+                return
 
     async def _flush(self, shard: int, token: str, stream: str, entries: list) -> None:
         rows: list[tuple] = []

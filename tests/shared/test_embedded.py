@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import socket
 from pathlib import Path
 
@@ -102,8 +104,31 @@ def test_redis_starts_serves_and_stops(tmp_path: Path) -> None:
     assert _gone(pid)
     assert not _port_open(service.port)
     assert not reachable_redis(service.url, timeout=1.0)
-    assert not list((tmp_path / "redis").glob("*.rdb"))  # no persistence
+    assert not list((tmp_path / "redis").glob("*.rdb"))  # no snapshots: the append-only file is the record
     service.stop()  # idempotent
+
+
+@pytest.mark.parametrize("how", ["stopped", "killed"])
+def test_embedded_redis_keeps_its_data_across_a_stop_and_a_crash(tmp_path: Path, how: str) -> None:
+    """`make run`'s live balances and unflushed usage events survive a restart, and a kill -9: every write is in
+    the append-only file before its reply."""
+    service = start_embedded_redis(tmp_path / "redis")
+    client = redis.Redis.from_url(service.url)
+    client.xadd("rr:{s:0}:billing", {"o": "1", "c": "42"})
+    client.hset("rr:{s:0}:bal:1", mapping={"balance": 958, "reserved": 0})
+    client.close()
+    if how == "killed":
+        os.kill(service.pid, signal.SIGKILL)
+        service.process.wait(5)
+    service.stop()
+    again = start_embedded_redis(tmp_path / "redis")
+    try:
+        client = redis.Redis.from_url(again.url)
+        assert client.xlen("rr:{s:0}:billing") == 1
+        assert client.hget("rr:{s:0}:bal:1", "balance") == b"958"
+        client.close()
+    finally:
+        again.stop()
 
 
 def test_redis_on_a_taken_port_fails_clearly(tmp_path: Path) -> None:

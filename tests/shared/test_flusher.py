@@ -163,3 +163,27 @@ async def test_an_undecodable_event_is_held_with_the_debit_settle_made(own_setti
     assert await _money(db, org_id) == (1_000_000 - 321, 1_000_000 - 321)
     assert await _money(db, good) == (1_000_000 - 10, 1_000_000 - 10)
     assert await redis.xlen(keys.stream(0) + ":dead") == 0
+
+
+async def test_a_stopping_flusher_writes_what_the_stream_still_holds(own_settings: Settings, factory: Factory, db,
+                                                                     redis) -> None:
+    """Stopped between two reads (its interval long) with more than a batch waiting, the flusher used to write one
+    batch and exit with the rest still in the stream: with the embedded Redis of `make run` gone next, they were
+    lost. Now it reads until the stream is empty."""
+    settings = msgspec.structs.replace(own_settings, flusher_interval_ms=60_000, flusher_batch_size=2)
+    org_id = await factory.org(balance_micros=1_000_000)
+    keys = RedisKeys(settings.redis_prefix, settings.billing_shards)
+    flusher = BillingFlusher(settings, db, redis)
+    task = asyncio.create_task(flusher.run())
+    for _ in range(200):  # its first read (nothing there yet) is done: it now waits out the long interval
+        if await redis.exists(keys.stream(0)) and await redis.xinfo_groups(keys.stream(0)):
+            break
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.1)
+    for cost in (100, 20, 3, 1, 7):
+        e = _event(org_id, cost)
+        await redis.xadd(keys.org(org_id).stream, {"o": e.org_id, "c": e.cost_micros, "d": _encode(e)})
+    flusher.stop()
+    await asyncio.wait_for(task, 10)
+    assert flusher.flushed == 5
+    assert await _money(db, org_id) == (1_000_000 - 131, 1_000_000 - 131)
