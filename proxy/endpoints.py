@@ -102,8 +102,6 @@ class ResponsesBody(Routed):
     ends, so it is refused; `n` does not exist there."""
 
     model: str
-    input: msgspec.Raw | None = None
-    instructions: msgspec.Raw | None = None
     stream: bool = False
     max_output_tokens: PositiveInt | None = None
     service_tier: ServiceTier | None = None
