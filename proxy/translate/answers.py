@@ -12,12 +12,12 @@ from proxy.translate.common import (
     _stop_reason,
     _text_of,
 )
-from proxy.translate.requests import _openai_assistant_message, _tool_use_blocks
+from proxy.translate.requests import _openai_assistant_message, _tool_use_blocks, thinking_blocks
 
 
 def anthropic_to_openai_response(resp: Json, model: str) -> Json:
     """An Anthropic message → an OpenAI chat.completion, reported under `model`."""
-    message = _openai_assistant_message(resp.get("content"), strict=False)
+    message = _openai_assistant_message(resp.get("content"), strict=False, details=True)
     message["refusal"] = None
     msg_id = resp.get("id") or ""
     return {
@@ -36,7 +36,10 @@ def openai_to_anthropic_response(resp: Json, model: str) -> Json:
     choices = resp.get("choices") or [{}]
     choice = choices[0]
     message = choice.get("message") or {}
-    content: list[Json] = []
+    content: list[Json] = thinking_blocks(message.get("reasoning_details"))
+    reasoning = message.get("reasoning_content") or message.get("reasoning")
+    if not content and isinstance(reasoning, str) and reasoning:
+        content.append({"type": "thinking", "thinking": reasoning, "signature": ""})
     text = _text_of(message.get("content")) or message.get("refusal")
     if text:
         content.append({"type": "text", "text": text})

@@ -84,6 +84,39 @@ def _anthropic_tool_choice(choice: Any, parallel: Any) -> Json | None:
     return out
 
 
+# reasoning_effort → Anthropic's thinking budget (at least 1,024 tokens, below max_tokens).
+_MIN_THINKING_BUDGET = 1024
+_THINKING_BUDGET: dict[str, int] = {"minimal": 1024, "low": 1024, "medium": 4096, "high": 16384}
+_EFFORT_FOR_BUDGET = ((2048, "low"), (8192, "medium"))
+
+
+def thinking_blocks(details: Any) -> list[Json]:
+    """OpenAI-side `reasoning_details` (OpenRouter's convention, which the relay emits for Anthropic answers) →
+    Anthropic thinking and redacted_thinking blocks, signatures kept. Reasoning without a signature cannot go
+    back to Anthropic (it refuses unsigned thinking) and is left out."""
+    blocks: list[Json] = []
+    for d in details if isinstance(details, list) else ():
+        if not isinstance(d, dict):
+            continue
+        if d.get("type") == "reasoning.text" and d.get("signature"):
+            blocks.append({"type": "thinking", "thinking": d.get("text") or "", "signature": d["signature"]})
+        elif d.get("type") == "reasoning.encrypted" and d.get("data"):
+            blocks.append({"type": "redacted_thinking", "data": d["data"]})
+    return blocks
+
+
+def reasoning_details(blocks: list[Json]) -> list[Json]:
+    """Anthropic thinking blocks → `reasoning_details` entries (the inverse of `thinking_blocks`)."""
+    out: list[Json] = []
+    for b in blocks:
+        if b.get("type") == "thinking":
+            out.append({"type": "reasoning.text", "text": b.get("thinking") or "", "signature": b.get("signature"),
+                        "format": "anthropic-claude-v1"})
+        elif b.get("type") == "redacted_thinking":
+            out.append({"type": "reasoning.encrypted", "data": b.get("data"), "format": "anthropic-claude-v1"})
+    return out
+
+
 def openai_to_anthropic_request(body: Json, upstream_model: str, *, default_max_tokens: int = 4096) -> Json:
     """An OpenAI chat.completions request body → an Anthropic /v1/messages request body."""
     if (body.get("n") or 1) != 1:
@@ -98,7 +131,8 @@ def openai_to_anthropic_request(body: Json, upstream_model: str, *, default_max_
         if role == "user":
             blocks = _anthropic_blocks(msg.get("content"))
         elif role == "assistant":
-            blocks = _anthropic_blocks(msg.get("content")) + _tool_use_blocks(msg.get("tool_calls"))
+            blocks = (thinking_blocks(msg.get("reasoning_details")) + _anthropic_blocks(msg.get("content"))
+                      + _tool_use_blocks(msg.get("tool_calls")))
         elif role == "tool":
             role, blocks = "user", [_tool_result_block(msg)]
         else:
@@ -119,10 +153,13 @@ def openai_to_anthropic_request(body: Json, upstream_model: str, *, default_max_
         out["system"] = system[0]["text"] if len(system) == 1 and len(system[0]) == 2 else system
     max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
     out["max_tokens"] = max_tokens if max_tokens else default_max_tokens
-    temperature = body.get("temperature")
+    budget = _THINKING_BUDGET.get(body.get("reasoning_effort"))  # type: ignore[arg-type]
+    if budget is not None and isinstance(out["max_tokens"], int) and out["max_tokens"] > _MIN_THINKING_BUDGET:
+        out["thinking"] = {"type": "enabled", "budget_tokens": min(budget, out["max_tokens"] - 1)}
+    temperature = None if "thinking" in out else body.get("temperature")  # thinking takes no temperature
     if isinstance(temperature, int | float):
         out["temperature"] = temperature if temperature <= 1 else 1.0  # OpenAI's range is 0-2, Anthropic's 0-1
-    if body.get("top_p") is not None:
+    if body.get("top_p") is not None and "thinking" not in out:
         out["top_p"] = body["top_p"]
     stop = body.get("stop")
     if stop:
@@ -196,25 +233,36 @@ def _openai_user_messages(content: Any) -> list[Json]:
     return tools
 
 
-def _openai_assistant_message(content: Any, *, strict: bool = True) -> Json:
-    """Anthropic assistant content → an OpenAI assistant message (thinking dropped; other unknown blocks too,
-    unless `strict`)."""
+def _openai_assistant_message(content: Any, *, strict: bool = True, details: bool = False) -> Json:
+    """Anthropic assistant content → an OpenAI assistant message. With `details` (an answer for an OpenAI
+    client) thinking becomes `reasoning_content` (its text) and `reasoning_details` (every block, signatures
+    and redacted data included); in a request to an OpenAI provider it is dropped (OpenAI refuses reasoning
+    fields on input messages, and its models keep no signed thinking). Other unknown blocks are refused if
+    `strict`, else dropped."""
     if isinstance(content, str):
         return {"role": "assistant", "content": content}
     texts: list[str] = []
     calls: list[Json] = []
+    thinking: list[Json] = []
     for block in content or ():
         kind = block.get("type")
         if kind == "text":
             texts.append(block.get("text") or "")
+        elif kind == "thinking" or kind == "redacted_thinking":
+            thinking.append(block)
         elif kind == "tool_use":
             calls.append({"id": block.get("id") or "", "type": "function", "function": {
                 "name": block.get("name") or "", "arguments": _dumps(block.get("input") or {}).decode()}})
-        elif strict and kind not in ("thinking", "redacted_thinking"):
+        elif strict:
             raise TranslationError(f"unsupported content block type: {kind!r}")
     msg: Json = {"role": "assistant", "content": "".join(texts) if texts else None}
     if calls:
         msg["tool_calls"] = calls
+    if details and thinking:
+        reasoning = "".join(b.get("thinking") or "" for b in thinking if b.get("type") == "thinking")
+        if reasoning:
+            msg["reasoning_content"] = reasoning
+        msg["reasoning_details"] = reasoning_details(thinking)
     return msg
 
 
@@ -237,12 +285,23 @@ def anthropic_to_openai_request(body: Json, upstream_model: str, *, max_tokens_f
             messages.extend(_openai_user_messages(msg.get("content")))
         elif role == "assistant":
             messages.append(_openai_assistant_message(msg.get("content")))
+        elif role == "system":  # Claude Code sends system turns inside `messages` too
+            content = msg.get("content")
+            text = content if isinstance(content, str) else "\n\n".join(
+                b.get("text") or "" for b in content or () if isinstance(b, dict))
+            messages.append({"role": "system", "content": text})
         else:
             raise TranslationError(f"unsupported message role: {role!r}")
 
     out: Json = {"model": upstream_model, "messages": messages}
     if body.get("max_tokens"):
         out[max_tokens_field] = body["max_tokens"]
+    thinking = body.get("thinking")
+    if isinstance(thinking, dict) and thinking.get("type") == "enabled" and isinstance(thinking.get("budget_tokens"),
+                                                                                         int):
+        # An explicit budget maps to an effort; "adaptive" leaves the depth to the model, as OpenAI's do.
+        budget = thinking["budget_tokens"]
+        out["reasoning_effort"] = next((e for limit, e in _EFFORT_FOR_BUDGET if budget <= limit), "high")
     for key in ("temperature", "top_p"):
         if body.get(key) is not None:
             out[key] = body[key]

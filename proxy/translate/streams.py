@@ -117,6 +117,14 @@ class AnthropicToOpenAIStream(_StreamTranslator):
                 if dkind == "text_delta":
                     if delta.get("text"):
                         out.append(self._chunk({"content": delta["text"]}))
+                elif dkind == "thinking_delta":
+                    if delta.get("thinking"):
+                        out.append(self._chunk({"reasoning_content": delta["thinking"]}))
+                elif dkind == "signature_delta":
+                    if delta.get("signature"):  # kept for the next turn (see translate.requests.thinking_blocks)
+                        out.append(self._chunk({"reasoning_details": [{
+                            "type": "reasoning.text", "text": "", "signature": delta["signature"],
+                            "format": "anthropic-claude-v1"}]}))
                 elif dkind == "input_json_delta":
                     index = self._blocks.get(ev.get("index", -1))
                     if index is not None and delta.get("partial_json"):
@@ -132,6 +140,9 @@ class AnthropicToOpenAIStream(_StreamTranslator):
                                                                 "name": block.get("name") or "", "arguments": ""}}]}))
                 elif block.get("type") == "text" and block.get("text"):
                     out.append(self._chunk({"content": block["text"]}))
+                elif block.get("type") == "redacted_thinking" and block.get("data"):
+                    out.append(self._chunk({"reasoning_details": [{
+                        "type": "reasoning.encrypted", "data": block["data"], "format": "anthropic-claude-v1"}]}))
             elif kind == "message_start":
                 message = ev.get("message") or {}
                 self.model = message.get("model") or self.model
@@ -234,6 +245,13 @@ class OpenAIToAnthropicStream(_StreamTranslator):
                 if choice.get("index", 0) != 0:
                     continue  # n > 1 is refused on the way in; ignore stray choices
                 delta = choice.get("delta") or {}
+                reasoning = delta.get("reasoning_content") or delta.get("reasoning")
+                if isinstance(reasoning, str) and reasoning:
+                    if self._block_kind != "thinking":
+                        self._open(out, "thinking", {"type": "thinking", "thinking": "", "signature": ""})
+                    out.append(self._event(b"content_block_delta", {"type": "content_block_delta", "index": self._block,
+                                                                    "delta": {"type": "thinking_delta",
+                                                                              "thinking": reasoning}}))
                 text = delta.get("content") or delta.get("refusal")
                 if text:
                     if self._block_kind != "text":
