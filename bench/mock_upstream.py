@@ -52,6 +52,8 @@ Knobs, at three levels, later overriding earlier:
   thinking          messages: a thinking block (with a signature) before the answer, and a redacted one
                     (streamed as thinking_delta / signature_delta); chat: ``reasoning_content``; responses:
                     a reasoning item with a summary
+  context_limit     answer 400 with the provider's context-length error (OpenAI: code
+                    ``context_length_exceeded``; Anthropic: "prompt is too long") when the prompt has more tokens
   reasoning_tokens  chat and responses: this many of the completion tokens are reported as reasoning tokens
 
 Usage numbers: prompt tokens = ceil(characters / 4), at least 1, over all message / prompt / input
@@ -87,7 +89,7 @@ EMBEDDING_DIM = 8
 DEFAULT_MODEL_IDS = ("gpt-4o-mini", "gpt-4o", "text-embedding-3-small", "claude-3-5-haiku-latest")
 RECORD_KEYS = ("time", "method", "path", "authorization", "x_api_key", "anthropic_version", "model",
                "stream", "stream_options", "max_tokens", "max_completion_tokens", "anthropic_beta", "openai_beta",
-               "headers", "query", "max_output_tokens", "store", "messages", "thinking_signatures")
+               "headers", "query", "max_output_tokens", "store", "messages", "thinking_signatures", "body_keys")
 THINKING_TEXT = "Let me think about this."
 THINKING_SIGNATURE = "sig-mock-0123456789"
 REDACTED_DATA = "redacted-mock-data"
@@ -144,6 +146,7 @@ class Settings:
     tool_break_rate: float = 0.3
     thinking: bool = False
     reasoning_tokens: int = 0
+    context_limit: int | None = None
 
 
 _NUM, _INT, _OPT_INT, _BOOL = (int, float), (int,), (int, type(None)), (bool,)
@@ -154,6 +157,7 @@ FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "ignore_max_tokens": _BOOL, "break_after_headers": _BOOL, "stall_after_headers": _BOOL,
     "usage": (dict, type(None)), "service_tier": (str, type(None)),
     "persona": (str, type(None)), "tool_break_rate": _NUM, "thinking": _BOOL, "reasoning_tokens": _INT,
+    "context_limit": _OPT_INT,
 }
 
 
@@ -470,7 +474,7 @@ class MockUpstream:
                               get("stream_options"), get("max_tokens"), get("max_completion_tokens"), beta,
                               openai_beta, names, scope.get("query_string", b"").decode("latin-1"),
                               get("max_output_tokens"), get("store"), _roles(get("messages")),
-                              _signatures(get("messages"))))
+                              _signatures(get("messages")), sorted(body) if isinstance(body, dict) else None))
         anthropic = path.startswith("/v1/messages")
         if path.startswith("/v1/responses/") and method in ("GET", "DELETE"):
             return await self.stored_response(method, path[len("/v1/responses/"):], send)
@@ -554,6 +558,18 @@ class MockUpstream:
             limit = parse_max_tokens(call.body, max_keys)
         except ValueError as exc:
             return await send_error(call.send, 400, str(exc), anthropic=call.anthropic)
+        context = call.settings.context_limit
+        if context is not None:
+            body = call.body
+            prompt = estimate_tokens(body.get("system"), body.get("messages"), body.get("prompt"),
+                                     body.get("instructions"), body.get("input"))
+            if prompt > context:
+                if call.anthropic:
+                    return await send_error(call.send, 400, f"prompt is too long: {prompt} tokens > {context} "
+                                            "maximum", anthropic=True)
+                return await send_error(call.send, 400, f"This model's maximum context length is {context} tokens. "
+                                        f"However, your messages resulted in {prompt} tokens.",
+                                        code="context_length_exceeded")
         chunks = call.settings.chunks
         n = chunks if limit is None or call.settings.ignore_max_tokens else min(chunks, limit)
         self.pieces.ensure(n)
