@@ -292,20 +292,20 @@ class ChatToResponsesStream:
     `inner`: a translator whose output is chat chunks (an Anthropic stream through `AnthropicToOpenAIStream`),
     fed first; then `upstream_usage` is the inner one's (the upstream's own dialect, for billing)."""
 
-    __slots__ = ("_closed_tools", "_created", "_finish", "_id", "_items", "_name", "_open", "_output", "_reader",
+    __slots__ = ("_created", "_finish", "_id", "_items", "_name", "_open", "_output", "_reader",
                  "_seq", "_started", "_tools", "done", "events", "inner", "model", "pricer", "usage")
 
-    def __init__(self, model: str, inner: Any = None) -> None:
+    def __init__(self, model: str, inner: Any = None, *, response_id: str | None = None,
+                 created: int | None = None) -> None:
         self._reader = SSEBuffer()
         self._name = model
-        self._id = _new_id("resp_")
-        self._created = int(time.time())
+        self._id = response_id or _new_id("resp_")
+        self._created = int(time.time()) if created is None else created
         self._seq = 0
         self._started = False
         self._items: list[_Item] = []
         self._open: _Item | None = None
         self._tools: dict[int, _Item] = {}
-        self._closed_tools: set[int] = set()
         self._output: list[Json] = []
         self._finish: str | None = None
         self.inner = inner
@@ -361,7 +361,8 @@ class ChatToResponsesStream:
 
     def _open_item(self, out: list[bytes], kind: str, prefix: str, **extra: str) -> _Item:
         self._close(out)
-        item = _Item(kind, _new_id(prefix), len(self._items), **extra)
+        # Item ids follow the response's: unique, and the same however the upstream's bytes were cut.
+        item = _Item(kind, f"{prefix}{self._id.removeprefix('resp_')}_{len(self._items)}", len(self._items), **extra)
         self._items.append(item)
         self._output.append({})  # filled when the item is done
         self._open = item
