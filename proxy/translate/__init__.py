@@ -1,4 +1,5 @@
-"""Translation between the OpenAI Chat Completions API and the Anthropic Messages API, both directions.
+"""Translation between the OpenAI Chat Completions API and the Anthropic Messages API, both directions (and,
+in `proxy.translate.responses`, between the OpenAI Responses API and Chat Completions).
 
 Pure functions and small state machines, no I/O, meant for the hot path:
 
@@ -26,7 +27,9 @@ Mapping decisions (see also the tables below):
   prompt_tokens = input + cache_creation + cache_read, with prompt_tokens_details.cached_tokens = cache_read.
 
 Lossy on purpose: message `name`, n>1 (rejected), logprobs, seed, penalties, logit_bias, response_format,
-reasoning/thinking (dropped both ways), top_k, cache_control towards OpenAI, tool_result `is_error`, images
+thinking sent back to an OpenAI provider (see `requests._openai_assistant_message`; answers map it to
+`reasoning_content` / `reasoning_details`, and `reasoning_effort` ⇄ thinking budgets), top_k, cache_control,
+`context_management` and `output_config` towards OpenAI, tool_result `is_error`, images
 inside tool results (moved to a user message after the tool messages), temperature above 1 (clamped for
 Anthropic), tool-call arguments that are not a JSON object (become {}), stop-sequence identity.
 """

@@ -1,8 +1,8 @@
 """The probe runner of `rr-worker`: a round of the probe suite per route on a jittered schedule, then the
 detectors and the status machine, whose verdict the proxies read from `routes.probe_status`.
 
-Probes travel exactly as customer requests do: the proxy's `UpstreamClient`, its request dialects
-(`proxy.formats.upstream_request`) and answer translation (`translate_answer`), with the route's own
+Probes travel exactly as customer requests do: the proxy's `UpstreamClient`, the chat endpoint's dialect for
+the route (`proxy.endpoints`: its `request` and `answer`, translation included), with the route's own
 credential — so a provider that treats the relay's traffic differently cannot tell probes apart by their
 shape. (This is why this worker imports from `proxy/`: the dialects must be the same code, not a copy.)
 
