@@ -8,8 +8,12 @@ A raw ASGI app served by granian::
 (granian waits for in-flight requests on shutdown: ``main()`` passes ``--kill-timeout`` seconds, default 2,
 as granian's workers_kill_timeout so that hanging requests cannot block a stop.)
 
-API: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``POST /v1/embeddings``, ``GET /v1/models``
-and Anthropic's ``POST /v1/messages``.  Control: ``GET /_mock/health``, ``GET|POST /_mock/config``,
+API: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``POST /v1/embeddings``, ``GET /v1/models``,
+OpenAI's Responses API (``POST /v1/responses``, streamed with its typed events, and ``GET|DELETE
+/v1/responses/{id}`` for the responses it stored: those not sent with ``store: false``), Anthropic's
+``POST /v1/messages`` and ``POST /v1/messages/count_tokens``.  Fields it does not use are ignored, as real
+providers' clients send many (Claude Code's ``thinking``, ``context_management``, ``output_config``; Codex's
+``reasoning``, ``include``, ``prompt_cache_key`` ...).  Control: ``GET /_mock/health``, ``GET|POST /_mock/config``,
 ``POST /_mock/reset``, ``GET /_mock/requests`` (the last 1000 API requests, oldest first).
 
 Knobs, at three levels, later overriding earlier:
@@ -45,6 +49,12 @@ Knobs, at three levels, later overriding earlier:
                     wrong answers, answer distributions and tokenizer of that model, under the requested
                     model name; other prompts get the usual pieces
   tool_break_rate   0..1, persona "broken_tools": share of tool calls that break the tool's schema (0.3)
+  thinking          messages: a thinking block (with a signature) before the answer, and a redacted one
+                    (streamed as thinking_delta / signature_delta); chat: ``reasoning_content``; responses:
+                    a reasoning item with a summary
+  context_limit     answer 400 with the provider's context-length error (OpenAI: code
+                    ``context_length_exceeded``; Anthropic: "prompt is too long") when the prompt has more tokens
+  reasoning_tokens  chat and responses: this many of the completion tokens are reported as reasoning tokens
 
 Usage numbers: prompt tokens = ceil(characters / 4), at least 1, over all message / prompt / input
 texts; completion tokens = pieces generated = min(chunks, max_tokens), times ``max(n, best_of)`` as
@@ -78,7 +88,11 @@ HANG_SECONDS = 3600.0
 EMBEDDING_DIM = 8
 DEFAULT_MODEL_IDS = ("gpt-4o-mini", "gpt-4o", "text-embedding-3-small", "claude-3-5-haiku-latest")
 RECORD_KEYS = ("time", "method", "path", "authorization", "x_api_key", "anthropic_version", "model",
-               "stream", "stream_options", "max_tokens", "max_completion_tokens")
+               "stream", "stream_options", "max_tokens", "max_completion_tokens", "anthropic_beta", "openai_beta",
+               "headers", "query", "max_output_tokens", "store", "messages", "thinking_signatures", "body_keys")
+THINKING_TEXT = "Let me think about this."
+THINKING_SIGNATURE = "sig-mock-0123456789"
+REDACTED_DATA = "redacted-mock-data"
 
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
@@ -130,6 +144,9 @@ class Settings:
     service_tier: str | None = None
     persona: str | None = None
     tool_break_rate: float = 0.3
+    thinking: bool = False
+    reasoning_tokens: int = 0
+    context_limit: int | None = None
 
 
 _NUM, _INT, _OPT_INT, _BOOL = (int, float), (int,), (int, type(None)), (bool,)
@@ -139,7 +156,8 @@ FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "omit_usage": _BOOL, "require_api_key": (str, type(None)), "tool_call": (str, type(None)),
     "ignore_max_tokens": _BOOL, "break_after_headers": _BOOL, "stall_after_headers": _BOOL,
     "usage": (dict, type(None)), "service_tier": (str, type(None)),
-    "persona": (str, type(None)), "tool_break_rate": _NUM,
+    "persona": (str, type(None)), "tool_break_rate": _NUM, "thinking": _BOOL, "reasoning_tokens": _INT,
+    "context_limit": _OPT_INT,
 }
 
 
@@ -335,6 +353,26 @@ async def read_body(receive: Receive) -> bytes:
     return body
 
 
+def _roles(messages: Any) -> list[str] | None:
+    """The roles of a request's messages (recorded: tests check what a translation sent)."""
+    if not isinstance(messages, list):
+        return None
+    return [m.get("role") if isinstance(m, dict) else None for m in messages]
+
+
+def _signatures(messages: Any) -> list[str]:
+    """The thinking-block signatures (and redacted data) in a request's messages: what a client sent back."""
+    found: list[str] = []
+    for m in messages if isinstance(messages, list) else ():
+        content = m.get("content") if isinstance(m, dict) else None
+        for block in content if isinstance(content, list) else ():
+            if isinstance(block, dict) and block.get("type") == "thinking" and block.get("signature"):
+                found.append(block["signature"])
+            elif isinstance(block, dict) and block.get("type") == "redacted_thinking" and block.get("data"):
+                found.append(block["data"])
+    return found
+
+
 class MockUpstream:
     """The ASGI application: config layers, pre-encoded pieces and recorded requests."""
 
@@ -352,8 +390,11 @@ class MockUpstream:
             "/v1/completions": ("POST", self.completions),
             "/v1/embeddings": ("POST", self.embeddings),
             "/v1/messages": ("POST", self.messages),
+            "/v1/messages/count_tokens": ("POST", self.count_tokens),
+            "/v1/responses": ("POST", self.responses),
             "/v1/models": ("GET", self.list_models),
         }
+        self.stored: dict[str, dict[str, Any]] = {}  # responses kept for GET/DELETE /v1/responses/{id}
 
     # ---- configuration ----------------------------------------------------------------------------
 
@@ -409,14 +450,20 @@ class MockUpstream:
         if path.startswith("/_mock/"):
             await self.handle_control(method, path, raw, send)
             return
-        auth = api_key = version = None
+        auth = api_key = version = beta = openai_beta = None
+        names = []
         for name, value in scope["headers"]:
+            names.append(name.decode("latin-1"))
             if name == b"authorization":
                 auth = value.decode("latin-1")
             elif name == b"x-api-key":
                 api_key = value.decode("latin-1")
             elif name == b"anthropic-version":
                 version = value.decode("latin-1")
+            elif name == b"anthropic-beta":
+                beta = value.decode("latin-1")
+            elif name == b"openai-beta":
+                openai_beta = value.decode("latin-1")
         try:
             body = orjson.loads(raw) if raw else None
         except orjson.JSONDecodeError:
@@ -424,8 +471,13 @@ class MockUpstream:
         get = body.get if isinstance(body, dict) else {}.get
         model = get("model")
         self.requests.append((time.time(), method, path, auth, api_key, version, model, get("stream"),
-                              get("stream_options"), get("max_tokens"), get("max_completion_tokens")))
-        anthropic = path == "/v1/messages"
+                              get("stream_options"), get("max_tokens"), get("max_completion_tokens"), beta,
+                              openai_beta, names, scope.get("query_string", b"").decode("latin-1"),
+                              get("max_output_tokens"), get("store"), _roles(get("messages")),
+                              _signatures(get("messages")), sorted(body) if isinstance(body, dict) else None))
+        anthropic = path.startswith("/v1/messages")
+        if path.startswith("/v1/responses/") and method in ("GET", "DELETE"):
+            return await self.stored_response(method, path[len("/v1/responses/"):], send)
         route = self._routes.get(path)
         if route is None:
             return await send_error(send, 404, f"Unknown request URL: {method} {path}", anthropic=anthropic,
@@ -506,6 +558,18 @@ class MockUpstream:
             limit = parse_max_tokens(call.body, max_keys)
         except ValueError as exc:
             return await send_error(call.send, 400, str(exc), anthropic=call.anthropic)
+        context = call.settings.context_limit
+        if context is not None:
+            body = call.body
+            prompt = estimate_tokens(body.get("system"), body.get("messages"), body.get("prompt"),
+                                     body.get("instructions"), body.get("input"))
+            if prompt > context:
+                if call.anthropic:
+                    return await send_error(call.send, 400, f"prompt is too long: {prompt} tokens > {context} "
+                                            "maximum", anthropic=True)
+                return await send_error(call.send, 400, f"This model's maximum context length is {context} tokens. "
+                                        f"However, your messages resulted in {prompt} tokens.",
+                                        code="context_length_exceeded")
         chunks = call.settings.chunks
         n = chunks if limit is None or call.settings.ignore_max_tokens else min(chunks, limit)
         self.pieces.ensure(n)
@@ -567,7 +631,12 @@ class MockUpstream:
             message["tool_calls"] = [{"id": "call_mock1", "type": "function", "function": {
                 "name": call.settings.tool_call, "arguments": TOOL_ARGUMENTS}}]
             reason = "tool_calls"
+        if call.settings.thinking:
+            message["reasoning_content"] = THINKING_TEXT
         usage = openai_usage(estimate_tokens(call.body.get("messages")), n * choice_counts(call.body)[1])
+        if call.settings.reasoning_tokens:
+            usage["completion_tokens_details"] = {"reasoning_tokens": min(call.settings.reasoning_tokens,
+                                                                          usage["completion_tokens"])}
         if (reply := self.persona_reply(call)) is not None:
             message = {"role": "assistant", "content": reply.text, "refusal": None}
             reason = "stop"
@@ -620,6 +689,9 @@ class MockUpstream:
             p = prefix + b',"system_fingerprint":"fp_mock","choices":[{"index":0,"delta":'
             head = (p + b'{"role":"assistant","content":"","refusal":null},"logprobs":null,'
                     b'"finish_reason":null}]' + end)
+            if call.settings.thinking:
+                head += (p + b'{"reasoning_content":' + orjson.dumps(THINKING_TEXT)
+                         + b'},"logprobs":null,"finish_reason":null}]' + end)
             pieces = [p + b'{"content":' + j + b'},"logprobs":null,"finish_reason":null}]' + end
                       for j in self.pieces.json[:n]]
             if call.settings.tool_call:
@@ -636,7 +708,11 @@ class MockUpstream:
             tail = [p + b'"","finish_reason":' + reason + b"}]" + end]
         if include_usage:
             prompt = estimate_tokens(call.body.get("messages" if chat else "prompt"))
-            usage = orjson.dumps(call.settings.usage or openai_usage(prompt, n * choice_counts(call.body)[1]))
+            computed = openai_usage(prompt, n * choice_counts(call.body)[1])
+            if call.settings.reasoning_tokens:
+                computed["completion_tokens_details"] = {"reasoning_tokens": min(call.settings.reasoning_tokens,
+                                                                                 computed["completion_tokens"])}
+            usage = orjson.dumps(call.settings.usage or computed)
             tier = call.settings.service_tier
             tier = b',"service_tier":' + orjson.dumps(tier) if tier else b""
             tail.append(prefix + tier + b',"choices":[],"usage":' + usage + b"}\n\n")
@@ -658,6 +734,9 @@ class MockUpstream:
             out["content"] = [{"type": "tool_use", "id": "toolu_mock1", "name": call.settings.tool_call,
                                "input": orjson.loads(TOOL_ARGUMENTS)}]
             out["stop_reason"] = "tool_use"
+        if call.settings.thinking:
+            out["content"] = [{"type": "thinking", "thinking": THINKING_TEXT, "signature": THINKING_SIGNATURE},
+                              {"type": "redacted_thinking", "data": REDACTED_DATA}, *out["content"]]
         usage = {"input_tokens": estimate_tokens(call.body.get("system"), call.body.get("messages")),
                  "output_tokens": n}
         if (reply := self.persona_reply(call)) is not None:
@@ -699,7 +778,121 @@ class MockUpstream:
             pieces = [sse_event(b"content_block_delta", {"type": "content_block_delta", "index": 0, "delta": {
                 "type": "input_json_delta", "partial_json": part}}) for part in parts]
         tail = ANTHROPIC_BLOCK_STOP + sse_event(b"message_delta", delta) + ANTHROPIC_STOP
+        if call.settings.thinking:  # thinking (index 0) and a redacted block (1) first; the answer moves to 2
+            start = sse_event(b"message_start", {"type": "message_start", "message": message})
+            thinking = (
+                sse_event(b"content_block_start", {"type": "content_block_start", "index": 0, "content_block": {
+                    "type": "thinking", "thinking": "", "signature": ""}})
+                + sse_event(b"content_block_delta", {"type": "content_block_delta", "index": 0, "delta": {
+                    "type": "thinking_delta", "thinking": THINKING_TEXT}})
+                + sse_event(b"content_block_delta", {"type": "content_block_delta", "index": 0, "delta": {
+                    "type": "signature_delta", "signature": THINKING_SIGNATURE}})
+                + sse_event(b"content_block_stop", {"type": "content_block_stop", "index": 0})
+                + sse_event(b"content_block_start", {"type": "content_block_start", "index": 1, "content_block": {
+                    "type": "redacted_thinking", "data": REDACTED_DATA}})
+                + sse_event(b"content_block_stop", {"type": "content_block_stop", "index": 1}))
+            head = start + thinking + head[len(start):].replace(b'"index":0', b'"index":2')
+            pieces = [piece.replace(b'"index":0', b'"index":2') for piece in pieces]
+            tail = tail.replace(b'"index":0', b'"index":2')
         return StreamPlan(head, pieces, tail)
+
+    async def count_tokens(self, call: Call) -> None:
+        if call.model is None or not isinstance(call.body.get("messages"), list):
+            return await send_error(call.send, 400, "'model' and 'messages' are required", anthropic=True)
+        if not await self.preflight(call):
+            return
+        tokens = estimate_tokens(call.body.get("system"), call.body.get("messages"), call.body.get("tools"))
+        await send_json(call.send, 200, {"input_tokens": tokens})
+
+    # ---- OpenAI Responses API ---------------------------------------------------------------------
+
+    async def responses(self, call: Call) -> None:
+        await self.generate(call, ("max_output_tokens",), self.responses_json, self.responses_stream)
+
+    def responses_usage(self, call: Call, n: int) -> dict[str, Any]:
+        prompt = estimate_tokens(call.body.get("instructions"), call.body.get("input"))
+        reasoning = min(call.settings.reasoning_tokens, n)
+        return {"input_tokens": prompt, "input_tokens_details": {"cached_tokens": 0}, "output_tokens": n,
+                "output_tokens_details": {"reasoning_tokens": reasoning}, "total_tokens": prompt + n}
+
+    def responses_output(self, call: Call, n: int) -> list[dict[str, Any]]:
+        output: list[dict[str, Any]] = []
+        if call.settings.thinking:
+            output.append({"id": new_id("rs_"), "type": "reasoning",
+                           "summary": [{"type": "summary_text", "text": THINKING_TEXT}]})
+        if call.settings.tool_call:
+            output.append({"id": new_id("fc_"), "type": "function_call", "status": "completed",
+                           "call_id": "call_mock1", "name": call.settings.tool_call, "arguments": TOOL_ARGUMENTS})
+        else:
+            output.append({"id": new_id("msg_"), "type": "message", "status": "completed", "role": "assistant",
+                           "content": [{"type": "output_text", "text": "".join(self.pieces.texts[:n]),
+                                        "annotations": []}]})
+        return output
+
+    def responses_object(self, call: Call, n: int, cut: bool, output: list[dict[str, Any]]) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "id": new_id("resp_"), "object": "response", "created_at": int(time.time()),
+            "status": "incomplete" if cut else "completed", "model": call.model, "output": output,
+            "incomplete_details": {"reason": "max_output_tokens"} if cut else None, "error": None,
+            "usage": None if call.settings.omit_usage else (call.settings.usage or self.responses_usage(call, n)),
+        }
+        if call.settings.service_tier:
+            out["service_tier"] = call.settings.service_tier
+        if call.body.get("store") is not False:
+            if len(self.stored) > MAX_RECORDED:
+                self.stored.clear()
+            self.stored[out["id"]] = out
+        return out
+
+    def responses_json(self, call: Call, n: int, cut: bool) -> dict[str, Any]:
+        return self.responses_object(call, n, cut, self.responses_output(call, n))
+
+    def responses_stream(self, call: Call, n: int, cut: bool) -> StreamPlan:
+        seq = iter(range(1_000_000))
+
+        def ev(kind: str, **fields: Any) -> bytes:
+            return sse_event(kind.encode(), {"type": kind, "sequence_number": next(seq), **fields})
+
+        output = self.responses_output(call, n)
+        final = self.responses_object(call, n, cut, output)
+        start = {**final, "status": "in_progress", "output": [], "usage": None, "incomplete_details": None}
+        head = ev("response.created", response=start) + ev("response.in_progress", response=start)
+        pieces: list[bytes] = []
+        tail: list[bytes] = []
+        for index, item in enumerate(output):
+            where = {"item_id": item["id"], "output_index": index}
+            if item["type"] == "reasoning":
+                head += ev("response.output_item.added", output_index=index, item={**item, "summary": []})
+                head += ev("response.reasoning_summary_text.delta", **where, summary_index=0, delta=THINKING_TEXT)
+                head += ev("response.output_item.done", output_index=index, item=item)
+            elif item["type"] == "function_call":
+                head += ev("response.output_item.added", output_index=index, item={**item, "arguments": ""})
+                pieces = [ev("response.function_call_arguments.delta", **where, delta=part)
+                          for part in (TOOL_ARGUMENTS[:9], TOOL_ARGUMENTS[9:])]
+                tail.append(ev("response.function_call_arguments.done", **where, arguments=TOOL_ARGUMENTS))
+                tail.append(ev("response.output_item.done", output_index=index, item=item))
+            else:
+                part = item["content"][0]
+                head += ev("response.output_item.added", output_index=index, item={**item, "content": [],
+                                                                                    "status": "in_progress"})
+                head += ev("response.content_part.added", **where, content_index=0, part={**part, "text": ""})
+                pieces = [ev("response.output_text.delta", **where, content_index=0, delta=text)
+                          for text in self.pieces.texts[:n]]
+                tail.append(ev("response.output_text.done", **where, content_index=0, text=part["text"]))
+                tail.append(ev("response.content_part.done", **where, content_index=0, part=part))
+                tail.append(ev("response.output_item.done", output_index=index, item=item))
+        kind = "response.incomplete" if cut else "response.completed"
+        tail.append(ev(kind, response=final))
+        return StreamPlan(head, pieces, b"".join(tail))
+
+    async def stored_response(self, method: str, response_id: str, send: Send) -> None:
+        stored = self.stored.get(response_id)
+        if stored is None:
+            return await send_error(send, 404, f"No response found with id '{response_id}'.")
+        if method == "DELETE":
+            del self.stored[response_id]
+            return await send_json(send, 200, {"id": response_id, "object": "response.deleted", "deleted": True})
+        await send_json(send, 200, stored)
 
     # ---- embeddings and models --------------------------------------------------------------------
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Sequence
 
 import asyncpg
 import msgspec
@@ -89,10 +90,12 @@ class Biller:
         self._default_org_tpm = settings.default_org_tpm
         self._retries: set[asyncio.Task] = set()
 
-    async def reserve(self, key: KeyRecord, request_id: str, price: PriceVersion, body_bytes: int, max_output: int,
-                      started: float, headers: list[tuple[bytes, bytes]]) -> Reservation:
-        """Check rate limits and hold the worst-case cost; adds the x-ratelimit-* headers to `headers`."""
-        amount = worst_case_micros(price, body_bytes, max_output)
+    async def reserve(self, key: KeyRecord, request_id: str, prices: Sequence[PriceVersion], body_bytes: int,
+                      max_output: int, started: float, headers: list[tuple[bytes, bytes]]) -> Reservation:
+        """Check rate limits and hold the worst-case cost at the dearest of `prices` (the models a request may
+        fall back to, each billed at its own); adds the x-ratelimit-* headers to `headers`."""
+        amount = max(worst_case_micros(price, body_bytes, max_output) for price in prices)
+        price = prices[0]
         est_tokens = -(-body_bytes // 4) + max_output
         window = int(started // 60)
         org = self._keys.org(key.org_id)

@@ -7,8 +7,8 @@ and every cap the bound assumes is really in force upstream. So:
 - output = cap per choice × choices, where choices is `n` (chat, completions) or `best_of` (completions:
   the provider generates and bills `best_of` candidates and returns `n` of them);
 - a client that sets no cap gets one: the relay forwards the cap it reserved for (`forward`), in the field
-  the endpoint knows (`max_completion_tokens` for chat, `max_tokens` for completions; Anthropic requires
-  `max_tokens` of the client already);
+  the endpoint knows (`proxy.endpoints.Output`: `max_completion_tokens` for chat, `max_tokens` for
+  completions, `max_output_tokens` for responses; Anthropic requires `max_tokens` of the client already);
 - what cannot be bounded is refused with a 400: a cap above `max_output_tokens`, more choices than
   `max_choices`;
 - the prompt bound is the body's bytes (a token is at least one byte of its text) plus an allowance per
@@ -21,14 +21,15 @@ platform admins instead of pushing the org past its credit limit.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from proxy.errors import InvalidRequest
 from shared.settings import Settings
 
-__all__ = ["Bound", "request_bound"]
+if TYPE_CHECKING:
+    from proxy.endpoints import Endpoint
 
-# OpenAI's own default for the legacy completions endpoint: forwarding it keeps answers as the client expects.
-_COMPLETIONS_DEFAULT_CAP = 16
-_CAP_FIELD = {"/v1/chat/completions": "max_completion_tokens", "/v1/completions": "max_tokens"}
+__all__ = ["Bound", "request_bound"]
 
 
 class Bound:
@@ -42,29 +43,32 @@ class Bound:
         self.forward = forward
 
 
-def request_bound(path: str, request: object, body: bytes, settings: Settings) -> Bound:
-    """The bound of a decoded request (see the module docstring); raises InvalidRequest when it has none."""
+def request_bound(endpoint: Endpoint, request: object, body: bytes, settings: Settings) -> Bound:
+    """The bound of a decoded request to `endpoint`, by its `Output` (see the module docstring); raises
+    InvalidRequest when it has none."""
     prompt = len(body)
-    if path == "/v1/embeddings":
+    output = endpoint.output
+    if output is None:  # embeddings: no output tokens
         return Bound(prompt, 0, None)
-    if path != "/v1/completions":  # chat and messages may carry images by reference
+    if output.images:  # chat, messages and responses may carry images by reference
         prompt += body.count(b'"image') * settings.reserve_tokens_per_image
-    caps = [(c, f) for f in ("max_completion_tokens", "max_tokens") if (c := getattr(request, f, None)) is not None]
+    caps = [(c, f) for f in output.cap_fields if (c := getattr(request, f, None)) is not None]
     forward = None
     if caps:
-        cap, field = max(caps)  # both set: whichever the upstream honours, the larger bounds it
+        cap, field = max(caps)  # several set: whichever the upstream honours, the largest bounds it
         if cap > settings.max_output_tokens:
             raise InvalidRequest(f"`{field}` may be at most {settings.max_output_tokens}.", param=field,
                                  code="max_tokens_too_large")
     else:
-        cap = _COMPLETIONS_DEFAULT_CAP if path == "/v1/completions" else settings.default_max_output_tokens
-        forward = (_CAP_FIELD[path], cap)
-    n = getattr(request, "n", None) or 1
-    best_of = getattr(request, "best_of", None) or 1
-    choices = max(n, best_of)
+        assert output.forward is not None, f"{endpoint.path}: its body requires an output cap"
+        cap = output.default_cap or settings.default_max_output_tokens
+        forward = (output.forward, cap)
+    choices, param = 1, "n"
+    for name in output.choices:
+        value = getattr(request, name, None) or 1
+        if value > choices:
+            choices, param = value, name
     if choices > settings.max_choices:
-        param = "best_of" if best_of > n else "n"
         raise InvalidRequest(f"`{param}` may be at most {settings.max_choices}.", param=param,
                              code="too_many_choices")
     return Bound(prompt, cap * choices, forward)
-

@@ -1,8 +1,9 @@
 """The proxy's errors: each class carries its HTTP status and OpenAI-style `type`/`code`.
 
 Three kinds, as in asyncpg: the client's mistakes (4xx), the upstream's failures (502/504), and our own
-bugs (500). They are turned into a response in exactly one place, `proxy.app.ProxyApp._serve`. Messages
-never contain request or response bodies, nor any credential.
+bugs (500). They are turned into a response in exactly one place, `proxy.app.ProxyApp._serve`, rendered by
+the client dialect's `ErrorCatalogue` (OpenAI's shape, Anthropic's, the Responses API's stream events).
+Messages never contain request or response bodies, nor any credential.
 """
 
 from __future__ import annotations
@@ -10,9 +11,13 @@ from __future__ import annotations
 import orjson
 
 __all__ = [
+    "ANTHROPIC_ERRORS",
+    "OPENAI_ERRORS",
+    "RESPONSES_ERRORS",
     "AuthenticationError",
     "BodyTooLarge",
     "ByokRejected",
+    "ErrorCatalogue",
     "InvalidRequest",
     "MethodNotAllowed",
     "ModelNotFound",
@@ -133,3 +138,73 @@ def error_body(err: ProxyError) -> bytes:
     return orjson.dumps(
         {"error": {"message": err.message, "type": err.type, "code": err.code, "param": err.param}}
     )
+
+
+# ---- rendering, per client dialect -------------------------------------------------------------------------
+
+_ANTHROPIC_TYPE_BY_STATUS = {
+    400: "invalid_request_error", 401: "authentication_error", 402: "billing_error", 403: "permission_error",
+    404: "not_found_error", 405: "invalid_request_error", 408: "timeout_error", 413: "request_too_large",
+    429: "rate_limit_error", 500: "api_error", 502: "api_error", 503: "overloaded_error", 504: "timeout_error",
+    529: "overloaded_error",
+}
+_ANTHROPIC_TYPE_BY_CODE = {
+    "invalid_api_key": "authentication_error", "insufficient_quota": "billing_error",
+    "rate_limit_exceeded": "rate_limit_error", "model_not_found": "not_found_error",
+    "engine_overloaded": "overloaded_error", "overloaded": "overloaded_error",
+}
+
+
+def anthropic_error_type(status: int, code: str | None = None, kind: str | None = None) -> str:
+    """Anthropic's error `type` for one of ours (by code first, then by HTTP status)."""
+    mapped = _ANTHROPIC_TYPE_BY_CODE.get(code or "") or _ANTHROPIC_TYPE_BY_CODE.get(kind or "")
+    if mapped is not None:
+        return mapped
+    if status:
+        return _ANTHROPIC_TYPE_BY_STATUS.get(status) or ("api_error" if status >= 500 else "invalid_request_error")
+    if kind in ("requests", "tokens"):
+        return "rate_limit_error"
+    return "invalid_request_error" if kind == "invalid_request_error" else "api_error"
+
+
+class ErrorCatalogue:
+    """How one client dialect is told about an error: a JSON body, or the last event of a broken stream."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def json(self, err: ProxyError) -> bytes:
+        return error_body(err)
+
+    def sse(self, message: str, code: str) -> bytes:
+        body = orjson.dumps({"error": {"message": message, "type": "upstream_error", "code": code, "param": None}})
+        return b"data: " + body + b"\n\n"
+
+
+class _AnthropicErrors(ErrorCatalogue):
+    __slots__ = ()
+
+    def json(self, err: ProxyError) -> bytes:
+        kind = anthropic_error_type(err.status, err.code, err.type)
+        return orjson.dumps({"type": "error", "error": {"type": kind, "message": err.message}})
+
+    def sse(self, message: str, code: str) -> bytes:
+        body = orjson.dumps({"type": "error", "error": {"type": "api_error", "message": message}})
+        return b"event: error\ndata: " + body + b"\n\n"
+
+
+class _ResponsesErrors(ErrorCatalogue):
+    """The Responses API: OpenAI's JSON error; a stream ends with an `error` event."""
+
+    __slots__ = ()
+
+    def sse(self, message: str, code: str) -> bytes:
+        body = orjson.dumps({"type": "error", "code": code, "message": message, "param": None})
+        return b"event: error\ndata: " + body + b"\n\n"
+
+
+OPENAI_ERRORS = ErrorCatalogue("openai")
+ANTHROPIC_ERRORS = _AnthropicErrors("anthropic")
+RESPONSES_ERRORS = _ResponsesErrors("responses")

@@ -20,7 +20,7 @@ import orjson
 from shared import tokenizer
 from shared.usage import Usage
 
-__all__ = ["IMAGE_TOKENS", "SENT_KEPT", "estimate_usage"]
+__all__ = ["IMAGE_TOKENS", "SENT_KEPT", "estimate_prompt_tokens", "estimate_usage"]
 
 IMAGE_TOKENS = 765
 SENT_KEPT = 256 * 1024
@@ -116,3 +116,13 @@ def estimate_usage(body: bytes, sent: list[bytes], sent_bytes: int, model: str) 
     if sent_bytes > kept > 0:  # only the first SENT_KEPT bytes were kept: scale by what was sent
         output = -(-output * sent_bytes // kept)
     return Usage(input=prompt + extra, output=output, estimated=True)
+
+
+def estimate_prompt_tokens(parsed: Any, model: str) -> int:
+    """The estimated prompt tokens of a request body (parsed), as `estimate_usage` counts them (a thread)."""
+    name = tokenizer.encoding_for(model)
+    if name is not None:
+        tokenizer.warm(name)
+    texts: list[str] = []
+    extra = _prompt_text(parsed, texts)
+    return tokenizer.count("\n".join(texts), model)[0] + extra

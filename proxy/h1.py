@@ -333,21 +333,23 @@ class H1Pool:
         self._tls = tls
         self._closed = False
 
-    async def post(self, base_url: str, path: str, headers: bytes, body: bytes, *,
+    async def post(self, base_url: str, path: str, headers: bytes, body: bytes, *, method: bytes = b"POST",
                    connect_timeout_s: float, read_timeout_s: float) -> H1Response:
-        """POST `body` to `base_url` + `path`; returns once the status line and headers are in.
+        """POST `body` to `base_url` + `path` (or GET, DELETE: `method`); returns once the status line and
+        headers are in.
 
         `headers`: the request's own header lines, already encoded (`name: value\r\n` each), so callers
         can keep their constant ones as one ready block; host and content-length are added here."""
         target = path.encode()
-        if not _HEADER_LINES.fullmatch(headers) or not _TARGET.fullmatch(target):
+        if (not _HEADER_LINES.fullmatch(headers) or not _TARGET.fullmatch(target)
+                or method not in (b"POST", b"GET", b"DELETE")):
             raise UnsafeRequest("the request head holds bytes that are not allowed in HTTP/1.1 header lines")
         origin = self._origins.get(base_url)
         if origin is None:
             if base_url.startswith("https:") and self._tls is None:
                 self._tls = ssl.create_default_context()
             origin = self._origins[base_url] = _Origin(base_url, self._tls)
-        request = b"".join((b"POST ", origin.prefix, target, b" HTTP/1.1\r\nhost: ", origin.host_header,
+        request = b"".join((method, b" ", origin.prefix, target, b" HTTP/1.1\r\nhost: ", origin.host_header,
                             b"\r\ncontent-length: ", str(len(body)).encode(), b"\r\n", headers, b"\r\n", body))
         conn = await self._acquire(origin, connect_timeout_s)
         reused = conn.idle_since != 0.0

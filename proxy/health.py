@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from proxy.routing import Route
 
-__all__ = ["DEGRADED", "HEALTHY", "CircuitBreakers", "route_rank"]
+__all__ = ["DEGRADED", "HEALTHY", "CircuitBreakers", "RouteStats", "route_rank"]
 
 HEALTHY, DEGRADED = 0, 1
 _PROBE_RANK = {"healthy": HEALTHY, "degraded": DEGRADED}  # failing, quarantined: not used
@@ -68,3 +68,35 @@ class CircuitBreakers:
         if state[2] != 0.0 or state[0] >= self._threshold:
             state[1] = now + self._cooldown
             state[2] = 0.0
+
+
+class RouteStats:
+    """Recent latency (seconds to the first byte) and throughput (output tokens per second) of each route, as
+    this process saw them: exponentially weighted means, for `provider.sort` ("latency", "throughput"). A route
+    never measured ranks after measured ones, so that a new route is not preferred on no evidence."""
+
+    __slots__ = ("_alpha", "_latency", "_throughput")
+
+    def __init__(self, alpha: float = 0.2) -> None:
+        if not 0 < alpha <= 1:
+            raise ValueError("alpha must be within (0, 1]")
+        self._alpha = alpha
+        self._latency: dict[int, float] = {}
+        self._throughput: dict[int, float] = {}
+
+    def observe(self, route_id: int, latency_s: float, output_tokens: int, duration_s: float) -> None:
+        a = self._alpha
+        old = self._latency.get(route_id)
+        self._latency[route_id] = latency_s if old is None else old + a * (latency_s - old)
+        if output_tokens > 0 and duration_s > 0:
+            rate = output_tokens / duration_s
+            old = self._throughput.get(route_id)
+            self._throughput[route_id] = rate if old is None else old + a * (rate - old)
+
+    def latency(self, route_id: int) -> float:
+        """Seconds (infinity when never measured)."""
+        return self._latency.get(route_id, float("inf"))
+
+    def throughput(self, route_id: int) -> float:
+        """Output tokens per second (0 when never measured)."""
+        return self._throughput.get(route_id, 0.0)

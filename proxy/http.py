@@ -19,12 +19,14 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
 _REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+# Client headers that may be forwarded upstream once checked (`proxy.exchange.Exchange.upstream_headers`).
+FORWARDED_HEADERS = frozenset((b"anthropic-version", b"anthropic-beta", b"openai-beta"))
 
 
 class RequestHeaders:
     """The few request headers the proxy reads, collected in one pass over the ASGI header list."""
 
-    __slots__ = ("api_key", "content_length", "forwarded", "request_id", "user_agent")
+    __slots__ = ("api_key", "content_length", "forwarded", "forwarded_raw", "request_id", "user_agent")
 
     def __init__(self, raw: list[tuple[bytes, bytes]], forwarded_header: bytes) -> None:
         self.api_key: str | None = None
@@ -32,6 +34,7 @@ class RequestHeaders:
         self.user_agent: str | None = None
         self.forwarded: str | None = None
         self.content_length: int | None = None
+        self.forwarded_raw: dict[bytes, str] | None = None  # the FORWARDED_HEADERS the client sent, unchecked
         for name, value in raw:
             if name == b"authorization":
                 if value[:7].lower() == b"bearer ":
@@ -49,6 +52,12 @@ class RequestHeaders:
                 self.content_length = int(value) if value.isdigit() else None
             elif name == forwarded_header:
                 self.forwarded = value.decode("latin-1")
+            elif name in FORWARDED_HEADERS:
+                if self.forwarded_raw is None:
+                    self.forwarded_raw = {}
+                previous = self.forwarded_raw.get(name)  # a repeated header is one comma-separated list
+                text = value.decode("latin-1")
+                self.forwarded_raw[name] = text if previous is None else f"{previous},{text}"
 
 
 class ClientAddress:

@@ -1,8 +1,11 @@
-"""One model request's journey: parse → authenticate → route → forward (with failover) → answer → record.
+"""One model request's journey: parse → authenticate → reserve → route → forward (with failover) → answer →
+settle → record.
 
 Everything here runs per request, so it is written to be read top to bottom and to do no avoidable work:
 the body is decoded once into a typed struct (decoding is validation), re-encoded only when the upstream
-needs something changed, and passed through as bytes otherwise.
+needs something changed, and passed through as bytes otherwise. What differs between endpoints is in their
+`proxy.endpoints.Endpoint`, and what differs between the dialects of an attempt in its `Dialect`; the
+request's state travels in one `proxy.exchange.Exchange`.
 """
 
 from __future__ import annotations
@@ -11,185 +14,112 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Annotated
-
-import msgspec
+from typing import TYPE_CHECKING
 
 from proxy import inputs
-from proxy.billing import Reservation
-from proxy.bounds import Bound, request_bound
+from proxy.bounds import request_bound
+from proxy.dialects.base import answer_with_cost
 from proxy.errors import ByokRejected, InvalidRequest, ModelUnavailable, UpstreamError
-from proxy.estimate import SENT_KEPT, estimate_usage
-from proxy.formats import (
-    OPENAI,
-    SERVES,
-    client_format,
-    stream_error,
-    stream_transformer,
-    translate_answer,
-    upstream_request,
-    with_cost,
-)
-from proxy.http import Receive, RequestHeaders, Scope, Send, send_response
-from proxy.records import RequestRecord
-from proxy.routing import Attempt, ModelEntry, Route, plan_attempts
-from proxy.stream import StreamTransformer
-from proxy.translate import Pricer, TranslationError
+from proxy.estimate import estimate_usage
+from proxy.http import Receive, Send, send_response
+from proxy.routing import Attempt, ModelEntry, Route, apply_preferences, plan_attempts
+from proxy.translate import TranslationError
 from proxy.upstream import UpstreamResponse
 from shared.billing import UsageEvent
-from shared.money import version_cost_micros
-from shared.usage import Usage, normalise
+from shared.money import PriceVersion
+from shared.usage import Usage
 
 if TYPE_CHECKING:
-    from proxy.app import ProxyState
+    from proxy.dialects.base import Dialect
+    from proxy.exchange import Exchange
+    from proxy.stream import StreamTransformer
+    from shared.apikeys import KeyRecord
 
-__all__ = ["is_model_path", "relay"]
+__all__ = ["candidates", "is_context_length_error", "serve_model"]
 
 log = logging.getLogger("rocket_relay.relay")
 
-
-PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
-ServiceTier = Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9_]{1,32}$(?!\n)")]
-
-
-class StreamOptions(msgspec.Struct):
-    include_usage: bool = False
-
-
-class ChatBody(msgspec.Struct):
-    model: str
-    messages: Annotated[list[msgspec.Raw], msgspec.Meta(min_length=1)]
-    stream: bool = False
-    max_tokens: PositiveInt | None = None
-    max_completion_tokens: PositiveInt | None = None
-    n: PositiveInt | None = None
-    stream_options: StreamOptions | None = None
-    service_tier: ServiceTier | None = None  # what the client asked for; the answer says what was billed
-
-
-class CompletionBody(msgspec.Struct):
-    model: str
-    prompt: msgspec.Raw
-    stream: bool = False
-    max_tokens: PositiveInt | None = None
-    n: PositiveInt | None = None
-    best_of: PositiveInt | None = None
-    stream_options: StreamOptions | None = None
-
-
-class EmbeddingBody(msgspec.Struct):
-    model: str
-    input: str | list[msgspec.Raw]
-
-
-class MessagesBody(msgspec.Struct):
-    """Anthropic Messages API request (what we read of it; the rest passes through)."""
-
-    model: str
-    messages: Annotated[list[msgspec.Raw], msgspec.Meta(min_length=1)]
-    max_tokens: PositiveInt
-    stream: bool = False
-
-
-Body = ChatBody | CompletionBody | EmbeddingBody | MessagesBody
-
-_DECODERS = {
-    "/v1/chat/completions": msgspec.json.Decoder(ChatBody),
-    "/v1/completions": msgspec.json.Decoder(CompletionBody),
-    "/v1/embeddings": msgspec.json.Decoder(EmbeddingBody),
-    "/v1/messages": msgspec.json.Decoder(MessagesBody),
-}
 _SSE_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"),
                 (b"x-accel-buffering", b"no")]
+_ROUTING_FIELDS = ("models", "provider")
+# How providers say a prompt does not fit the model's context (OpenAI's code; Anthropic's and others' text).
+_CONTEXT_MARKERS = (b"context_length_exceeded", b"prompt is too long", b"maximum context length",
+                    b"context window", b"too many tokens")
 
 
-def _decode(path: str, body: bytes) -> Body:
-    request = inputs.decode(_DECODERS[path], body)
-    inputs.check_name("model", request.model)
-    return request
-
-
-async def relay(state: ProxyState, path: str, scope: Scope, receive: Receive, send: Send,
-                headers: RequestHeaders, rec: RequestRecord, out_headers: list[tuple[bytes, bytes]]) -> None:
+async def serve_model(ex: Exchange) -> None:
     """Serve one POST to a model endpoint; raises ProxyError for anything answered with an error."""
-    key = await state.auth.authenticate(headers.api_key)
+    state, rec = ex.state, ex.rec
+    assert state is not None and rec is not None and ex.headers is not None and ex.receive is not None
+    key = await state.auth.authenticate(ex.headers.api_key)
     rec.org_id = key.org_id
     rec.api_key_id = key.key_id
-    body = await state.bodies.read(receive, headers.content_length, rec.client_ip)
-    request = _decode(path, body)
+    ex.body = body = await state.bodies.read(ex.receive, ex.headers.content_length, rec.client_ip)
+    ex.request = request = ex.endpoint.decode(body)
+    ex.model = request.model
     rec.model = request.model[:200]
-    stream = getattr(request, "stream", False)
-    rec.stream = stream
-    entry = state.catalogue.entry_for(request.model, path, key)
-    price = entry.price_at(rec.started_wall)
-    if price is None:
-        raise ModelUnavailable(f"The model `{request.model}` has no price configured.", param="model")
-    bound = request_bound(path, request, body, state.settings)
-    reservation = await state.biller.reserve(key, rec.request_id, price, bound.prompt_tokens, bound.output_tokens,
-                                             rec.started_wall, out_headers)
-    produced = Produced(reservation, getattr(request, "service_tier", None))
+    rec.stream = ex.stream
+    options = getattr(request, "stream_options", None)
+    ex.client_usage = ex.stream and options is not None and options.include_usage
+    ex.requested_tier = getattr(request, "service_tier", None)
+    if getattr(request, "models", None) is not None or getattr(request, "provider", None) is not None:
+        ex.strip = _ROUTING_FIELDS
+    models = candidates(ex, key)
+    ex.price = models[0][1]
+    ex.bound = bound = request_bound(ex.endpoint, request, body, state.settings)
+    ex.reservation = reservation = await state.biller.reserve(
+        key, rec.request_id, [price for _, price in models], bound.prompt_tokens, bound.output_tokens,
+        rec.started_wall, ex.out_headers)
     try:
-        await _forward(state, entry, path, body, request, stream, bound, receive, send, rec, out_headers, produced)
+        await _forward(ex, models)
     finally:
-        if produced.billable and rec.usage is None:  # a stream cut short before its usage: estimate it
+        if ex.billable and rec.usage is None:  # a stream cut short before its usage: estimate it
             try:
-                rec.usage = await asyncio.to_thread(estimate_usage, body, produced.sent, produced.answer_bytes,
+                rec.usage = await asyncio.to_thread(estimate_usage, body, ex.sent, ex.answer_bytes,
                                                     rec.upstream_model or request.model)
             except Exception:  # never let an estimate stand between a request and its settlement
                 log.exception("usage estimate of %s failed; using bytes / 4", rec.request_id)
             rec.estimated = True
-        event = _usage_event(rec, reservation, produced, len(body))
+        event = _usage_event(ex)
         rec.cost_micros = await state.biller.settle(
             reservation, event, (event.prompt_tokens + event.completion_tokens) if event else 0)
+        if event is not None and rec.route_id is not None and rec.ttfb_ms is not None and rec.status_code == 200:
+            state.route_stats.observe(rec.route_id, rec.ttfb_ms / 1000, event.completion_tokens,
+                                      time.perf_counter() - rec.started)
 
 
-class Produced:
-    """What the upstream delivered, and how it is priced: for billing, and for the cost on the answer."""
-
-    __slots__ = ("_priced", "answer_bytes", "billable", "content_events", "requested_tier", "reservation", "sent")
-
-    def __init__(self, reservation: Reservation, requested_tier: str | None) -> None:
-        self.reservation = reservation
-        self.requested_tier = requested_tier
-        self.billable = False  # true once an answer (or part of a stream) went to the client
-        self.content_events = 0
-        self.answer_bytes = 0
-        self.sent: list[bytes] = []  # a stream's first SENT_KEPT bytes: what an estimate counts if it is cut
-        self._priced: tuple[Usage, bool, tuple[int, int, int]] | None = None  # the answer's and the event's
-
-    def keep(self, out: bytes) -> None:
-        if self.answer_bytes < SENT_KEPT:
-            self.sent.append(out)  # a reference to bytes sent anyway: no copy
-        self.answer_bytes += len(out)
-
-    def price(self, usage: Usage, byok: bool) -> tuple[int, int, int]:
-        """(charged, uncharged, price row id): the cost of `usage`, never more than the reservation (what the
-        balance, credit limit and spend cap allowed when the request was accepted)."""
-        priced = self._priced
-        if priced is not None and priced[0] is usage and priced[1] == byok:
-            return priced[2]  # the answer carried this figure already; the event charges the same one
-        given = usage
-        if usage.service_tier is None and self.requested_tier is not None:
-            usage = msgspec.structs.replace(usage, service_tier=self.requested_tier)
-        cost, row = version_cost_micros(self.reservation.price, usage, byok=byok)
-        charged = min(cost, self.reservation.amount)
-        result = charged, cost - charged, row.id
-        self._priced = (given, byok, result)
-        return result
+def candidates(ex: Exchange, key: KeyRecord) -> list[tuple[ModelEntry, PriceVersion]]:
+    """The models to try, in order, each with the price in force: `model`, then the client's `models`
+    fallbacks (each billed at its own price; the reservation covers the dearest)."""
+    assert ex.state is not None and ex.rec is not None
+    names = [ex.model]
+    for name in getattr(ex.request, "models", None) or ():
+        if name not in names:
+            names.append(name)
+    out = []
+    for name in names:
+        entry = ex.state.catalogue.entry_for(name, ex.endpoint.path, ex.endpoint.kinds, key)
+        price = entry.price_at(ex.rec.started_wall)
+        if price is None:
+            raise ModelUnavailable(f"The model `{name}` has no price configured.", param="model")
+        out.append((entry, price))
+    return out
 
 
-def _usage_event(rec: RequestRecord, res: Reservation, produced: Produced, body_bytes: int) -> UsageEvent | None:
+def _usage_event(ex: Exchange) -> UsageEvent | None:
     """The billed usage of a finished request, or None when nothing billable was produced."""
-    if not produced.billable:
+    rec, res = ex.rec, ex.reservation
+    assert rec is not None and res is not None
+    if not ex.billable:
         return None
     usage = rec.usage
     if usage is None:  # no usage from upstream (a stream cut short): the documented estimate
-        usage = Usage(input=-(-body_bytes // 4), output=produced.content_events or -(-produced.answer_bytes // 4),
+        usage = Usage(input=-(-len(ex.body) // 4), output=ex.content_events or -(-ex.answer_bytes // 4),
                       estimated=True)
         rec.usage = usage
         rec.estimated = True
     rec.prompt_tokens, rec.completion_tokens = usage.prompt_total, usage.completion_total
-    charged, uncharged, price_id = produced.price(usage, rec.byok)
+    charged, uncharged, price_id = ex.price_usage(usage, rec.byok)
     if uncharged:  # an upstream that ignored the cap: the excess is not charged, and is on record
         log.warning("request %s: usage (%d prompt, %d completion tokens) exceeds its reservation; %d µ$ uncharged",
                     rec.request_id, usage.prompt_total, usage.completion_total, uncharged)
@@ -201,35 +131,67 @@ def _usage_event(rec: RequestRecord, res: Reservation, produced: Produced, body_
         cache_write_5m_tokens=usage.cache_write_5m, cache_write_1h_tokens=usage.cache_write_1h,
         reasoning_tokens=usage.reasoning, input_image_tokens=usage.input_image, input_audio_tokens=usage.input_audio,
         output_image_tokens=usage.output_image, output_audio_tokens=usage.output_audio,
-        service_tier=usage.service_tier or produced.requested_tier, estimated=usage.estimated,
+        service_tier=usage.service_tier or ex.requested_tier, estimated=usage.estimated,
     )
 
 
-async def _forward(state: ProxyState, entry: ModelEntry, path: str, body: bytes, request: Body, stream: bool,
-                   bound: Bound, receive: Receive, send: Send, rec: RequestRecord,
-                   out_headers: list[tuple[bytes, bytes]], produced: Produced) -> None:
-    # OpenAI streams: ask the upstream for usage even when the client did not, and hide that chunk from it.
-    options = getattr(request, "stream_options", None)
-    client_usage = stream and options is not None and options.include_usage
-    attempts = [a for a in plan_attempts(entry, await state.byok.for_org(rec.org_id), state.breakers,
-                                         time.monotonic(), state.settings.max_attempts)
-                if path in SERVES[a.route.api_format]]
-    if not attempts:
-        raise InvalidRequest(f"The model `{entry.name}` cannot be used with {path}.", param="model",
-                             code="model_not_supported")
-    def pricer(upstream_usage: dict) -> int:  # the cost a stream's last usage event carries to the client
-        usage = normalise(rec.provider_format, upstream_usage) or Usage()
-        return produced.price(usage, rec.byok)[0]
+class Planned:
+    """One attempt: a route of one of the candidate models, with its dialect."""
 
-    opened = await _open_upstream(state, attempts, path, body, request.model, stream, client_usage, bound, rec,
-                                  pricer)
-    route = opened.route
+    __slots__ = ("attempt", "dialect", "entry", "price")
+
+    def __init__(self, attempt: Attempt, dialect: Dialect, entry: ModelEntry, price: PriceVersion) -> None:
+        self.attempt = attempt
+        self.dialect = dialect
+        self.entry = entry
+        self.price = price
+
+
+async def _plan(ex: Exchange, models: list[tuple[ModelEntry, PriceVersion]]) -> list[Planned]:
+    state, rec, endpoint = ex.state, ex.rec, ex.endpoint
+    assert state is not None and rec is not None
+    byok = await state.byok.for_org(rec.org_id)
+    prefs = getattr(ex.request, "provider", None)
+    limit = state.settings.max_attempts
+    now = time.monotonic()
+    planned: list[Planned] = []
+    unavailable: UpstreamError | None = None
+    for entry, price in models:
+        try:
+            attempts = plan_attempts(entry, byok, state.breakers, now, len(entry.routes) if prefs else limit)
+        except UpstreamError as exc:  # every route of this model is failing: the next model may serve
+            unavailable = unavailable or exc
+            continue
+        if prefs is not None:
+            attempts = apply_preferences(attempts, prefs, state.route_stats)[:limit]
+        for attempt in attempts:
+            dialect = endpoint.dialect_for(attempt.route)
+            if dialect is not None:
+                planned.append(Planned(attempt, dialect, entry, price))
+    if prefs is not None and prefs.sort == "price" and len(models) > 1:
+        planned.sort(key=lambda p: (p.price.base.input_micros_per_mtok + p.price.base.output_micros_per_mtok))
+    if not planned:
+        if unavailable is not None:
+            raise unavailable
+        if prefs is not None:
+            raise InvalidRequest("No provider of the requested models matches your `provider` preferences.",
+                                 param="provider", code="no_matching_provider")
+        raise InvalidRequest(f"The model `{ex.model}` cannot be used with {endpoint.path}.", param="model",
+                             code="model_not_supported")
+    return planned
+
+
+async def _forward(ex: Exchange, models: list[tuple[ModelEntry, PriceVersion]]) -> None:
+    rec, send = ex.rec, ex.send
+    assert rec is not None and send is not None and ex.state is not None
+    opened = await _open_upstream(ex, await _plan(ex, models))
+    route, dialect = opened.route, opened.dialect
 
     if opened.meter is None:  # a whole answer (or an error), already read
         raw = opened.raw
         rec.mark_first_byte()
         try:
-            status, answer, parsed = translate_answer(path, route.api_format, opened.status, raw, request.model)
+            status, answer, parsed = dialect.answer(opened.status, raw, ex.model)
         except TranslationError:
             raise UpstreamError(f"The upstream provider {route.provider} sent an answer that could not be read.",
                                 retryable=False) from None
@@ -237,37 +199,38 @@ async def _forward(state: ProxyState, entry: ModelEntry, path: str, body: bytes,
             if parsed is not None:
                 model = parsed.get("model")
                 rec.reported_model = inputs.recordable(model) if isinstance(model, str) else None
-                rec.usage = normalise(route.api_format, parsed.get("usage"), parsed.get("service_tier"))
-            produced.billable = True
-            produced.answer_bytes = len(raw)
+                rec.usage = dialect.usage(parsed.get("usage"), parsed.get("service_tier"))
+            ex.billable = True
+            ex.answer_bytes = len(raw)
             if rec.usage is not None:  # the cost goes on the answer (settlement charges the same figure)
-                charged = produced.price(rec.usage, rec.byok)[0]
-                answer = with_cost(answer, parsed if answer is raw else None, charged)
-                out_headers.append((b"x-rr-cost-micros", b"%d" % charged))
+                charged = ex.price_usage(rec.usage, rec.byok)[0]
+                answer = answer_with_cost(answer, parsed if answer is raw else None, charged)
+                ex.out_headers.append((b"x-rr-cost-micros", b"%d" % charged))
         else:
             rec.error_code = "upstream_rejected_request"
         rec.status_code = status
-        content_type = opened.content_type.encode() if route.api_format == client_format(path) else b"application/json"
-        await send_response(send, status, answer, out_headers, content_type)
+        content_type = opened.content_type.encode() if dialect.passthrough else b"application/json"
+        await send_response(send, status, answer, ex.out_headers, content_type)
         return
     rec.status_code = 200
-    produced.billable = True
+    ex.billable = True
     try:
-        await _relay_stream(opened, receive, send, rec, out_headers, state.settings.max_request_duration_s, path,
-                            produced)
+        await _relay_stream(ex, opened)
     finally:
-        produced.content_events = getattr(opened.meter, "events", 0)
+        ex.content_events = getattr(opened.meter, "events", 0)
 
 
 class Opened:
     """An attempt's answer far enough in to commit to: a non-streamed body read whole, or a stream whose
     first bytes for the client are in hand. Until then a failure is invisible to the client, so it fails over."""
 
-    __slots__ = ("chunks", "content_type", "first", "meter", "raw", "resp", "route", "status")
+    __slots__ = ("chunks", "content_type", "dialect", "first", "meter", "raw", "resp", "route", "status")
 
-    def __init__(self, route: Route, resp: UpstreamResponse, raw: bytes = b"", meter: StreamTransformer | None = None,
-                 chunks: AsyncIterator[bytes] | None = None, first: bytes = b"") -> None:
+    def __init__(self, route: Route, dialect: Dialect, resp: UpstreamResponse, raw: bytes = b"",
+                 meter: StreamTransformer | None = None, chunks: AsyncIterator[bytes] | None = None,
+                 first: bytes = b"") -> None:
         self.route = route
+        self.dialect = dialect
         self.resp = resp
         self.status = resp.status
         self.content_type = resp.content_type
@@ -277,32 +240,42 @@ class Opened:
         self.first = first
 
 
-async def _open_upstream(state: ProxyState, attempts: list[Attempt], path: str, body: bytes, model: str,
-                         stream: bool, client_usage: bool, bound: Bound, rec: RequestRecord,
-                         pricer: Pricer) -> Opened:
+def is_context_length_error(status: int, raw: bytes) -> bool:
+    """True for an upstream's 400 saying the prompt does not fit the model's context window."""
+    if status not in (400, 413):
+        return False
+    lowered = raw[:4096].lower()
+    return any(marker in lowered for marker in _CONTEXT_MARKERS)
+
+
+async def _open_upstream(ex: Exchange, planned: list[Planned]) -> Opened:
     """Try the planned routes in order until one answers. Only failures before any byte reached the client
-    get here, so failing over is invisible to it; the failover budget bounds the whole search."""
-    parsed: dict | None = None
+    get here, so failing over is invisible to it; the failover budget bounds the whole search. A prompt too
+    long for one model's context goes on to the next candidate model, if the client named one."""
+    state, rec = ex.state, ex.rec
+    assert state is not None and rec is not None
     last_error: UpstreamError | None = None
     breakers = state.breakers
     deadline = rec.started + state.settings.failover_budget_s
-    client = client_format(path)
-    for attempt in attempts:
+    skip_model: str | None = None
+    for i, plan in enumerate(planned):
+        attempt, dialect, entry = plan.attempt, plan.dialect, plan.entry
+        if entry.name == skip_model:
+            continue
         route = attempt.route
         rec.attempts += 1
         rec.provider, rec.route_id, rec.upstream_model, rec.byok = (route.provider, route.id, route.upstream_model,
                                                                     attempt.byok)
         rec.provider_format = route.api_format
         rec.route_status = route.probe_status
-        inject_usage = stream and not client_usage and route.api_format == OPENAI == client
-        upstream_path, payload, parsed = upstream_request(
-            path, route.api_format, route.upstream_model, body, parsed, same_model=route.upstream_model == model,
-            inject_usage=inject_usage, output_cap=bound.forward)
-        now = time.monotonic()
-        breakers.attempt(route.id, now)
+        rec.model = entry.name[:200]  # a fallback model is billed, and recorded, as itself
+        ex.price, ex.dialect = plan.price, dialect
+        upstream_path, payload = dialect.request(ex, route, attempt.byok)
+        breakers.attempt(route.id, time.monotonic())
         try:
-            resp = await state.upstream.send(route, upstream_path, payload, attempt.credential)
-            opened = await _commit(route, resp, path, model, stream, inject_usage, client_usage, pricer)
+            resp = await state.upstream.send(route, upstream_path, payload, attempt.credential,
+                                             ex.upstream_headers(route.api_format))
+            opened = await _commit(ex, route, dialect, resp)
         except UpstreamError as exc:
             last_error = exc
             if attempt.byok and exc.code in ("upstream_auth_failed", "upstream_credential_unusable"):
@@ -319,18 +292,21 @@ async def _open_upstream(state: ProxyState, attempts: list[Attempt], path: str, 
                 raise
             continue
         breakers.success(route.id)
+        if (opened.meter is None and is_context_length_error(opened.status, opened.raw)
+                and any(p.entry.name != entry.name for p in planned[i + 1:])):
+            skip_model = entry.name  # the next model may have a longer context: the client listed it
+            continue
         return opened
     assert last_error is not None
     raise last_error
 
 
-async def _commit(route: Route, resp: UpstreamResponse, path: str, model: str, stream: bool, inject_usage: bool,
-                  client_usage: bool, pricer: Pricer) -> Opened:
+async def _commit(ex: Exchange, route: Route, dialect: Dialect, resp: UpstreamResponse) -> Opened:
     """Read an answer until it can no longer fail over: the whole body, or a stream's first client bytes."""
-    if resp.status != 200 or not stream:
-        return Opened(route, resp, await resp.read())
-    meter = stream_transformer(path, route.api_format, model, inject_usage=inject_usage, client_usage=client_usage,
-                               pricer=pricer)
+    if resp.status != 200 or not ex.stream:
+        return Opened(route, dialect, resp, await resp.read())
+    meter = dialect.stream(ex)
+    meter.pricer = ex.price_upstream_usage  # the client's last usage event carries the request's cost
     chunks = resp.chunks()
     first = b""
     try:
@@ -341,19 +317,19 @@ async def _commit(route: Route, resp: UpstreamResponse, path: str, model: str, s
     except UpstreamError:
         resp.close()
         raise
-    return Opened(route, resp, meter=meter, chunks=chunks, first=first)
+    return Opened(route, dialect, resp, meter=meter, chunks=chunks, first=first)
 
 
-async def _relay_stream(opened: Opened, receive: Receive, send: Send, rec: RequestRecord,
-                        out_headers: list[tuple[bytes, bytes]], max_duration_s: float, path: str,
-                        produced: Produced) -> None:
-    meter, resp = opened.meter, opened.resp
-    assert meter is not None and opened.chunks is not None
-    await send({"type": "http.response.start", "status": 200, "headers": [*_SSE_HEADERS, *out_headers]})
-    pump = asyncio.ensure_future(_pump(opened.chunks, opened.first, send, rec, meter, path, produced))
-    watcher = asyncio.ensure_future(_wait_for_disconnect(receive))
+async def _relay_stream(ex: Exchange, opened: Opened) -> None:
+    meter, resp, rec, send = opened.meter, opened.resp, ex.rec, ex.send
+    assert meter is not None and opened.chunks is not None and rec is not None and send is not None
+    assert ex.receive is not None and ex.state is not None
+    await send({"type": "http.response.start", "status": 200, "headers": [*_SSE_HEADERS, *ex.out_headers]})
+    pump = asyncio.ensure_future(_pump(ex, opened.chunks, opened.first, meter))
+    watcher = asyncio.ensure_future(_wait_for_disconnect(ex.receive))
     try:
-        await asyncio.wait((pump, watcher), timeout=max_duration_s, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait((pump, watcher), timeout=ex.state.settings.max_request_duration_s,
+                           return_when=asyncio.FIRST_COMPLETED)
     finally:
         if not pump.done():
             # The client went away (or the stream outlived its reservation): stop reading upstream now,
@@ -364,36 +340,37 @@ async def _relay_stream(opened: Opened, receive: Receive, send: Send, rec: Reque
                 rec.status_code, rec.error_code = 499, "client_cancelled"
             else:
                 rec.error_code = "max_duration_exceeded"
-                await _end_stream_quietly(send, stream_error(path, "The stream exceeded the maximum duration.",
-                                                             "max_duration_exceeded"))
+                await _end_stream_quietly(send, ex.endpoint.client.sse("The stream exceeded the maximum duration.",
+                                                                       "max_duration_exceeded"))
         watcher.cancel()
         resp.close()
         # What the upstream says it ran: recorded, so made recordable (an upstream is not trusted either).
         rec.reported_model = inputs.recordable(meter.model) if isinstance(meter.model, str) else None
-        rec.usage = normalise(opened.route.api_format, meter.upstream_usage, getattr(meter, "service_tier", None))
+        rec.usage = opened.dialect.usage(meter.upstream_usage, getattr(meter, "service_tier", None))
     if not pump.cancelled() and pump.exception() is not None:
         raise pump.exception()  # an unexpected bug: let the app's error handler log it
 
 
-async def _pump(chunks: AsyncIterator[bytes], first: bytes, send: Send, rec: RequestRecord,
-                meter: StreamTransformer, path: str, produced: Produced) -> None:
+async def _pump(ex: Exchange, chunks: AsyncIterator[bytes], first: bytes, meter: StreamTransformer) -> None:
+    rec, send = ex.rec, ex.send
+    assert rec is not None and send is not None
     try:
         if first:
             rec.mark_first_byte()
-            produced.keep(first)
+            ex.keep(first)
             await send({"type": "http.response.body", "body": first, "more_body": True})
         async for chunk in chunks:
             out = meter.feed(chunk)
             if out:
                 rec.mark_first_byte()
-                produced.keep(out)
+                ex.keep(out)
                 await send({"type": "http.response.body", "body": out, "more_body": True})
         tail = meter.finish()
     except UpstreamError as exc:
         # Bytes are already out, so the status can't change: end with an error event instead.
         rec.error_code = "upstream_stream_broken"
         rec.status_code = exc.status
-        tail = meter.finish() + stream_error(path, exc.message, exc.code or "upstream_error")
+        tail = meter.finish() + ex.endpoint.client.sse(exc.message, exc.code or "upstream_error")
     except OSError:
         rec.status_code, rec.error_code = 499, "client_cancelled"
         return
@@ -410,9 +387,3 @@ async def _end_stream_quietly(send: Send, body: bytes) -> None:
 async def _wait_for_disconnect(receive: Receive) -> None:
     while (await receive())["type"] != "http.disconnect":
         pass
-
-
-def is_model_path(path: str) -> bool:
-    return path in _DECODERS
-
-

@@ -9,17 +9,18 @@ from __future__ import annotations
 
 import random
 from itertools import groupby
+from typing import Any
 
 import asyncpg
 import msgspec
 
 from proxy.errors import InvalidRequest, ModelNotFound, UpstreamError
-from proxy.health import HEALTHY, CircuitBreakers, route_rank
+from proxy.health import HEALTHY, CircuitBreakers, RouteStats, route_rank
 from shared.apikeys import KeyRecord
 from shared.crypto import SecretBox
 from shared.money import Price, PriceVersion
 
-__all__ = ["Attempt", "Catalogue", "Route", "load_catalogue", "plan_attempts"]
+__all__ = ["Attempt", "Catalogue", "Route", "apply_preferences", "load_catalogue", "plan_attempts"]
 
 
 class Route(msgspec.Struct, frozen=True):
@@ -39,6 +40,13 @@ class Route(msgspec.Struct, frozen=True):
     # What the model-quality probes say (shared/quality): healthy | degraded | failing | quarantined.
     # Failing and quarantined routes are loaded (the probe runner keeps probing them) but never planned.
     probe_status: str = "healthy"
+    responses_api: bool = False  # an `openai` provider that serves the Responses API too
+
+    @property
+    def wire(self) -> str:
+        """The richest dialect the provider speaks: `openai-responses`, `openai` or `anthropic`
+        (`proxy.endpoints.Endpoint.dialect_for` picks a dialect by it, falling back to `api_format`)."""
+        return "openai-responses" if self.responses_api and self.api_format == "openai" else self.api_format
 
 
 class ModelEntry(msgspec.Struct, frozen=True):
@@ -63,29 +71,21 @@ class ModelEntry(msgspec.Struct, frozen=True):
         return None
 
 
-# Which model kinds each endpoint serves.
-ENDPOINT_KINDS = {
-    "/v1/chat/completions": ("chat",),
-    "/v1/completions": ("completion", "chat"),
-    "/v1/embeddings": ("embedding",),
-    "/v1/messages": ("chat",),
-}
-
-
 class Catalogue:
     __slots__ = ("models",)
 
     def __init__(self, models: dict[str, ModelEntry]) -> None:
         self.models = models
 
-    def entry_for(self, model: str, path: str, key: KeyRecord) -> ModelEntry:
-        """The model, if this key may use it on this endpoint; 404/400 otherwise."""
+    def entry_for(self, model: str, path: str, kinds: tuple[str, ...], key: KeyRecord) -> ModelEntry:
+        """The model, if this key may use it on the endpoint at `path` (serving models of `kinds`); 404/400
+        otherwise."""
         entry = self.models.get(model)
         if entry is None or not entry.routes or (key.allowed_models is not None and model not in key.allowed_models):
             # The same answer for "no such model" and "not allowed for this key": don't reveal the catalogue.
             raise ModelNotFound(f"The model `{model}` does not exist or you do not have access to it.",
                                 param="model")
-        if entry.kind not in ENDPOINT_KINDS[path]:
+        if entry.kind not in kinds:
             raise InvalidRequest(f"The model `{model}` is a {entry.kind} model and cannot be used with {path}.",
                                  param="model", code="model_not_supported")
         return entry
@@ -149,6 +149,27 @@ def plan_attempts(entry: ModelEntry, byok: dict[int, str], breakers: CircuitBrea
     return attempts
 
 
+def apply_preferences(attempts: list[Attempt], prefs: Any, stats: RouteStats) -> list[Attempt]:
+    """A client's `provider` preferences applied to planned attempts (OpenRouter's semantics): `only` keeps
+    those providers, `ignore` drops those; `order` tries those first, in that order, then the others unless
+    `allow_fallbacks` is false; `sort` by `latency` (lowest first) or `throughput` (highest first), as this
+    process measured them (`proxy.health.RouteStats`; unmeasured routes last). (`sort: price` orders models,
+    whose routes share one price: `proxy.relay`.)"""
+    only = frozenset(prefs.only) if prefs.only else None
+    ignore = frozenset(prefs.ignore or ())
+    kept = [a for a in attempts
+            if (only is None or a.route.provider in only) and a.route.provider not in ignore]
+    if prefs.order:
+        rank = {name: i for i, name in enumerate(prefs.order)}
+        first = sorted((a for a in kept if a.route.provider in rank), key=lambda a: rank[a.route.provider])
+        kept = first + ([a for a in kept if a.route.provider not in rank] if prefs.allow_fallbacks else [])
+    if prefs.sort == "latency":
+        kept.sort(key=lambda a: stats.latency(a.route.id))
+    elif prefs.sort == "throughput":
+        kept.sort(key=lambda a: -stats.throughput(a.route.id))
+    return kept
+
+
 _MODELS_SQL = "select name, kind, owned_by, extract(epoch from created_at)::bigint as created from models"
 _PRICE_FIELDS = tuple(f for f in Price.__struct_fields__ if f != "effective_from")
 _PRICES_SQL = f"""
@@ -157,6 +178,7 @@ from model_prices order by model, effective_from desc, service_tier, min_prompt_
 """
 _ROUTES_SQL = """
 select r.id, r.model, p.id as provider_id, p.name as provider, r.status, r.probe_status, p.api_format, p.base_url,
+       p.responses_api,
        r.upstream_model, p.credential_secret_id,
        p.connect_timeout_ms, p.read_timeout_ms, r.priority, r.weight,
        s.kind as secret_kind, s.master_key_id, s.wrapped_key, s.ciphertext
@@ -191,7 +213,7 @@ async def load_catalogue(pool: asyncpg.Pool, box: SecretBox) -> Catalogue:
             api_format=r["api_format"], status=r["status"], probe_status=r["probe_status"],
             base_url=r["base_url"].rstrip("/"), upstream_model=r["upstream_model"], credential=credential,
             connect_timeout_s=r["connect_timeout_ms"] / 1000, read_timeout_s=r["read_timeout_ms"] / 1000,
-            priority=r["priority"], weight=r["weight"],
+            priority=r["priority"], weight=r["weight"], responses_api=r["responses_api"],
         ))
     models = {
         m["name"]: ModelEntry(m["name"], m["kind"], m["owned_by"], m["created"],

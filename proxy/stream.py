@@ -11,10 +11,11 @@ from typing import Protocol
 
 import orjson
 
+from proxy.sse import SSEBuffer, data_of
 from proxy.translate import Pricer, with_cost
 from shared.usage import merge_anthropic
 
-__all__ = ["AnthropicMeter", "StreamMeter", "StreamTransformer", "sse_error_event"]
+__all__ = ["AnthropicMeter", "StreamMeter", "StreamTransformer"]
 
 
 class StreamTransformer(Protocol):
@@ -29,18 +30,11 @@ class StreamTransformer(Protocol):
     def finish(self) -> bytes: ...
 
 
-def _last_boundary(buf: bytes) -> int:
-    """End offset of the last complete event in `buf` (0 if none)."""
-    lf = buf.rfind(b"\n\n")
-    crlf = buf.rfind(b"\r\n\r\n")
-    return max(lf + 2 if lf >= 0 else 0, crlf + 4 if crlf >= 0 else 0)
-
-
 class StreamMeter:
-    __slots__ = ("_tail", "drop_usage_chunk", "events", "model", "pricer", "service_tier", "usage")
+    __slots__ = ("_sse", "drop_usage_chunk", "events", "model", "pricer", "service_tier", "usage")
 
     def __init__(self, *, drop_usage_chunk: bool) -> None:
-        self._tail = b""
+        self._sse = SSEBuffer()
         self.drop_usage_chunk = drop_usage_chunk
         self.events = 0
         self.model: str | None = None
@@ -55,12 +49,9 @@ class StreamMeter:
 
     def feed(self, chunk: bytes) -> bytes:
         """Take an upstream chunk; return the bytes to forward now (possibly empty)."""
-        buf = self._tail + chunk if self._tail else chunk
-        end = _last_boundary(buf)
-        if end == 0:
-            self._tail = buf
+        complete = self._sse.take(chunk)
+        if not complete:
             return b""
-        complete, self._tail = buf[:end], buf[end:]
         self.events += complete.count(b"data:")
         # Chunks carry `"usage":null` until the last one: only a usage object is worth parsing.
         if self.model is None or b'"usage":{' in complete or b'"usage": {' in complete:
@@ -69,14 +60,14 @@ class StreamMeter:
 
     def finish(self) -> bytes:
         """Whatever is left after the upstream closed (an unterminated last event)."""
-        tail, self._tail = self._tail, b""
+        tail = self._sse.rest()
         return self._inspect(tail + b"\n\n")[:-2] if tail.strip() else tail
 
     def _inspect(self, complete: bytes) -> bytes:
         kept = []
         dropped = changed = False
         for event in complete.replace(b"\r\n", b"\n").split(b"\n\n"):
-            payload = _data_of(event)
+            payload = data_of(event)
             if payload is None or payload == b"[DONE]":
                 kept.append(event)
                 continue
@@ -113,22 +104,19 @@ class AnthropicMeter:
     that mention usage are parsed.
     """
 
-    __slots__ = ("_tail", "events", "model", "pricer", "usage")
+    __slots__ = ("_sse", "events", "model", "pricer", "usage")
 
     def __init__(self) -> None:
-        self._tail = b""
+        self._sse = SSEBuffer()
         self.events = 0
         self.model: str | None = None
         self.usage: dict | None = None
         self.pricer: Pricer | None = None  # upstream usage -> the request's cost, added to message_delta
 
     def feed(self, chunk: bytes) -> bytes:
-        buf = self._tail + chunk if self._tail else chunk
-        end = _last_boundary(buf)
-        if end == 0:
-            self._tail = buf
+        complete = self._sse.take(chunk)
+        if not complete:
             return b""
-        complete, self._tail = buf[:end], buf[end:]
         self.events += complete.count(b"content_block_delta")
         if b'"usage"' in complete:
             events = complete.replace(b"\r\n", b"\n").split(b"\n\n")
@@ -138,12 +126,12 @@ class AnthropicMeter:
         return complete
 
     def finish(self) -> bytes:
-        tail, self._tail = self._tail, b""
+        tail = self._sse.rest()
         return self._read_usage(tail) or tail
 
     def _read_usage(self, event: bytes) -> bytes | None:
         """Fold an event's usage in; returns the event rewritten with the cost (a message_delta, when priced)."""
-        payload = _data_of(event)
+        payload = data_of(event)
         if not payload or b'"usage"' not in payload:
             return None
         try:
@@ -168,17 +156,3 @@ class AnthropicMeter:
     def upstream_usage(self) -> dict | None:
         """The stream's merged usage as Anthropic reports it, for `shared.usage.normalise`."""
         return self.usage
-
-
-def _data_of(event: bytes) -> bytes | None:
-    """The joined `data:` lines of one event, or None if it has none."""
-    if b"data:" not in event:
-        return None
-    lines = [line[5:].lstrip(b" ") for line in event.split(b"\n") if line.startswith(b"data:")]
-    return b"\n".join(lines) if lines else None
-
-
-def sse_error_event(message: str, code: str) -> bytes:
-    """The event sent when a stream fails after bytes were already forwarded (status is already 200)."""
-    body = orjson.dumps({"error": {"message": message, "type": "upstream_error", "code": code, "param": None}})
-    return b"data: " + body + b"\n\n"

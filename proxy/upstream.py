@@ -17,13 +17,28 @@ from proxy.errors import UpstreamError, UpstreamTimeout
 from proxy.h1 import ConnectFailed, H1Pool, H1Response, UnsafeRequest, is_header_value
 from proxy.routing import Route
 
-__all__ = ["UnusableCredential", "UpstreamClient", "UpstreamResponse"]
+__all__ = ["UnusableCredential", "UpstreamClient", "UpstreamResponse", "anthropic_headers", "openai_headers"]
 
 _JSON = "application/json"
-_ANTHROPIC_VERSION = "2023-06-01"
-# The constant header lines of each format, encoded once; only the credential line is built per request.
+ANTHROPIC_VERSION = "2023-06-01"
+# The constant header lines of each format, encoded once; only the credential line is built per request, and
+# the client's forwarded headers when it sent any (checked by `proxy.exchange`, and by `proxy.h1` again).
 _OPENAI_HEADERS = b"content-type: application/json\r\naccept-encoding: identity\r\n"
-_ANTHROPIC_HEADERS = _OPENAI_HEADERS + f"anthropic-version: {_ANTHROPIC_VERSION}\r\n".encode()
+_ANTHROPIC_HEADERS = _OPENAI_HEADERS + f"anthropic-version: {ANTHROPIC_VERSION}\r\n".encode()
+
+
+def openai_headers(beta: str | None) -> bytes:
+    """The header lines of an OpenAI-format request, with the client's `OpenAI-Beta` if it sent one."""
+    return _OPENAI_HEADERS if beta is None else _OPENAI_HEADERS + b"openai-beta: " + beta.encode("ascii") + b"\r\n"
+
+
+def anthropic_headers(version: str | None, beta: str | None) -> bytes:
+    """The header lines of an Anthropic request: the client's `anthropic-version` (else ours) and
+    `anthropic-beta`."""
+    if version is None and beta is None:
+        return _ANTHROPIC_HEADERS
+    head = _OPENAI_HEADERS + b"anthropic-version: " + (version or ANTHROPIC_VERSION).encode("ascii") + b"\r\n"
+    return head + b"anthropic-beta: " + beta.encode("ascii") + b"\r\n" if beta else head
 
 
 class UnusableCredential(UpstreamError):
@@ -83,21 +98,27 @@ class UpstreamClient:
         if self._pool is not None:
             await self._pool.close()
 
-    async def send(self, route: Route, path: str, body: bytes, credential: str | None) -> UpstreamResponse:
-        """POST `body` to the route's provider; raise UpstreamError on a failure worth surfacing."""
+    async def send(self, route: Route, path: str, body: bytes, credential: str | None, headers: bytes | None = None,
+                   *, method: bytes = b"POST") -> UpstreamResponse:
+        """Send `body` to the route's provider (POST unless `method` says otherwise) with the header lines
+        `headers` (default: the format's constant ones); raise UpstreamError on a failure worth surfacing."""
         assert self._pool is not None, "UpstreamClient.start() was not called"
         if credential and not is_header_value(credential):
             # Stored values are checked when saved; this holds for rows written before that, or by hand.
             raise UnusableCredential(f"The credential for {route.provider} holds characters that cannot be sent "
                                      "in an HTTP header.")
         if route.api_format == "anthropic":
-            headers = (_ANTHROPIC_HEADERS + b"x-api-key: " + credential.encode("ascii") + b"\r\n"
-                       if credential else _ANTHROPIC_HEADERS)
+            if headers is None:
+                headers = _ANTHROPIC_HEADERS
+            if credential:
+                headers += b"x-api-key: " + credential.encode("ascii") + b"\r\n"
         else:
-            headers = (_OPENAI_HEADERS + b"authorization: Bearer " + credential.encode("ascii") + b"\r\n"
-                       if credential else _OPENAI_HEADERS)
+            if headers is None:
+                headers = _OPENAI_HEADERS
+            if credential:
+                headers += b"authorization: Bearer " + credential.encode("ascii") + b"\r\n"
         try:
-            resp = await self._pool.post(route.base_url, path, headers, body,
+            resp = await self._pool.post(route.base_url, path, headers, body, method=method,
                                          connect_timeout_s=min(route.connect_timeout_s, self._max_connect),
                                          read_timeout_s=min(route.read_timeout_s, self._max_read))
         except TimeoutError:

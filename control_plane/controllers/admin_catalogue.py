@@ -139,6 +139,7 @@ class ProviderCreate(msgspec.Struct, frozen=True):
     name: Annotated[str, msgspec.Meta(min_length=1, max_length=100)]
     base_url: BaseUrl
     api_format: Literal["openai", "anthropic"] = "openai"
+    responses_api: bool = False  # an openai provider that also serves the Responses API (passed through)
     api_key: Credential | None = None
     connect_timeout_ms: TimeoutMs = 5000
     read_timeout_ms: TimeoutMs = 120_000
@@ -147,6 +148,7 @@ class ProviderCreate(msgspec.Struct, frozen=True):
 class ProviderUpdate(msgspec.Struct, frozen=True):
     base_url: BaseUrl | UnsetType = UNSET
     api_format: Literal["openai", "anthropic"] | UnsetType = UNSET
+    responses_api: bool | UnsetType = UNSET
     api_key: Credential | UnsetType | None = UNSET
     connect_timeout_ms: TimeoutMs | UnsetType = UNSET
     read_timeout_ms: TimeoutMs | UnsetType = UNSET
@@ -163,6 +165,7 @@ class Provider(msgspec.Struct, frozen=True):
     read_timeout_ms: int
     status: str
     created_at: datetime.datetime
+    responses_api: bool = False
 
 
 class RouteCreate(msgspec.Struct, frozen=True):
@@ -193,7 +196,8 @@ class Route(msgspec.Struct, frozen=True):
     created_at: datetime.datetime
 
 
-_PROVIDER_SQL = """select p.id, p.name, p.api_format, p.base_url, s.hint as credential_hint, p.connect_timeout_ms,
+_PROVIDER_SQL = """select p.id, p.name, p.api_format, p.responses_api, p.base_url, s.hint as credential_hint,
+       p.connect_timeout_ms,
        p.read_timeout_ms, p.status, p.created_at
 from providers p left join secrets s on s.id = p.credential_secret_id"""
 _ROUTE_SQL = """select r.id, r.model, r.provider_id, p.name as provider_name, r.upstream_model, r.priority, r.weight,

@@ -1,8 +1,8 @@
 """The probe runner of `rr-worker`: a round of the probe suite per route on a jittered schedule, then the
 detectors and the status machine, whose verdict the proxies read from `routes.probe_status`.
 
-Probes travel exactly as customer requests do: the proxy's `UpstreamClient`, its request dialects
-(`proxy.formats.upstream_request`) and answer translation (`translate_answer`), with the route's own
+Probes travel exactly as customer requests do: the proxy's `UpstreamClient`, the chat endpoint's dialect for
+the route (`proxy.endpoints`: its `request` and `answer`, translation included), with the route's own
 credential — so a provider that treats the relay's traffic differently cannot tell probes apart by their
 shape. (This is why this worker imports from `proxy/`: the dialects must be the same code, not a copy.)
 
@@ -36,8 +36,9 @@ import numpy as np
 import orjson
 from redis.asyncio import Redis
 
+from proxy.endpoints import endpoint_for
 from proxy.errors import ProxyError, UpstreamError
-from proxy.formats import translate_answer, upstream_request
+from proxy.exchange import Exchange
 from proxy.inputs import recordable
 from proxy.routing import ModelEntry, Route, load_catalogue
 from proxy.translate import TranslationError
@@ -274,13 +275,14 @@ class ProbeRunner:
         error_code: str | None = None
         answer = None
         try:
-            upstream_path, payload, _ = upstream_request(PATH, route.api_format, route.upstream_model, body, None,
-                                                         same_model=False, inject_usage=False, output_cap=None)
+            dialect = endpoint_for(PATH).dialect_for_format(route.api_format)
+            upstream_path, payload = dialect.request(Exchange.for_body(endpoint_for(PATH), body, entry.name), route,
+                                                     False)
             resp = await self._upstream.send(route, upstream_path, payload, route.credential)
             ttfb = int((time.perf_counter() - started) * 1000)
             raw = await resp.read()
             total = int((time.perf_counter() - started) * 1000)
-            status, client_body, _ = translate_answer(PATH, route.api_format, resp.status, raw, entry.name)
+            status, client_body, _ = dialect.answer(resp.status, raw, entry.name)
             if status == 200:
                 parsed = orjson.loads(client_body)
                 if isinstance(parsed, dict):

@@ -495,3 +495,71 @@ def test_persona_config_is_checked(mock: httpx.Client) -> None:
     assert mock.post("/_mock/config", json={"persona": "gpt-5"}).status_code == 400
     assert mock.post("/_mock/config", json={"tool_break_rate": 1.5}).status_code == 400
     configure(mock, persona="reference", tool_break_rate=0.5)
+
+
+# ---- OpenAI Responses API, Anthropic count_tokens, thinking ---------------------------------------------
+
+RESPONSES = "/v1/responses"
+
+
+def test_responses_non_stream_usage_and_stored(mock: httpx.Client) -> None:
+    body = {"model": "resp-model", "input": PROMPT, "max_output_tokens": 3, "reasoning": {"effort": "low"},
+            "include": ["reasoning.encrypted_content"], "prompt_cache_key": "k"}
+    answer = mock.post(RESPONSES, json=body).json()
+    assert answer["object"] == "response" and answer["status"] == "incomplete"
+    assert answer["output"][0]["content"][0]["text"] == "tok1 tok2 tok3 "
+    assert answer["usage"]["input_tokens"] == 7 and answer["usage"]["output_tokens"] == 3
+    stored = mock.get(f"{RESPONSES}/{answer['id']}").json()
+    assert stored["id"] == answer["id"]
+    assert mock.delete(f"{RESPONSES}/{answer['id']}").json()["deleted"] is True
+    assert mock.get(f"{RESPONSES}/{answer['id']}").status_code == 404
+    unstored = mock.post(RESPONSES, json={**body, "store": False}).json()
+    assert mock.get(f"{RESPONSES}/{unstored['id']}").status_code == 404
+    posts = [r for r in mock.get("/_mock/requests").json() if r["method"] == "POST"]
+    assert posts[-1]["store"] is False
+
+
+def test_responses_stream_events_and_tool_call(mock: httpx.Client) -> None:
+    text = stream_text(mock, RESPONSES, {"model": "resp-s", "input": [{"role": "user", "content": PROMPT}],
+                                         "stream": True})
+    events = [(name, json.loads(data)) for name, data in sse_events(text)]
+    names = [name for name, _ in events]
+    assert names[:4] == ["response.created", "response.in_progress", "response.output_item.added",
+                         "response.content_part.added"]
+    assert names[-1] == "response.completed" and names.count("response.output_text.delta") == 8
+    assert [d["sequence_number"] for _, d in events] == list(range(len(events)))
+    assert events[-1][1]["response"]["usage"]["output_tokens"] == 8
+    configure(mock, models={"resp-tool": {"tool_call": "get_weather", "thinking": True, "reasoning_tokens": 2}})
+    answer = mock.post(RESPONSES, json={"model": "resp-tool", "input": "x"}).json()
+    assert [item["type"] for item in answer["output"]] == ["reasoning", "function_call"]
+    assert answer["output"][1]["arguments"] == '{"city": "Paris"}'
+    assert answer["usage"]["output_tokens_details"]["reasoning_tokens"] == 2
+    text = stream_text(mock, RESPONSES, {"model": "resp-tool", "input": "x", "stream": True})
+    deltas = [json.loads(d)["delta"] for n, d in sse_events(text) if n == "response.function_call_arguments.delta"]
+    assert "".join(deltas) == '{"city": "Paris"}'
+
+
+def test_count_tokens_and_headers_recorded(mock: httpx.Client) -> None:
+    response = mock.post(MESSAGES + "/count_tokens", json={"model": "claude-c", "messages": [
+        {"role": "user", "content": PROMPT}]}, headers={"anthropic-beta": "a-1,b-2"})
+    assert response.json() == {"input_tokens": 7}
+    record = mock.get("/_mock/requests").json()[-1]
+    assert record["anthropic_beta"] == "a-1,b-2" and "anthropic-beta" in record["headers"]
+
+
+def test_thinking_blocks_in_messages_and_chat(mock: httpx.Client) -> None:
+    configure(mock, models={"think": {"thinking": True}})
+    answer = mock.post(MESSAGES, json=chat_body("think", max_tokens=2)).json()
+    assert [b["type"] for b in answer["content"]] == ["thinking", "redacted_thinking", "text"]
+    assert answer["content"][0]["signature"]
+    text = stream_text(mock, MESSAGES, chat_body("think", max_tokens=2, stream=True))
+    deltas = [json.loads(d)["delta"]["type"] for n, d in sse_events(text) if n == "content_block_delta"]
+    assert deltas == ["thinking_delta", "signature_delta", "text_delta", "text_delta"]
+    chat = mock.post(CHAT, json=chat_body("think")).json()
+    assert chat["choices"][0]["message"]["reasoning_content"]
+    # what a client sends back is recorded: its thinking signatures
+    mock.post(MESSAGES, json={"model": "think", "max_tokens": 5, "messages": [
+        {"role": "user", "content": "a"}, {"role": "assistant", "content": answer["content"]},
+        {"role": "user", "content": "b"}]})
+    assert mock.get("/_mock/requests").json()[-1]["thinking_signatures"] == ["sig-mock-0123456789",
+                                                                            "redacted-mock-data"]

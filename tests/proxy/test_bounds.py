@@ -8,8 +8,8 @@ import msgspec
 import pytest
 
 from proxy.bounds import request_bound
+from proxy.endpoints import ChatBody, CompletionBody, EmbeddingBody, MessagesBody, endpoint_for
 from proxy.errors import InvalidRequest
-from proxy.relay import ChatBody, CompletionBody, EmbeddingBody, MessagesBody
 from shared.settings import load_settings
 
 SETTINGS = load_settings({}, database_url="postgresql://unused", redis_url="redis://unused", key_pepper="x" * 24,
@@ -21,7 +21,7 @@ CHAT = b'{"model":"m","messages":[{"role":"user","content":"hi"}]'
 def bound(path: str, body: bytes):
     kind = {"/v1/chat/completions": ChatBody, "/v1/completions": CompletionBody, "/v1/embeddings": EmbeddingBody,
             "/v1/messages": MessagesBody}[path]
-    return request_bound(path, msgspec.json.decode(body, type=kind), body, SETTINGS)
+    return request_bound(endpoint_for(path), msgspec.json.decode(body, type=kind), body, SETTINGS)
 
 
 def test_a_chat_request_without_a_cap_reserves_and_forwards_the_default() -> None:

@@ -11,7 +11,7 @@ import secrets
 import httpx
 import pytest
 
-from proxy.formats import translate_answer
+from proxy.endpoints import endpoint_for
 from proxy.translate import TranslationError
 from tests.conftest import Factory, Server, wait_for_rows
 from tests.proxy.test_errors import assert_error
@@ -164,7 +164,7 @@ def test_upstream_answers_of_the_wrong_shape_are_translation_errors(path: str, u
                                                                     answer: bytes) -> None:
     # A TranslationError becomes 502 in the relay; anything else was a 500.
     with pytest.raises(TranslationError):
-        translate_answer(path, upstream, 200, answer, "m")
+        endpoint_for(path).dialect_for_format(upstream).answer(200, answer, "m")
 
 
 async def test_a_path_postgresql_cannot_store_does_not_stop_request_logs(

@@ -11,8 +11,8 @@ import httpx
 import orjson
 import pytest
 
+from proxy.dialects.base import answer_with_cost as with_cost
 from proxy.estimate import IMAGE_TOKENS
-from proxy.formats import with_cost
 from shared import tokenizer
 from tests.conftest import Factory, Server, wait_for_rows
 from tests.proxy.test_billing import pg_money, wait_usage
