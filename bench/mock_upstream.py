@@ -84,6 +84,7 @@ from bench.mock_model import PERSONAS, Reply, respond
 
 CONFIG_ENV = "MOCK_UPSTREAM_CONFIG"
 MAX_RECORDED = 1000
+PERSONA_SEED = 20261201
 HANG_SECONDS = 3600.0
 EMBEDDING_DIM = 8
 DEFAULT_MODEL_IDS = ("gpt-4o-mini", "gpt-4o", "text-embedding-3-small", "claude-3-5-haiku-latest")
@@ -383,6 +384,9 @@ class MockUpstream:
         # Requests whose client went away before the answer was complete: (time, model).
         self.disconnects: deque[tuple[float, str | None]] = deque(maxlen=MAX_RECORDED)
         self.pieces = Pieces()
+        # The simulated models' randomness (persona answers): seeded, and re-seeded by /_mock/reset, so a test
+        # that resets the mock gets the same answers to the same requests every run.
+        self.rng = random.Random(PERSONA_SEED)
         self.effective: dict[str, Any] = {}
         self._settings: dict[str | None, Settings] = {}
         self._routes: dict[str, tuple[str, Callable[[Call], Awaitable[None]]]] = {
@@ -518,6 +522,7 @@ class MockUpstream:
             case "POST", "/_mock/reset":
                 self.runtime = {}
                 self._refresh()
+                self.rng.seed(PERSONA_SEED)
                 self.requests.clear()
                 self.disconnects.clear()
                 await send_bytes(send, 200, OK)
@@ -662,7 +667,7 @@ class MockUpstream:
         persona = call.settings.persona
         if persona is None:
             return None
-        return respond(persona, call.body, random.Random(), tool_break_rate=call.settings.tool_break_rate)
+        return respond(persona, call.body, self.rng, tool_break_rate=call.settings.tool_break_rate)
 
     def completion_json(self, call: Call, n: int, cut: bool) -> dict[str, Any]:
         out: dict[str, Any] = {

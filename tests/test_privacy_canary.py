@@ -176,6 +176,13 @@ async def send_everything(stack: Stack, mock: Server) -> int:
         ("/messages", claude_body, {"x-api-key": t["key"], "anthropic-beta": CANARY}),
         ("/messages", {**claude_body, "stream": True}, {"x-api-key": t["key"]}),
         ("/chat/completions", _everywhere(t["claude"]), auth),  # translated to Anthropic
+        ("/messages/count_tokens", {k: v for k, v in claude_body.items() if k != "max_tokens"},
+         {"x-api-key": t["key"]}),
+        ("/responses", {"model": t["chat"], "input": CANARY, "instructions": CANARY, "user": CANARY,
+                        "metadata": {"note": CANARY}}, auth),  # translated to Chat Completions
+        ("/responses", {"model": t["chat"], "input": [{"role": "user", "content": CANARY}], "stream": True}, auth),
+        ("/responses", {"model": t["claude"], "input": CANARY}, auth),  # through Chat Completions to Anthropic
+        ("/chat/completions", {**_everywhere("no-such-model"), "models": [t["chat"]]}, auth),  # a fallback
         ("/chat/completions", {**_everywhere(t["chat"]), "messages": CANARY}, auth),  # 400
         ("/chat/completions", {**_everywhere(t["chat"]), "max_tokens": CANARY}, auth),  # 400 on a field
         ("/chat/completions", _everywhere("no-such-model"), auth),  # 404
