@@ -217,6 +217,16 @@ async def send_everything(stack: Stack, mock: Server) -> int:
             "email": f"c-{secrets.token_hex(4)}@example.com", "password": PASSWORD, "org_name": "Canary org"})
         assert signup.status_code == 201, signup.text
         await http.post(cp + "/v1/auth/login", json={"email": "nobody@example.com", "password": PASSWORD})
+        owner = {"authorization": f"Bearer {signup.json()['tokens']['access_token']}"}
+        org = signup.json()["org_id"]
+        claims = []
+        for network in ("ethereum", "tron", "bitcoin"):  # refused formats: the values must not be kept either
+            claims.append(await http.post(cp + f"/v1/orgs/{org}/payments/crypto", headers=owner, json={
+                "network": network, "tx_hash": CANARY, "sender_address": CANARY, "amount_micros": 5_000_000}))
+        assert {r.status_code for r in claims} == {422}, [r.text for r in claims]  # refused as malformed
+        await http.post(cp + f"/v1/orgs/{org}/payments/stripe-checkout", headers=owner,
+                        json={"amount_micros": CANARY})
+        await http.patch(cp + f"/v1/orgs/{org}", headers=owner, json={"name": "x" * 300 + CANARY})
     return len(calls) + 6
 
 
