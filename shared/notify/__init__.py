@@ -1,0 +1,1 @@
+"""Notifications: org events (an outbox in PostgreSQL), outbound webhooks and mail."""
