@@ -148,6 +148,7 @@ class Settings:
     thinking: bool = False
     reasoning_tokens: int = 0
     context_limit: int | None = None
+    linger_ms: float = 0  # a stream stays open this long after its last event before it ends
 
 
 _NUM, _INT, _OPT_INT, _BOOL = (int, float), (int,), (int, type(None)), (bool,)
@@ -158,7 +159,7 @@ FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "ignore_max_tokens": _BOOL, "break_after_headers": _BOOL, "stall_after_headers": _BOOL,
     "usage": (dict, type(None)), "service_tier": (str, type(None)),
     "persona": (str, type(None)), "tool_break_rate": _NUM, "thinking": _BOOL, "reasoning_tokens": _INT,
-    "context_limit": _OPT_INT,
+    "context_limit": _OPT_INT, "linger_ms": _NUM,
 }
 
 
@@ -604,7 +605,7 @@ class MockUpstream:
         s, send, pacer = call.settings, call.send, call.pacer
         await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
         fail_after = s.fail_after_chunks
-        if s.ttft_ms <= 0 and s.chunk_delay_ms <= 0 and fail_after is None:  # fast path: a single write
+        if s.ttft_ms <= 0 and s.chunk_delay_ms <= 0 and fail_after is None and s.linger_ms <= 0:  # one write
             await send({"type": "http.response.body", "body": b"".join((plan.head, *plan.pieces, plan.tail))})
             return
         if s.ttft_ms > 0 and not await pacer.sleep(s.ttft_ms):
@@ -617,6 +618,11 @@ class MockUpstream:
             await send({"type": "http.response.body", "body": piece, "more_body": True})
         if fail_after is not None:
             raise MockStreamAbort(f"mock stream aborted after {len(pieces)} chunks (fail_after_chunks)")
+        if s.linger_ms > 0:  # the last event out, the connection still open (as some providers do)
+            await send({"type": "http.response.body", "body": plan.tail, "more_body": True})
+            await pacer.sleep(s.linger_ms)
+            await send({"type": "http.response.body", "body": b""})
+            return
         await send({"type": "http.response.body", "body": plan.tail})
 
     # ---- OpenAI chat completions and legacy completions -------------------------------------------

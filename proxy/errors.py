@@ -168,12 +168,16 @@ def anthropic_error_type(status: int, code: str | None = None, kind: str | None 
 
 
 class ErrorCatalogue:
-    """How one client dialect is told about an error: a JSON body, or the last event of a broken stream."""
+    """How one client dialect is told about an error: a JSON body, or the last event of a broken stream.
 
-    __slots__ = ("name",)
+    `stream_end` marks the dialect's last event of a whole answer: a client that leaves after it was sent
+    was answered in full (a 200), not cancelled."""
 
-    def __init__(self, name: str) -> None:
+    __slots__ = ("name", "stream_end")
+
+    def __init__(self, name: str, *stream_end: bytes) -> None:
         self.name = name
+        self.stream_end = stream_end
 
     def json(self, err: ProxyError) -> bytes:
         return error_body(err)
@@ -205,6 +209,6 @@ class _ResponsesErrors(ErrorCatalogue):
         return b"event: error\ndata: " + body + b"\n\n"
 
 
-OPENAI_ERRORS = ErrorCatalogue("openai")
-ANTHROPIC_ERRORS = _AnthropicErrors("anthropic")
-RESPONSES_ERRORS = _ResponsesErrors("responses")
+OPENAI_ERRORS = ErrorCatalogue("openai", b"data: [DONE]")
+ANTHROPIC_ERRORS = _AnthropicErrors("anthropic", b"event: message_stop")
+RESPONSES_ERRORS = _ResponsesErrors("responses", b"event: response.completed", b"event: response.incomplete")

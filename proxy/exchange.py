@@ -79,6 +79,7 @@ class Exchange:
         "send",
         "sent",
         "state",
+        "stream_done",
         "strip",
     )
 
@@ -108,6 +109,7 @@ class Exchange:
         self.billable = False  # true once an answer (or part of a stream) went to the client
         self.content_events = 0
         self.answer_bytes = 0
+        self.stream_done = False  # a stream's last event of a whole answer went to the client
         self.sent: list[bytes] = []  # a stream's first SENT_KEPT bytes: what an estimate counts if it is cut
         self._upstream_headers: dict[str, bytes] | None = None
         self._priced: tuple | None = None  # (usage, byok, price, result): priced once for the answer and the event

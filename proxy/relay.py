@@ -336,8 +336,9 @@ async def _relay_stream(ex: Exchange, opened: Opened) -> None:
             # so the provider stops generating, and charge what was produced.
             pump.cancel()
             await asyncio.gather(pump, return_exceptions=True)
-            if watcher.done():
-                rec.status_code, rec.error_code = 499, "client_cancelled"
+            if watcher.done():  # the client left: cancelled, unless the whole answer was already out
+                if not ex.stream_done:
+                    rec.status_code, rec.error_code = 499, "client_cancelled"
             else:
                 rec.error_code = "max_duration_exceeded"
                 await _end_stream_quietly(send, ex.endpoint.client.sse("The stream exceeded the maximum duration.",
@@ -354,17 +355,21 @@ async def _relay_stream(ex: Exchange, opened: Opened) -> None:
 async def _pump(ex: Exchange, chunks: AsyncIterator[bytes], first: bytes, meter: StreamTransformer) -> None:
     rec, send = ex.rec, ex.send
     assert rec is not None and send is not None
+    ends = ex.endpoint.client.stream_end
     try:
         if first:
             rec.mark_first_byte()
             ex.keep(first)
             await send({"type": "http.response.body", "body": first, "more_body": True})
+            ex.stream_done = any(end in first for end in ends)
         async for chunk in chunks:
             out = meter.feed(chunk)
             if out:
                 rec.mark_first_byte()
                 ex.keep(out)
                 await send({"type": "http.response.body", "body": out, "more_body": True})
+                # A client may leave as soon as the last event is in, before the upstream ends the stream.
+                ex.stream_done = ex.stream_done or any(end in out for end in ends)
         tail = meter.finish()
     except UpstreamError as exc:
         # Bytes are already out, so the status can't change: end with an error event instead.
@@ -372,7 +377,8 @@ async def _pump(ex: Exchange, chunks: AsyncIterator[bytes], first: bytes, meter:
         rec.status_code = exc.status
         tail = meter.finish() + ex.endpoint.client.sse(exc.message, exc.code or "upstream_error")
     except OSError:
-        rec.status_code, rec.error_code = 499, "client_cancelled"
+        if not ex.stream_done:
+            rec.status_code, rec.error_code = 499, "client_cancelled"
         return
     await send({"type": "http.response.body", "body": tail, "more_body": False})
 

@@ -241,6 +241,35 @@ async def test_client_disconnect_mid_stream_charges_what_was_produced(
     assert (await live(redis, redis_keys, t.org_id))["reserved"] == 0
 
 
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/messages", "/v1/responses"])
+async def test_a_client_that_leaves_after_the_last_event_was_answered_in_full(
+    proxy: Server, mock_upstream: Server, worker, factory: Factory, db, redis, redis_keys: RedisKeys, path: str,
+) -> None:
+    """Streaming clients (the CLIs among them) hang up once the last event is in; the upstream may hold the
+    stream open a while longer. That is a whole answer: logged 200 and billed, not a 499."""
+    t = await priced_tenant(factory, proxy, mock_upstream)
+    await configure_mock(mock_upstream, {t.model: {"chunks": 3, "chunk_delay_ms": 5, "linger_ms": 5000}})
+    trace = f"linger-{t.org_id}-{path.rsplit('/', 1)[1]}"
+    body = ({"model": t.model, "max_tokens": 50, "messages": [{"role": "user", "content": "hi"}]}
+            if path == "/v1/messages" else {"model": t.model, "input": "hi"} if path == "/v1/responses"
+            else {"model": t.model, **CHAT})
+    end = {"/v1/messages": b"message_stop", "/v1/responses": b"response.completed"}.get(path, b"[DONE]")
+    async with httpx.AsyncClient(timeout=20) as http, http.stream(
+        "POST", proxy.url + path, headers={**t.auth, "x-request-id": trace}, json={**body, "stream": True},
+    ) as resp:
+        seen = b""
+        async for chunk in resp.aiter_raw():
+            seen += chunk
+            if end in seen:
+                break
+    assert end in seen
+    (record,) = await wait_usage(db, t.org_id, 1)
+    (log,) = await wait_for_rows(db, "select * from request_logs where client_request_id = $1", trace)
+    assert (log["status_code"], log["error_code"]) == (200, None)
+    assert log["cost_micros"] == record["cost_micros"] > 0
+    assert (await live(redis, redis_keys, t.org_id))["reserved"] == 0
+
+
 async def test_each_request_pays_the_price_in_force_when_it_started(
     client: httpx.AsyncClient, proxy: Server, mock_upstream: Server, worker, factory: Factory, db,
 ) -> None:

@@ -68,8 +68,8 @@ async def _run(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.Co
 
 async def _assert_all_charged(db, org_id: int) -> int:
     """Every model request of the org that was answered is billed: one usage record each, none missing."""
-    # A streaming CLI may close its connection as soon as the last event is in (a 499 after a whole answer,
-    # still billed): what was answered is what has tokens on record, or a 200.
+    # What was answered is a 200 (a CLI that hangs up once the last event is in was answered in full), or
+    # a request with tokens on record (one it cut short itself, billed for what it received).
     answered = await wait_for_rows(db, """select request_id from request_logs where org_id = $1
                                           and path in ('/v1/messages', '/v1/responses')
                                           and (status_code = 200 or prompt_tokens is not null)""", org_id)
