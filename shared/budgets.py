@@ -19,6 +19,7 @@ counter keys and boundaries to the reserve script as KEYS/ARGV (`proxy.billing`)
 from __future__ import annotations
 
 import datetime
+import math
 from zoneinfo import ZoneInfo
 
 import msgspec
@@ -70,7 +71,9 @@ def _first_instant(day: datetime.date, zone: ZoneInfo) -> float:
 
 def calendar_period(now: float, period: str, zone: ZoneInfo) -> CalendarPeriod:
     """The calendar day, ISO week or month (in `zone`) that holds the instant `now` (unix seconds)."""
-    today = datetime.datetime.fromtimestamp(now, zone).date()
+    # Whole seconds: every period boundary is one, and fromtimestamp would round 23:59:59.9999996 up to the
+    # next day.
+    today = datetime.datetime.fromtimestamp(math.floor(now), zone).date()
     if period == "day":
         first, following = today, today + datetime.timedelta(days=1)
     elif period == "week":
@@ -82,8 +85,6 @@ def calendar_period(now: float, period: str, zone: ZoneInfo) -> CalendarPeriod:
     else:
         raise ValueError(f"unknown budget period {period!r}")
     start, end = _first_instant(first, zone), _first_instant(following, zone)
-    if now < start:  # a local date whose midnight repeats (a fall-back at 00:00): the date began at the first
-        start = now
     return CalendarPeriod(first.strftime("%Y%m%d"), start, end)
 
 
