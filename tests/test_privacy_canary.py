@@ -148,8 +148,8 @@ async def _tenant(stack: Stack, mock: Server) -> dict:
                        org_id, spare, byok)
     for model in (chat, claude, embed):
         await f.publish_config(stack.proxy, key, model)
-    return {"chat": chat, "claude": claude, "embed": embed, "key": key, "limited": limited, "poor": poor, "budgeted": budgeted,
-            "a": f"a-{tag}", "org_id": org_id}
+    return {"chat": chat, "claude": claude, "embed": embed, "key": key, "limited": limited, "poor": poor,
+            "budgeted": budgeted, "a": f"a-{tag}", "org_id": org_id}
 
 
 def _everywhere(model: str, **extra: object) -> dict:
