@@ -13,6 +13,9 @@ period through the outbox's `dedupe_key`:
 "Period": a calendar budget's current day, week or month in `RR_BUDGET_TIMEZONE` (`shared.budgets`); a
 rolling budget's last 24 h / 7 d / 30 d, exactly (not bucketed: an alert needs no bound on Redis work), and
 "once per period" for it means once per window length counted from the Unix epoch.
+
+Cost: per batch, one statement that sums, for each budget of the batch's orgs not yet announced at the limit
+this period, its period's usage records (an index range scan of `usage_records (org_id, created_at)`).
 """
 
 from __future__ import annotations
@@ -41,6 +44,10 @@ join unnest($2::text[], $3::text[], $4::timestamptz[], $5::timestamptz[], $6::te
      as w(period, window_kind, since, until, label)
   on w.period = b.period and w.window_kind = b.window_kind
 where b.org_id = any($1::bigint[])
+  -- A budget announced at the limit already this period has nothing left to announce: not summed again.
+  and not exists (select 1 from event_outbox e
+                   where e.org_id = b.org_id and e.event_type = 'budget.exceeded'
+                     and e.dedupe_key = 'budget:' || b.id || ':' || w.label || ':limit')
 order by b.id
 """
 

@@ -126,7 +126,8 @@ async def test_a_daily_budget_holds_under_50_concurrent_requests_and_opens_the_n
         after.stop()
     assert 0 < await counter(redis, org.budget_calendar(f"k{t.key_id}", "day", "20270315")) <= 2_000
     assert await counter(redis, key_counter) == charged
-    await assert_money_invariants(db, redis, settings, {t.org_id: OrgExpectation(billed=served + 1)})
+    await assert_money_invariants(db, redis, settings, {t.org_id: OrgExpectation(
+        billed=served + 1, budget_counters={key_counter: limit})})
 
 
 async def test_an_org_rolling_budget_binds_every_key_of_the_org(
@@ -167,7 +168,8 @@ async def test_an_org_rolling_budget_binds_every_key_of_the_org(
     records = await wait_for_rows(db, "select cost_micros from usage_records where org_id = $1", t.org_id,
                                   count=served)
     assert sum(map(int, rolling.values())) == sum(r["cost_micros"] for r in records) <= 3_000
-    await assert_money_invariants(db, redis, settings, {t.org_id: OrgExpectation(billed=served)})
+    await assert_money_invariants(db, redis, settings, {t.org_id: OrgExpectation(
+        billed=served, budget_counters={redis_keys.org(t.org_id).budget_rolling("o", "week"): 3_000})})
 
 
 async def test_the_hot_path_makes_two_redis_calls_with_budgets(
