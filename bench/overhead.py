@@ -217,15 +217,32 @@ def relay_settings(stack: Stack, port: int = 8080, workers: int = 1) -> Settings
                          master_key=stack.master_key)
 
 
-def start_relay(stack: Stack, upstream_base: str, workers: int) -> None:
+async def add_budgets(settings: Settings, org_id: int, api_key: str) -> None:
+    """Budgets that never refuse on the demo org and key (calendar and rolling, for the org and the key), so
+    `--budgets` measures what they cost the reserve and settle scripts."""
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        key_id = await conn.fetchval("select id from api_keys where prefix = $1", api_key[3:11])
+        for key, period, window in ((None, "day", "calendar"), (None, "month", "rolling"), (key_id, "day", "calendar"),
+                                    (key_id, "week", "rolling")):
+            await conn.execute("""insert into budgets (org_id, api_key_id, period, window_kind, limit_micros)
+                                  values ($1, $2, $3, $4, 1000000000000000) on conflict do nothing""",
+                               org_id, key, period, window)
+    finally:
+        await conn.close()
+
+
+def start_relay(stack: Stack, upstream_base: str, workers: int, budgets: bool = False) -> None:
     """Seed the demo org/key/routes to the upstream, start `python -m proxy.main`, check one request.
 
     Called again on the same stack (after `stop_relay`), it keeps the demo key and points the demo provider
     at `upstream_base`."""
     port = free_port()
     settings = relay_settings(stack, port, workers)
-    stack.api_key = asyncio.run(seed_demo(settings, upstream_base_url=upstream_base,
-                                          demo_api_key=stack.api_key or None)).api_key
+    seed = asyncio.run(seed_demo(settings, upstream_base_url=upstream_base, demo_api_key=stack.api_key or None))
+    stack.api_key = seed.api_key
+    if budgets:
+        asyncio.run(add_budgets(settings, seed.org_id, seed.api_key))
     env = {k: v for k, v in os.environ.items() if k not in ENV_NAMES.values()}
     env.update({var: str(getattr(settings, name)) for name, var in ENV_NAMES.items()})
     spawn(stack, "relay", [sys.executable, "-m", "proxy.main"], env)
@@ -537,6 +554,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--peer-timeout", type=int, default=30, help="wrk --timeout (seconds) against a peer")
     p.add_argument("--rate", type=int, default=1000,
                    help="after the peak runs, measure latency at this fixed total rate over 8 connections (0: skip)")
+    p.add_argument("--budgets", action="store_true",
+                   help="give the demo org and key four budgets (calendar and rolling) that never refuse")
     args = p.parse_args(argv)
     conns = sorted({int(c) for c in args.connections.split(",")})
     if shutil.which("wrk") is None:
@@ -548,7 +567,7 @@ def main(argv: list[str] | None = None) -> None:
     with bench_stack(args.keep_tmp) as stack, Redis.from_url(stack.redis_url) as redis:
         asyncio.run(create_database(stack))
         upstream_base = start_upstream(stack)
-        start_relay(stack, upstream_base, args.proxy_workers)
+        start_relay(stack, upstream_base, args.proxy_workers, budgets=args.budgets)
         start_peers(stack, peer_names, upstream_base, args.proxy_workers)
         print(f"upstream: {'nginx' if 'nginx' in stack.procs else 'bench.mock_upstream'}; relay workers: "
               f"{args.proxy_workers}; wrk threads: {args.threads}; {args.duration} s per run"

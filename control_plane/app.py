@@ -25,6 +25,7 @@ from control_plane.controllers.admin_rejected import AdminRejectedRowsController
 from control_plane.controllers.admin_usage import AdminUsageController
 from control_plane.controllers.audit_log import AdminAuditController, OrgAuditController
 from control_plane.controllers.auth import AuthController, MeController
+from control_plane.controllers.budgets import BudgetsController
 from control_plane.controllers.byok import ByokController, CatalogueController
 from control_plane.controllers.health import HealthController
 from control_plane.controllers.keys import KeysController
@@ -42,7 +43,7 @@ from shared.settings import Settings, load_settings
 __all__ = ["CONTROLLERS", "create_app", "endpoint_actions"]
 
 CONTROLLERS = [
-    HealthController, AuthController, MeController, OrgsController, KeysController, UsageController,
+    HealthController, AuthController, MeController, OrgsController, KeysController, BudgetsController, UsageController,
     CatalogueController, ByokController, OrgAuditController, AdminOrgsController, AdminCatalogueController,
     AdminAuditController, AdminUsageController, AdminRejectedRowsController, AdminQualityController,
     RouteEvidenceController, PaymentsController, PlansController, AdminPaymentsController, WebhooksController,

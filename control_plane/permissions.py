@@ -16,7 +16,7 @@ __all__ = ["ORG_ROLES", "PERMISSIONS", "Scope", "allowed", "require", "scope_of"
 
 ORG_ROLES = ("owner", "admin", "developer", "billing", "viewer")
 
-_READ_ORG = {"org.read", "members.read", "usage.read", "route_evidence.read"}
+_READ_ORG = {"org.read", "members.read", "usage.read", "route_evidence.read", "budgets.read"}
 
 PERMISSIONS: dict[str, frozenset[str]] = {
     "anonymous": frozenset({"public"}),
@@ -32,14 +32,16 @@ PERMISSIONS: dict[str, frozenset[str]] = {
     "owner": frozenset({
         *_READ_ORG, "org.update", "billing_settings.update", "members.manage", "members.manage_owners",
         "keys.read", "keys.manage", "billing.read", "byok.read", "byok.manage", "audit.read",
-        "payments.create", "receipts.read",
+        "payments.create", "receipts.read", "budgets.manage",
     }),
     "admin": frozenset({
         *_READ_ORG, "org.update", "billing_settings.update", "members.manage",
         "keys.read", "keys.manage", "billing.read", "byok.read", "byok.manage", "payments.create", "receipts.read",
+        "budgets.manage",
     }),
     "developer": frozenset({*_READ_ORG, "keys.read", "keys.manage", "byok.read"}),
-    "billing": frozenset({*_READ_ORG, "billing.read", "billing_settings.update", "payments.create", "receipts.read"}),
+    "billing": frozenset({*_READ_ORG, "billing.read", "billing_settings.update", "payments.create", "receipts.read",
+                          "budgets.manage"}),
     "viewer": frozenset({*_READ_ORG, "keys.read", "billing.read"}),
 }
 

@@ -10,9 +10,12 @@ documented estimate: prompt = body bytes / 4, completion = the number of content
 from __future__ import annotations
 
 import asyncio
+import datetime
 import logging
+import math
 import time
 from collections.abc import Sequence
+from zoneinfo import ZoneInfo
 
 import asyncpg
 import msgspec
@@ -22,17 +25,19 @@ from redis.exceptions import RedisError
 from proxy.errors import ProxyError
 from shared.apikeys import KeyRecord
 from shared.billing import BillingScripts, UsageEvent, lua_source, rebuild_balance
+from shared.budgets import Budget, BudgetCalendar, rolling_bucket
 from shared.money import PriceVersion, format_usd, worst_case_micros
 from shared.redis_keys import RedisKeys
 from shared.redis_pipeline import LuaScript, PipelinedRedis
 from shared.settings import Settings
 
-__all__ = ["Biller", "InsufficientQuota", "RateLimited", "Reservation"]
+__all__ = ["Biller", "BudgetExceeded", "InsufficientQuota", "RateLimited", "Reservation"]
 
 log = logging.getLogger("rocket_relay.billing")
 _encode_event = msgspec.msgpack.Encoder().encode
 _RESERVE = LuaScript(lua_source("reserve"))
 _SETTLE = LuaScript(lua_source("settle"))
+_ROLLING_NAMES = {"day": "24 hours", "week": "7 days", "month": "30 days"}
 
 
 class RateLimited(ProxyError):
@@ -47,6 +52,12 @@ class InsufficientQuota(ProxyError):
     code = "insufficient_quota"
 
 
+class BudgetExceeded(InsufficientQuota):
+    """A key's or org's budget for the period has no room for this request; `details` names the budget."""
+
+    code = "budget_exceeded"
+
+
 class BillingUnavailable(ProxyError):
     status = 503
     type = "server_error"
@@ -56,11 +67,12 @@ class BillingUnavailable(ProxyError):
 class Reservation:
     """What settlement needs to know about a reservation made before forwarding."""
 
-    __slots__ = ("amount", "epoch", "est_tokens", "key_id", "org_id", "price", "request_id", "spend_key",
-                 "started_us", "window")
+    __slots__ = ("amount", "budget_buckets", "budget_keys", "epoch", "est_tokens", "key_id", "org_id", "price",
+                 "request_id", "spend_key", "started_us", "window")
 
     def __init__(self, request_id: str, org_id: int, key_id: int, amount: int, est_tokens: int, window: int,
-                 epoch: str, price: PriceVersion, started_us: int, spend_key: str) -> None:
+                 epoch: str, price: PriceVersion, started_us: int, spend_key: str,
+                 budget_keys: list[str] | None = None, budget_buckets: list[str] | None = None) -> None:
         self.request_id = request_id
         self.org_id = org_id
         self.key_id = key_id
@@ -71,6 +83,9 @@ class Reservation:
         self.price = price
         self.started_us = started_us
         self.spend_key = spend_key
+        # The budget counters this reservation was counted in, and for rolling ones the bucket ('' calendar).
+        self.budget_keys = budget_keys or []
+        self.budget_buckets = budget_buckets or []
 
 
 def _reset_in(now: float) -> bytes:
@@ -88,6 +103,7 @@ class Biller:
         self._ttl_ms = settings.reservation_ttl_s * 1000
         self._default_org_rpm = settings.default_org_rpm
         self._default_org_tpm = settings.default_org_tpm
+        self._calendar = BudgetCalendar(ZoneInfo(settings.budget_timezone))
         self._retries: set[asyncio.Task] = set()
 
     async def reserve(self, key: KeyRecord, request_id: str, prices: Sequence[PriceVersion], body_bytes: int,
@@ -104,6 +120,13 @@ class Biller:
         args = [request_id, amount, est_tokens, key.key_id, key.rpm_limit or 0, key.tpm_limit or 0,
                 key.org_rpm_limit or self._default_org_rpm, key.org_tpm_limit or self._default_org_tpm,
                 int(started * 1000), self._ttl_ms, key.monthly_spend_cap_micros or 0]
+        budget_keys: list[str] = []
+        budget_buckets: list[str] = []
+        if key.budgets:
+            args.append(len(key.budgets))
+            for budget in key.budgets:
+                self._budget_args(budget, key, started, budget_keys, budget_buckets, args)
+            keys += budget_keys
         try:
             reply = await self._fast.evalsha(_RESERVE, keys, args)
             if reply[0] == 0:  # no live balance yet (or Redis lost it): rebuild from PostgreSQL, then retry
@@ -127,7 +150,7 @@ class Biller:
                             (b"x-ratelimit-reset-tokens", reset)]
             return Reservation(request_id, key.org_id, key.key_id, amount, est_tokens, window,
                                epoch.decode() if isinstance(epoch, bytes) else str(epoch), price,
-                               int(started * 1_000_000), spend_key)
+                               int(started * 1_000_000), spend_key, budget_keys, budget_buckets)
         if status == 1:
             kind = reply[1].decode()
             reset = _reset_in(started)
@@ -136,6 +159,9 @@ class Biller:
                              (f"x-ratelimit-reset-{kind}".encode(), reset)]
             raise RateLimited(f"Rate limit reached: {reply[2]} {kind} per minute. Retry after {reset.decode()}.",
                               code="rate_limit_exceeded", headers=limit_headers)
+        if status == 5:
+            raise _budget_exceeded(key.budgets[reply[1] - 1], reply[2], reply[3], reply[4], amount, started,
+                                   self._calendar.zone)
         if status == 4:
             raise InsufficientQuota(
                 f"This API key reached its monthly spend cap of ${format_usd(reply[1])} "
@@ -144,6 +170,23 @@ class Biller:
             f"Insufficient balance: this request may cost up to ${format_usd(amount)} and "
             f"${format_usd(max(reply[1], 0))} is available. Add funds to continue.",
         )
+
+    def _budget_args(self, budget: Budget, key: KeyRecord, now: float, keys: list[str], buckets: list[str],
+                     args: list) -> None:
+        """Append one budget's counter key and its four script arguments (see shared/lua/reserve.lua)."""
+        org = self._keys.org(key.org_id)
+        scope = "o" if budget.scope == "org" else f"k{key.key_id}"
+        if budget.window == "calendar":
+            period = self._calendar.period(now, budget.period)
+            keys.append(org.budget_calendar(scope, budget.period, period.label))
+            buckets.append("")
+            lifetime_s = math.ceil(period.end - now) + self._settings.reservation_ttl_s
+            args += ["c", budget.limit_micros, lifetime_s, int(period.end * 1000)]
+        else:
+            bucket, bucket_ms = rolling_bucket(now, budget.period)
+            keys.append(org.budget_rolling(scope, budget.period))
+            buckets.append(str(bucket))
+            args += ["r", budget.limit_micros, bucket, bucket_ms]
 
     async def settle(self, res: Reservation, event: UsageEvent | None, actual_tokens: int) -> int:
         """Release the reservation and debit `event.cost_micros` (nothing for a failed request).
@@ -154,9 +197,10 @@ class Biller:
         org = self._keys.org(res.org_id)
         cost = event.cost_micros if event is not None else 0
         keys = [org.balance, org.reservations, org.reservation_expiry, org.rate_window(res.window), org.stream,
-                res.spend_key]
+                res.spend_key, *res.budget_keys]
         args = [res.request_id, cost, actual_tokens - res.est_tokens, res.key_id, res.org_id, res.epoch,
-                _encode_event(event) if event is not None else b""]  # no event: a failed request, release only
+                _encode_event(event) if event is not None else b"",  # no event: a failed request, release only
+                *res.budget_buckets]
         try:
             await self._fast.evalsha(_SETTLE, keys, args)
         except (RedisError, OSError) as exc:
@@ -183,3 +227,27 @@ class Biller:
         """Wait briefly for background settlement retries (graceful shutdown)."""
         if self._retries:
             await asyncio.wait(self._retries, timeout=5.0)
+
+
+def _budget_exceeded(budget: Budget, limit: int, spent: int, resets_ms: int, amount: int, now: float,
+                     zone: ZoneInfo) -> BudgetExceeded:
+    resets = datetime.datetime.fromtimestamp(resets_ms / 1000, datetime.UTC)
+    resets_at = resets.isoformat().replace("+00:00", "Z")
+    owner = "This API key's" if budget.scope == "key" else "This organization's"
+    if budget.window == "calendar":
+        which = f"{owner} budget for the calendar {budget.period} ({zone.key})"
+    else:
+        which = f"{owner} budget for a rolling {_ROLLING_NAMES[budget.period]}"
+    if amount > limit:
+        why = f"this request may cost up to ${format_usd(amount)}, more than the whole budget"
+    else:
+        why = (f"${format_usd(spent)} is spent or reserved and this request may cost up to "
+               f"${format_usd(amount)}; it resets at {resets_at}")
+    retry_after = max(1, math.ceil(resets_ms / 1000 - now))
+    return BudgetExceeded(
+        f"{which} of ${format_usd(limit)} is reached: {why}.",
+        headers=[(b"retry-after", b"%d" % retry_after), (b"x-rr-budget-reset", resets_at.encode())],
+        details={"budget": {"id": budget.budget_id, "scope": budget.scope, "period": budget.period,
+                            "window": budget.window, "limit_micros": limit, "spent_micros": spent,
+                            "resets_at": resets_at}},
+    )

@@ -37,14 +37,18 @@ class ProxyError(Exception):
     type: str = "server_error"
     code: str | None = "internal_error"
 
+    details: dict | None = None  # extra fields of the error object (e.g. which budget refused)
+
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None,
-                 headers: list[tuple[bytes, bytes]] | None = None) -> None:
+                 headers: list[tuple[bytes, bytes]] | None = None, details: dict | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
         if code is not None:
             self.code = code
         self.headers = headers or []
+        if details is not None:
+            self.details = details
 
 
 class InvalidRequest(ProxyError):
@@ -135,9 +139,10 @@ class UpstreamTimeout(UpstreamError):
 
 
 def error_body(err: ProxyError) -> bytes:
-    return orjson.dumps(
-        {"error": {"message": err.message, "type": err.type, "code": err.code, "param": err.param}}
-    )
+    error = {"message": err.message, "type": err.type, "code": err.code, "param": err.param}
+    if err.details:
+        error.update(err.details)
+    return orjson.dumps({"error": error})
 
 
 # ---- rendering, per client dialect -------------------------------------------------------------------------
@@ -192,7 +197,10 @@ class _AnthropicErrors(ErrorCatalogue):
 
     def json(self, err: ProxyError) -> bytes:
         kind = anthropic_error_type(err.status, err.code, err.type)
-        return orjson.dumps({"type": "error", "error": {"type": kind, "message": err.message}})
+        error = {"type": kind, "message": err.message}
+        if err.details:
+            error.update(err.details)
+        return orjson.dumps({"type": "error", "error": error})
 
     def sse(self, message: str, code: str) -> bytes:
         body = orjson.dumps({"type": "error", "error": {"type": "api_error", "message": message}})

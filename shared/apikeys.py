@@ -17,6 +17,8 @@ from datetime import datetime
 import asyncpg
 import msgspec
 
+from shared.budgets import Budget
+
 __all__ = [
     "KeyRecord",
     "create_api_key",
@@ -65,6 +67,8 @@ class KeyRecord(msgspec.Struct, frozen=True, array_like=True):
     org_rpm_limit: int | None
     org_tpm_limit: int | None
     monthly_spend_cap_micros: int | None = None
+    # The key's own budgets, then its org's (shared.budgets): enforced by the reserve script.
+    budgets: tuple[Budget, ...] = ()
 
 
 _RECORD_SQL = """
@@ -75,17 +79,25 @@ select k.id, k.org_id, k.key_hash, (k.revoked_at is null and o.status = 'active'
 from api_keys k join orgs o on o.id = k.org_id
 where k.prefix = $1
 """
+_BUDGETS_SQL = """
+select id, api_key_id, period, window_kind, limit_micros from budgets
+where org_id = $1 and (api_key_id is null or api_key_id = $2)
+order by api_key_id nulls last, id
+"""
 
 
 async def load_key_record(conn: asyncpg.Connection | asyncpg.Pool, key_prefix: str) -> KeyRecord | None:
     row = await conn.fetchrow(_RECORD_SQL, key_prefix)
     if row is None:
         return None
+    budgets = tuple(Budget(b["id"], "org" if b["api_key_id"] is None else "key", b["period"], b["window_kind"],
+                           b["limit_micros"]) for b in await conn.fetch(_BUDGETS_SQL, row["org_id"], row["id"]))
     return KeyRecord(
         key_id=row["id"], org_id=row["org_id"], key_hash=bytes(row["key_hash"]), active=row["active"],
         expires_at=row["expires_at"], rpm_limit=row["rpm_limit"], tpm_limit=row["tpm_limit"],
         allowed_models=row["allowed_models"], org_rpm_limit=row["org_rpm_limit"],
         org_tpm_limit=row["org_tpm_limit"], monthly_spend_cap_micros=row["monthly_spend_cap_micros"],
+        budgets=budgets,
     )
 
 

@@ -16,12 +16,13 @@ __all__ = ["OrgKeys", "RedisKeys"]
 class OrgKeys:
     """The billing keys of one org; built on demand from `RedisKeys.org`."""
 
-    __slots__ = ("applied_credits", "balance", "pending_credits", "rate_prefix", "reservation_expiry",
+    __slots__ = ("applied_credits", "balance", "org_id", "pending_credits", "rate_prefix", "reservation_expiry",
                  "reservations", "shard", "stream", "tag")
 
     def __init__(self, prefix: str, org_id: int, shard: int) -> None:
         tag = self.tag = f"{prefix}{{s:{shard}}}"
         self.shard = shard
+        self.org_id = org_id
         self.balance = f"{tag}:bal:{org_id}"
         self.reservations = f"{tag}:res:{org_id}"
         self.reservation_expiry = f"{tag}:rexp:{org_id}"
@@ -37,6 +38,15 @@ class OrgKeys:
     def key_spend(self, key_id: int, month: str) -> str:
         """What one API key spent in a calendar month (`YYYYMM`, UTC), for its monthly spend cap."""
         return f"{self.tag}:spend:{key_id}:{month}"
+
+    def budget_calendar(self, scope: str, period: str, label: str) -> str:
+        """Spend of one calendar budget period: `scope` is `o` (the org) or `k<key id>`, `label` the period's
+        first local date (shared.budgets)."""
+        return f"{self.tag}:bud:{self.org_id}:{scope}:{period}:{label}"
+
+    def budget_rolling(self, scope: str, period: str) -> str:
+        """Spend of one rolling budget window, a hash of bucket index -> spend (shared.budgets)."""
+        return f"{self.tag}:budr:{self.org_id}:{scope}:{period}"
 
 
 class RedisKeys:

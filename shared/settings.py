@@ -11,6 +11,7 @@ import base64
 import binascii
 import os
 import re
+import zoneinfo
 from collections.abc import Mapping
 
 import msgspec
@@ -159,6 +160,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     topup_max_micros: int = 10_000_000_000
     # Where Stripe Checkout sends the customer back to (`?checkout=success|cancel` is appended).
     checkout_return_url: str = "http://127.0.0.1:8090/"
+    # Budgets (shared/budgets.py): the IANA time zone of calendar days, weeks and months.
+    budget_timezone: str = "UTC"
 
     def __post_init__(self) -> None:
         _check_positive(self, "proxy_port", "proxy_workers", "max_body_bytes", "upstream_pool_size",
@@ -193,6 +196,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
                                 "whole cents (multiples of 10000)")
         if not re.fullmatch(r"https?://[\x21-\x7e]+", self.checkout_return_url):
             raise SettingsError(f"{ENV_NAMES['checkout_return_url']} must be an http(s) URL")
+        try:
+            zoneinfo.ZoneInfo(self.budget_timezone)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError, OSError):
+            raise SettingsError(f"{ENV_NAMES['budget_timezone']} must be an IANA time zone such as UTC or "
+                                "Europe/Berlin") from None
         if self.log_retention_max_days < self.log_retention_min_days:
             raise SettingsError(f"{ENV_NAMES['log_retention_max_days']} must be at least "
                                 f"{ENV_NAMES['log_retention_min_days']}")

@@ -158,6 +158,8 @@ class OrgExpectation:
     credit_limit: int = 0
     billed: int = 0  # answers that must have exactly one usage record each (status 200)
     spend_caps: dict[int, int] = field(default_factory=dict)  # key id -> monthly cap (µ$)
+    # Budget counters (calendar: a string, rolling: a hash of buckets) -> the budget's limit (µ$).
+    budget_counters: dict[str, int] = field(default_factory=dict)
 
 
 async def live_state(redis: Redis, keys: RedisKeys, org_id: int) -> dict[str, int]:
@@ -168,6 +170,13 @@ async def live_state(redis: Redis, keys: RedisKeys, org_id: int) -> dict[str, in
 async def key_spend(redis: Redis, keys: RedisKeys, org_id: int, key_id: int) -> int:
     month = time.strftime("%Y%m", time.gmtime())
     return int(await redis.get(keys.org(org_id).key_spend(key_id, month)) or 0)
+
+
+async def budget_spend(redis: Redis, counter: str) -> int:
+    """What a budget counter holds: a calendar period's spend, or the sum of a rolling window's buckets."""
+    if await redis.type(counter) == b"hash":
+        return sum(int(v) for v in (await redis.hgetall(counter)).values())
+    return int(await redis.get(counter) or 0)
 
 
 async def assert_live_invariants(redis: Redis, keys: RedisKeys, org_id: int, exp: OrgExpectation) -> None:
@@ -201,7 +210,8 @@ async def assert_money_invariants(db: asyncpg.Pool, redis: Redis, settings: Sett
                                   orgs: dict[int, OrgExpectation], *, timeout: float = 20.0) -> None:
     """After the flusher drained the billing stream (waited for, bounded): for every org, PostgreSQL's
     balance is the sum of its transactions and equals the live balance; nothing is reserved; the balance
-    is above -credit limit; one usage record per billed answer and no more; the reconciler sees no drift."""
+    is above -credit limit; one usage record per billed answer and no more; no key past its spend cap and no
+    budget counter past its limit; the reconciler sees no drift."""
     keys = RedisKeys(settings.redis_prefix, settings.billing_shards)
     deadline = time.monotonic() + timeout
     pending = set(orgs)
@@ -237,6 +247,10 @@ async def assert_money_invariants(db: asyncpg.Pool, redis: Redis, settings: Sett
             spent = await key_spend(redis, keys, org_id, key_id)
             if spent > cap:
                 problems.append(f"key {key_id}: spent {spent} µ$, past its cap of {cap} µ$")
+        for counter, limit in exp.budget_counters.items():
+            spent = await budget_spend(redis, counter)
+            if spent > limit:
+                problems.append(f"budget counter {counter}: {spent} µ$ spent, past its limit of {limit} µ$")
     drifts = [str(d) for d in await reconcile(settings) if d.org_id in orgs]
     problems += [f"reconcile: {d}" for d in drifts]
     assert not problems, "money invariants broken:\n  " + "\n  ".join(problems)

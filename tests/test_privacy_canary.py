@@ -138,6 +138,9 @@ async def _tenant(stack: Stack, mock: Server) -> dict:
     org_id = await f.org(balance_micros=10_000_000)
     _, key = await f.key(org_id)
     _, limited = await f.key(org_id, rpm_limit=1)
+    budgeted_id, budgeted = await f.key(org_id)
+    await f.db.execute("""insert into budgets (org_id, api_key_id, period, window_kind, limit_micros)
+                          values ($1, $2, 'day', 'rolling', 1)""", org_id, budgeted_id)
     poor_org = await f.org(balance_micros=1)
     _, poor = await f.key(poor_org)
     byok = await store_secret(f.db, box, "byok_credential", BYOK_SECRET, org_id=org_id, hint="…")
@@ -146,7 +149,7 @@ async def _tenant(stack: Stack, mock: Server) -> dict:
     for model in (chat, claude, embed):
         await f.publish_config(stack.proxy, key, model)
     return {"chat": chat, "claude": claude, "embed": embed, "key": key, "limited": limited, "poor": poor,
-            "a": f"a-{tag}", "org_id": org_id}
+            "budgeted": budgeted, "a": f"a-{tag}", "org_id": org_id}
 
 
 def _everywhere(model: str, **extra: object) -> dict:
@@ -189,6 +192,7 @@ async def send_everything(stack: Stack, mock: Server) -> int:
         ("/chat/completions", _everywhere(t["chat"]), {"authorization": f"Bearer {t['poor']}"}),  # 402
         ("/chat/completions", _everywhere(t["chat"]), {"authorization": f"Bearer {t['limited']}"}),
         ("/chat/completions", _everywhere(t["chat"]), {"authorization": f"Bearer {t['limited']}"}),  # 429
+        ("/chat/completions", _everywhere(t["chat"]), {"authorization": f"Bearer {t['budgeted']}"}),  # 402 budget
         ("/chat/completions", _everywhere(t["chat"]), {"authorization": "Bearer rr-wrong-key"}),  # 401
     ]
     async with httpx.AsyncClient(timeout=30) as http:
@@ -227,6 +231,10 @@ async def send_everything(stack: Stack, mock: Server) -> int:
         await http.post(cp + f"/v1/orgs/{org}/payments/stripe-checkout", headers=owner,
                         json={"amount_micros": CANARY})
         await http.patch(cp + f"/v1/orgs/{org}", headers=owner, json={"name": "x" * 300 + CANARY})
+        budgets = [await http.post(cp + f"/v1/orgs/{org}/budgets", headers=owner, json=body) for body in (
+            {"period": CANARY, "limit_micros": 5}, {"period": "day", "window": CANARY, "limit_micros": 5},
+            {"period": "day", "limit_micros": CANARY}, {"period": "day", "limit_micros": 5, "note": CANARY})]
+        assert {r.status_code for r in budgets} == {422}, [r.text for r in budgets]
     return len(calls) + 6
 
 

@@ -12,6 +12,11 @@ local key_rpm, key_tpm = tonumber(ARGV[5]), tonumber(ARGV[6])
 local org_rpm, org_tpm = tonumber(ARGV[7]), tonumber(ARGV[8])
 local now_ms, ttl_ms = tonumber(ARGV[9]), tonumber(ARGV[10])
 local spend_cap = tonumber(ARGV[11] or 0)  -- the key's monthly spend cap (0: none)
+-- Budgets (shared/budgets.py): ARGV[12] of them, each 4 ARGV from ARGV[13] and its counter at KEYS[5 + i]:
+--   'c' (calendar), limit, counter lifetime (s), period end (ms: the reset time), or
+--   'r' (rolling), limit, the bucket of now, bucket length (ms); the window is the last 24 buckets.
+local n_budgets = tonumber(ARGV[12] or 0)
+local ROLLING_BUCKETS = 24
 
 -- Release the reservations of requests whose proxy died before settling (they would hold money forever).
 local stale = redis.call('ZRANGEBYSCORE', rexp, '-inf', now_ms, 'LIMIT', 0, 50)
@@ -44,8 +49,57 @@ if amount > available then return {2, available} end
 if spend_cap > 0 then
   local spent = tonumber(redis.call('GET', spend) or 0)
   if spent + amount > spend_cap then return {4, spend_cap, spent} end
+end
+-- Budgets count reservations the same way. Race prevented: concurrent requests each seeing room under the
+-- limit and together passing it; check and count happen here, in one script, and every budget is checked
+-- before any is counted, so a refusal counts nothing.
+for i = 1, n_budgets do
+  local at, counter = 12 + (i - 1) * 4, KEYS[5 + i]
+  local kind, limit, a, b = ARGV[at + 1], tonumber(ARGV[at + 2]), tonumber(ARGV[at + 3]), tonumber(ARGV[at + 4])
+  local spent, resets_ms = 0, b
+  if kind == 'c' then
+    spent = tonumber(redis.call('GET', counter) or 0)
+  else
+    local buckets, fields = {}, redis.call('HGETALL', counter)
+    for j = 1, #fields, 2 do
+      local bucket, v = tonumber(fields[j]), tonumber(fields[j + 1])
+      if bucket <= a - ROLLING_BUCKETS then
+        redis.call('HDEL', counter, fields[j])  -- out of the window (changes no sum)
+      else
+        spent = spent + v
+        buckets[#buckets + 1] = {bucket, v}
+      end
+    end
+    if spent + amount > limit then
+      -- The reset: when enough old buckets have left the window for this request to fit (everything gone,
+      -- if it never fits).
+      table.sort(buckets, function(x, y) return x[1] < y[1] end)
+      local left = spent
+      resets_ms = (a + ROLLING_BUCKETS) * b
+      for _, bv in ipairs(buckets) do
+        left = left - bv[2]
+        if left + amount <= limit then resets_ms = (bv[1] + ROLLING_BUCKETS) * b break end
+      end
+    end
+  end
+  if spent + amount > limit then return {5, i, limit, spent, resets_ms} end
+end
+
+if spend_cap > 0 then
   redis.call('INCRBY', spend, int(amount))
   redis.call('EXPIRE', spend, 3456000)  -- 40 days: past the end of its month
+end
+for i = 1, n_budgets do
+  local at, counter = 12 + (i - 1) * 4, KEYS[5 + i]
+  if ARGV[at + 1] == 'c' then
+    redis.call('INCRBY', counter, int(amount))
+    redis.call('EXPIRE', counter, ARGV[at + 3])
+  else
+    local a, b = tonumber(ARGV[at + 3]), tonumber(ARGV[at + 4])
+    redis.call('HINCRBY', counter, ARGV[at + 3], int(amount))
+    -- Kept while a bucket is in the window, plus a reservation's lifetime so settlement can correct it.
+    redis.call('PEXPIRE', counter, int((a + ROLLING_BUCKETS) * b - now_ms + ttl_ms))
+  end
 end
 
 redis.call('HINCRBY', bal, 'reserved', int(amount))

@@ -45,6 +45,7 @@ import os
 import socket
 import time
 from datetime import UTC, datetime, timedelta
+from zoneinfo import ZoneInfo
 
 import asyncpg
 import msgspec
@@ -53,10 +54,12 @@ from redis.exceptions import RedisError, ResponseError
 
 from shared import failpoints
 from shared.billing import UsageEvent
+from shared.budgets import BudgetCalendar
 from shared.db.staged_copy import Rejected, StagedTable, write_staged
 from shared.redis_keys import RedisKeys
 from shared.settings import Settings
 from shared.workers import sleep_unless_stopped
+from shared.workers.budget_alerts import emit_budget_events
 
 __all__ = ["BillingFlusher"]
 
@@ -156,6 +159,7 @@ class BillingFlusher:
         self._pool = pool
         self._redis = redis
         self._keys = RedisKeys(settings.redis_prefix, settings.billing_shards)
+        self._calendar = BudgetCalendar(ZoneInfo(settings.budget_timezone))
         self._renew = redis.register_script(_RENEW_LUA)
         self._consumer = f"{socket.gethostname()}-{os.getpid()}"
         self._stopping = asyncio.Event()
@@ -311,10 +315,22 @@ class BillingFlusher:
             for h in kept:
                 await _keep(conn, h, shard)
             await conn.execute(_WATERMARK_SQL, shard, last_ms, last_seq)
+            await self._budget_events(conn, {row[2] for row in rows})
 
         async with self._pool.acquire() as conn:
             await write_staged(conn, _TABLE, rows, finish=finish)
         return kept
+
+
+    async def _budget_events(self, conn: asyncpg.Connection, org_ids: set[int]) -> None:
+        """Budget crossings of the batch's orgs, committed with the batch (shared.workers.budget_alerts). In a
+        savepoint: an alert that cannot be written must never hold back the ledger."""
+        try:
+            async with conn.transaction():
+                await emit_budget_events(conn, org_ids, time.time(), self._calendar)
+        except asyncpg.PostgresError as exc:
+            log.error("budget events of a batch could not be written (%s); the next batch retries",
+                      type(exc).__name__)
 
 
 class _Held:

@@ -89,7 +89,7 @@ for _path in ("/healthz", "/readyz", "/openapi.json", "/v1/me", "/v1/orgs", "/v1
     EXAMPLES[("GET", _path)] = lambda w, p, f, a: _call()
 
 for _path in ("", "/members", "/keys", "/balance", "/transactions", "/usage", "/request-logs", "/byok",
-              "/audit-log", "/route-evidence", "/payments", "/subscriptions"):
+              "/audit-log", "/route-evidence", "/payments", "/subscriptions", "/budgets"):
     EXAMPLES[("GET", "/v1/orgs/{org_id:int}" + _path)] = lambda w, p, f, a: _call(org_id=w.org_id)
 
 
@@ -181,6 +181,33 @@ async def _(w, portal, factory, who):
 @example("DELETE", "/v1/orgs/{org_id:int}/keys/{key_id:int}")
 async def _(w, portal, factory, who):
     return Call({"org_id": w.org_id, "key_id": await _fresh_key(w, factory)})
+
+
+async def _fresh_budget(w: World, factory: Factory) -> int:
+    return await factory.db.fetchval(
+        """insert into budgets (org_id, api_key_id, period, window_kind, limit_micros)
+           values ($1, $2, 'day', 'calendar', 1000000) returning id""", w.org_id, await _fresh_key(w, factory))
+
+
+@example("POST", "/v1/orgs/{org_id:int}/budgets")
+async def _(w, portal, factory, who):
+    return Call({"org_id": w.org_id}, {"api_key_id": await _fresh_key(w, factory), "period": "week",
+                                       "window": "rolling", "limit_micros": 5_000_000})
+
+
+@example("GET", "/v1/orgs/{org_id:int}/budgets/{budget_id:int}")
+async def _(w, portal, factory, who):
+    return Call({"org_id": w.org_id, "budget_id": await _fresh_budget(w, factory)})
+
+
+@example("PATCH", "/v1/orgs/{org_id:int}/budgets/{budget_id:int}")
+async def _(w, portal, factory, who):
+    return Call({"org_id": w.org_id, "budget_id": await _fresh_budget(w, factory)}, {"limit_micros": 7_000_000})
+
+
+@example("DELETE", "/v1/orgs/{org_id:int}/budgets/{budget_id:int}")
+async def _(w, portal, factory, who):
+    return Call({"org_id": w.org_id, "budget_id": await _fresh_budget(w, factory)})
 
 
 @example("PUT", "/v1/orgs/{org_id:int}/byok/{provider_id:int}")
