@@ -27,18 +27,19 @@ PERMISSIONS: dict[str, frozenset[str]] = {
         "platform.catalogue.read", "platform.catalogue.manage", "platform.audit.read", "platform.usage.read",
         "platform.rejected_rows.read", "platform.quality.read", "platform.quality.manage",
         "platform.stripe.read", "platform.stripe.manage", "platform.plans.manage",
-        "platform.payments.read", "platform.payments.review",
+        "platform.payments.read", "platform.payments.review", "platform.mail.read", "platform.mail.manage",
     }),
     "owner": frozenset({
         *_READ_ORG, "org.update", "billing_settings.update", "members.manage", "members.manage_owners",
         "keys.read", "keys.manage", "billing.read", "byok.read", "byok.manage", "audit.read",
-        "payments.create", "receipts.read",
+        "payments.create", "receipts.read", "webhooks.read", "webhooks.manage",
     }),
     "admin": frozenset({
         *_READ_ORG, "org.update", "billing_settings.update", "members.manage",
         "keys.read", "keys.manage", "billing.read", "byok.read", "byok.manage", "payments.create", "receipts.read",
+        "webhooks.read", "webhooks.manage",
     }),
-    "developer": frozenset({*_READ_ORG, "keys.read", "keys.manage", "byok.read"}),
+    "developer": frozenset({*_READ_ORG, "keys.read", "keys.manage", "byok.read", "webhooks.read"}),
     "billing": frozenset({*_READ_ORG, "billing.read", "billing_settings.update", "payments.create", "receipts.read"}),
     "viewer": frozenset({*_READ_ORG, "keys.read", "billing.read"}),
 }
