@@ -241,9 +241,9 @@ class NotifyWorker:
                                               max_s=self.settings.webhook_backoff_max_s,
                                               jitter=self.settings.webhook_backoff_jitter, rng=self.rng)
         await self.pool.execute(
-            """update webhook_deliveries set status = $2, attempts = $3, last_attempt_at = $4, response_status = $5,
-                      latency_ms = $6, error = $7, next_attempt_at = coalesce($8, $4),
-                      completed_at = case when $2 = 'pending' then null else $4 end
+            """update webhook_deliveries set status = $2::text, attempts = $3, last_attempt_at = $4::timestamptz,
+                      response_status = $5, latency_ms = $6, error = $7, next_attempt_at = coalesce($8, $4::timestamptz),
+                      completed_at = case when $2::text = 'pending' then null else $4::timestamptz end
                where id = $1""",
             row["id"], status, attempts, _at(now), result.status_code, result.latency_ms, result.error,
             _at(next_at) if next_at is not None else None)
@@ -313,8 +313,9 @@ class NotifyWorker:
                                           max_s=self.settings.mail_backoff_max_s,
                                           jitter=self.settings.webhook_backoff_jitter, rng=self.rng)
         await self.pool.execute(
-            """update mail_messages set status = $2, attempts = $3, last_attempt_at = $4, error = $5,
-                      next_attempt_at = coalesce($6, $4), sent_at = case when $2 = 'sent' then $4 end
+            """update mail_messages set status = $2::text, attempts = $3, last_attempt_at = $4::timestamptz,
+                      error = $5, next_attempt_at = coalesce($6, $4::timestamptz),
+                      sent_at = case when $2::text = 'sent' then $4::timestamptz end
                where id = $1""", row["id"], status, attempts, _at(now), error,
             _at(next_at) if next_at is not None else None)
         if next_at is not None:
