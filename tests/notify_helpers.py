@@ -51,7 +51,7 @@ class MailCatcher:
     def stop(self) -> None:
         self._controller.stop()
 
-    async def handle_DATA(self, server, session, envelope) -> str:  # noqa: N802 (aiosmtpd's hook name)
+    async def handle_DATA(self, server, session, envelope) -> str:
         if self.refuse_next > 0:
             self.refuse_next -= 1
             return "451 4.3.0 try again later"
@@ -64,7 +64,7 @@ class MailCatcher:
 
     async def wait_for(self, address: str, count: int, timeout: float = 20.0) -> list[CaughtMail]:
         deadline = time.monotonic() + timeout
-        while len(self.to(address)) < count and time.monotonic() < deadline:
+        while len(self.to(address)) < count and time.monotonic() < deadline:  # noqa: ASYNC110 (another thread adds)
             await asyncio.sleep(0.05)
         return self.to(address)
 

@@ -242,7 +242,8 @@ class NotifyWorker:
                                               jitter=self.settings.webhook_backoff_jitter, rng=self.rng)
         await self.pool.execute(
             """update webhook_deliveries set status = $2::text, attempts = $3, last_attempt_at = $4::timestamptz,
-                      response_status = $5, latency_ms = $6, error = $7, next_attempt_at = coalesce($8, $4::timestamptz),
+                      response_status = $5, latency_ms = $6, error = $7,
+                      next_attempt_at = coalesce($8, $4::timestamptz),
                       completed_at = case when $2::text = 'pending' then null else $4::timestamptz end
                where id = $1""",
             row["id"], status, attempts, _at(now), result.status_code, result.latency_ms, result.error,

@@ -260,7 +260,7 @@ async def test_a_redirect_is_not_followed(dev_portal: Portal, db, redis, setting
 async def test_an_event_body_holds_the_event_and_nothing_else(dev_portal: Portal, db, redis, settings,
                                                               receiver: Receiver) -> None:
     owner = await dev_portal.signup()
-    _, secret = await register(dev_portal, owner, receiver.url, ["payment.failed"])
+    await register(dev_portal, owner, receiver.url, ["payment.failed"])
     await emit(db, owner.org_id, "payment.failed", {"payment_id": 5, "method": "crypto", "reason": "wrong chain"})
     await worker(settings, db, redis, Clock()).run_once()
     body = orjson.loads(receiver.requests[-1].body)
