@@ -96,7 +96,7 @@ def test_templates_escape_html_and_keep_header_lines_single() -> None:
     context = {"org_name": "<script>x</script>", "org_code": "c", "balance_micros": 1_500_000,
                "threshold_micros": 2_000_000, "amount_micros": None, "reason": None}
     subject, text, html = render("balance_low", context)
-    assert "$1.500000" in text and "$2.000000" in text
+    assert subject == "Low balance: <script>x</script>" and "$1.500000" in text and "$2.000000" in text
     assert "<script>" not in html and "&lt;script&gt;" in html
     with pytest.raises(Exception):  # noqa: B017 (StrictUndefined: a missing field is an error)
         render("payment_receipt", {"org_name": "a", "org_code": "b"})
