@@ -15,7 +15,7 @@ from msgspec import UNSET, UnsetType
 
 from control_plane import audit
 from control_plane.common import CP, DEPENDENCIES, Caller, Email, LimitParam
-from control_plane.errors import Invalid, ServiceUnavailable
+from control_plane.errors import Conflict, Invalid
 from control_plane.permissions import require
 from control_plane.state import MAX_ID
 from shared.notify.mail import is_loopback_host, load_smtp_config, render, save_smtp_config, send_mail
@@ -111,12 +111,13 @@ class AdminMailController(Controller):
                                               else (None if data.password is UNSET else data.password))})
         return await _view(cp)
 
-    @post("/test", guards=[require("platform.mail.manage")], status_code=200, opt={"errors": (503,)})
+    @post("/test", guards=[require("platform.mail.manage")], status_code=200, opt={"errors": (409,)})
     async def send_test(self, cp: CP, principal: Caller, data: JSONBody[TestMail]) -> TestMailResult:
-        """Send a test mail now, through the stored settings, and say whether the server accepted it."""
+        """Send a test mail now, through the stored settings, and say whether the server accepted it (409 while
+        no settings are stored: a state to fix, not a server failure)."""
         config = await load_smtp_config(cp.pool, cp.box)
         if config is None:
-            raise ServiceUnavailable("Mail is not configured.", code="mail_not_configured")
+            raise Conflict("Mail is not configured.", code="mail_not_configured")
         subject, text, html = render("test", {})
         error = None
         try:
