@@ -19,6 +19,7 @@ from litestar.openapi.spec import Components, SecurityScheme
 
 from control_plane.body_deadline import BodyDeadline
 from control_plane.controllers.admin_catalogue import AdminCatalogueController
+from control_plane.controllers.admin_mail import AdminMailController
 from control_plane.controllers.admin_orgs import AdminOrgsController
 from control_plane.controllers.admin_payments import AdminPaymentsController
 from control_plane.controllers.admin_rejected import AdminRejectedRowsController
@@ -29,6 +30,7 @@ from control_plane.controllers.budgets import BudgetsController
 from control_plane.controllers.byok import ByokController, CatalogueController
 from control_plane.controllers.health import HealthController
 from control_plane.controllers.keys import KeysController
+from control_plane.controllers.org_webhooks import WebhookDeliveriesController, WebhookEndpointsController
 from control_plane.controllers.orgs import OrgsController
 from control_plane.controllers.payments import PaymentsController, PlansController
 from control_plane.controllers.quality import AdminQualityController, RouteEvidenceController
@@ -47,6 +49,7 @@ CONTROLLERS = [
     CatalogueController, ByokController, OrgAuditController, AdminOrgsController, AdminCatalogueController,
     AdminAuditController, AdminUsageController, AdminRejectedRowsController, AdminQualityController,
     RouteEvidenceController, PaymentsController, PlansController, AdminPaymentsController, WebhooksController,
+    WebhookEndpointsController, WebhookDeliveriesController, AdminMailController,
 ]
 
 _ERROR_DESCRIPTIONS = {

@@ -18,6 +18,7 @@ import asyncpg
 import msgspec
 from redis.asyncio import Redis
 
+from shared.notify.alerts import check_balance_alerts
 from shared.redis_keys import RedisKeys
 
 __all__ = [
@@ -167,6 +168,8 @@ async def record_ledger_entry(
         "update org_balances set balance_micros = balance_micros + $2, updated_at = now() where org_id = $1",
         org_id, amount_micros,
     )
+    # A top-up re-arms the org's balance alerts; a debit (refund, adjustment) may cross one.
+    await check_balance_alerts(conn, [org_id])
     return LedgerResult(txn_id, True)
 
 

@@ -52,13 +52,16 @@ class OrgKeys:
 class RedisKeys:
     """Key builders bound to one prefix; built once per process."""
 
-    __slots__ = ("_orgs", "events_channel", "prefix", "shards")
+    __slots__ = ("_orgs", "events_channel", "mail_queue", "prefix", "shards", "webhook_queue")
 
     def __init__(self, prefix: str, shards: int = 16) -> None:
         self.prefix = prefix
         self.shards = shards
         # Proxies subscribe here: `key:<key prefix>` (a key changed), `config` (models, prices, routes).
         self.events_channel = f"{prefix}events"
+        # Notification queues (sorted sets: delivery / mail id by due time, unix ms); PostgreSQL holds the records.
+        self.webhook_queue = f"{prefix}notify:webhooks"
+        self.mail_queue = f"{prefix}notify:mail"
         self._orgs: dict[int, OrgKeys] = {}
 
     def api_key(self, key_prefix: str) -> str:

@@ -163,6 +163,28 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # Budgets (shared/budgets.py): the IANA time zone of calendar days, weeks and months.
     budget_timezone: str = "UTC"
 
+    # Notifications (shared/notify/, rr-worker's notify loop): mail and signed outbound webhooks.
+    notify_enabled: bool = True
+    notify_interval_s: float = 1.0  # how often the loop looks for new events and due deliveries
+    # Development and tests only: lets webhook endpoints be plain http and private/loopback addresses.
+    webhook_allow_insecure: bool = False
+    webhook_timeout_s: float = 10.0  # one delivery attempt, connect to last byte
+    # Retries: the n-th retry waits min(base × 2^(n-1), max) ± jitter (a fraction), for at most max_attempts
+    # attempts (the defaults span about seven hours).
+    webhook_backoff_base_s: float = 10.0
+    webhook_backoff_max_s: float = 3600.0
+    webhook_backoff_jitter: float = 0.2
+    webhook_max_attempts: int = 15
+    # After a secret rotation the previous secret also signs (a second signature) for this long by default.
+    webhook_rotation_overlap_s: int = 86400
+    smtp_timeout_s: float = 20.0
+    mail_backoff_base_s: float = 30.0
+    mail_backoff_max_s: float = 3600.0
+    mail_max_attempts: int = 8
+    # rr-worker's retention deletes delivery records and mail records older than these.
+    webhook_delivery_retention_days: int = 30
+    mail_retention_days: int = 90
+
     def __post_init__(self) -> None:
         _check_positive(self, "proxy_port", "proxy_workers", "max_body_bytes", "upstream_pool_size",
                         "log_batch_size", "log_flush_interval_ms", "log_buffer_max",
@@ -189,6 +211,12 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             raise SettingsError(f"{ENV_NAMES['probe_gap_ms']}, {ENV_NAMES['probe_route_budget_micros']} and "
                                 f"{ENV_NAMES['probe_daily_budget_micros']} cannot be negative")
         _check_positive(self, "stripe_webhook_tolerance_s", "stripe_timeout_s", "topup_min_micros")
+        _check_positive(self, "notify_interval_s", "webhook_timeout_s", "webhook_backoff_base_s",
+                        "webhook_backoff_max_s", "webhook_max_attempts", "webhook_rotation_overlap_s", "smtp_timeout_s",
+                        "mail_backoff_base_s", "mail_backoff_max_s", "mail_max_attempts",
+                        "webhook_delivery_retention_days", "mail_retention_days")
+        if not 0 <= self.webhook_backoff_jitter < 1:
+            raise SettingsError(f"{ENV_NAMES['webhook_backoff_jitter']} must be within [0, 1)")
         if self.topup_max_micros < self.topup_min_micros:
             raise SettingsError(f"{ENV_NAMES['topup_max_micros']} must be at least {ENV_NAMES['topup_min_micros']}")
         if self.topup_min_micros % 10_000 or self.topup_max_micros % 10_000:

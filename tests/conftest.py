@@ -110,6 +110,8 @@ def settings(servers: tuple[str, str]) -> Iterator[Settings]:
         # The session's rr-worker must not probe every test's routes (they share one mock upstream); the
         # probe runner's tests start their own.
         probe_enabled=False,
+        # Nor deliver every test's events: the notification tests run the loop themselves, with their clock.
+        notify_enabled=False,
     )
     asyncio.run(drop())
 

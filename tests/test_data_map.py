@@ -154,7 +154,8 @@ async def test_a_migration_adding_an_unmapped_column_fails_the_check(servers) ->
 @pytest.mark.parametrize(("setting", "unit"), [
     ("log_retention_default_days", "days"), ("log_retention_max_days", "days"), ("usage_retention_days", "days"),
     ("probe_retention_days", "days"), ("refresh_token_ttl_s", "s"), ("reservation_ttl_s", "s"),
-    ("redis_key_cache_ttl_s", "s"), ("login_window_s", "s"),
+    ("redis_key_cache_ttl_s", "s"), ("login_window_s", "s"), ("webhook_delivery_retention_days", "days"),
+    ("mail_retention_days", "days"),
 ])
 def test_the_maps_retention_windows_are_the_defaults(setting: str, unit: str) -> None:
     env = "RR_" + setting.upper()

@@ -1,6 +1,7 @@
 """The canary, everywhere: a unique string sent in every client-controlled field, through every endpoint and
 path, appears nowhere we keep anything — a `pg_dump` of the whole database, every Redis key and stream entry,
-every log of our processes — and neither does any secret in clear. The scanners are shown to find a
+every log of our processes, every mail the relay sent (caught by a real SMTP server) and every webhook body it
+delivered (to a real receiver) — and neither does any secret in clear. The scanners are shown to find a
 deliberate leak in each of those places (`test_the_scanner_finds_a_deliberate_leak`), so a pass means
 something.
 
@@ -16,6 +17,7 @@ import secrets
 import subprocess
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
+from email.message import EmailMessage
 from pathlib import Path
 
 import asyncpg
@@ -25,10 +27,13 @@ import pytest_asyncio
 from redis.asyncio import Redis
 
 from shared.crypto import box_from_settings, store_secret
+from shared.notify.mail import save_smtp_config
+from shared.notify.webhooks import new_signing_secret
 from shared.redis_keys import RedisKeys
 from shared.settings import Settings
 from tests.conftest import Factory, Server, start_proxy, start_worker, stop_process, wait_for_rows
 from tests.control_plane.conftest import isolated_database, start_control_plane
+from tests.notify_helpers import CaughtMail, MailCatcher, Received, Receiver
 from tests.proxy.test_endpoints import configure_mock
 
 CANARY = f"CANARY-{secrets.token_hex(8)}"
@@ -46,6 +51,8 @@ class Stack:
     db: asyncpg.Pool
     redis: Redis
     factory: Factory
+    mail: MailCatcher
+    hooks: Receiver
 
 
 @pytest.fixture(scope="module")
@@ -59,13 +66,22 @@ def canary_settings(servers, settings: Settings) -> Iterator[Settings]:
 async def stack(canary_settings: Settings) -> AsyncIterator[Stack]:
     proxy = start_proxy(canary_settings)
     control_plane = start_control_plane(canary_settings)
-    worker = start_worker(canary_settings)
+    # Notifications on, to a mail catcher and a webhook receiver on loopback (hence the development setting).
+    worker = start_worker(canary_settings, notify_enabled=True, notify_interval_s=0.2, webhook_allow_insecure=True)
     db = await asyncpg.create_pool(canary_settings.database_url, min_size=1, max_size=4)
     redis = Redis.from_url(canary_settings.redis_url)
     factory = Factory(db, redis, RedisKeys(canary_settings.redis_prefix), canary_settings)
+    mail = MailCatcher().start()
+    hooks = await Receiver().start()
+    box = box_from_settings(canary_settings.master_key_bytes, canary_settings.master_key_id)
+    async with db.acquire() as conn, conn.transaction():
+        await save_smtp_config(conn, box, host="127.0.0.1", port=mail.port, tls_mode="none", username=None,
+                               from_address="relay@example.com")
     try:
-        yield Stack(canary_settings, proxy, control_plane, worker.log_path, db, redis, factory)
+        yield Stack(canary_settings, proxy, control_plane, worker.log_path, db, redis, factory, mail, hooks)
     finally:
+        mail.stop()
+        await hooks.stop()
         await db.close()
         await redis.aclose()
         stop_process(worker)
@@ -108,8 +124,15 @@ def logs(stack: Stack) -> str:
     return "\n".join((stack.proxy.log(), stack.control_plane.log(), stack.worker_log.read_text(errors="replace")))
 
 
+def outbound(stack: Stack) -> tuple[str, bytes]:
+    """Every mail the relay sent (whole messages) and every webhook request it made (headers and body)."""
+    mails = "\n".join(m.raw() for m in stack.mail.mails)
+    hooks = b"\n".join(repr(r.headers).encode() + r.body for r in stack.hooks.requests)
+    return mails, hooks
+
+
 async def leaks(stack: Stack, needle: str) -> list[str]:
-    """Where `needle` was found: 'postgres', 'redis', 'logs'."""
+    """Where `needle` was found: 'postgres', 'redis', 'logs', 'mail', 'webhooks'."""
     found = []
     if needle in await asyncio.to_thread(dump_postgres, stack.settings):
         found.append("postgres")
@@ -117,6 +140,11 @@ async def leaks(stack: Stack, needle: str) -> list[str]:
         found.append("redis")
     if needle in logs(stack):
         found.append("logs")
+    mails, hooks = outbound(stack)
+    if needle in mails:
+        found.append("mail")
+    if needle.encode() in hooks:
+        found.append("webhooks")
     return found
 
 
@@ -135,7 +163,15 @@ async def _tenant(stack: Stack, mock: Server) -> dict:
     await f.route(chat, spare, f"b-{tag}", priority=0)  # failover target
     claude = await f.model(anthropic)
     embed = await f.model(provider, kind="embedding")
-    org_id = await f.org(balance_micros=10_000_000)
+    # Alerts armed just below the opening balance (the first flushed request crosses it), a billing contact,
+    # and a webhook endpoint for every event type: the notifications this traffic causes are searched too.
+    org_id = await f.org(balance_micros=10_000_000, low_balance_threshold_micros=10_000_000 - 1,
+                         alert_emails=["alerts@example.com"], billing_email="billing@example.com")
+    hook_secret = await store_secret(f.db, box, "webhook_signing_secret", new_signing_secret(), org_id=org_id)
+    await f.db.execute(
+        """insert into webhook_endpoints (org_id, url, event_types, secret_id)
+           values ($1, $2, '{balance.low,balance.depleted,key.created,key.revoked,payment.succeeded,payment.failed}',
+                   $3)""", org_id, stack.hooks.url, hook_secret)
     _, key = await f.key(org_id)
     _, limited = await f.key(org_id, rpm_limit=1)
     budgeted_id, budgeted = await f.key(org_id)
@@ -242,13 +278,21 @@ async def test_the_canary_and_the_secrets_are_stored_nowhere(stack: Stack, mock_
     made = await send_everything(stack, mock_upstream)
     rows = await wait_for_rows(stack.db, "select 1 from request_logs", count=made - 1, timeout=15)
     assert len(rows) >= made - 1  # the disconnected stream may still be settling
-    await asyncio.sleep(1.0)  # the billing flusher's last batch
-    assert await stack.db.fetchval("select count(*) from usage_records") >= 5
+    # The billing flusher's batches (the worker may still be starting on a busy machine), then its last one.
+    assert len(await wait_for_rows(stack.db, "select 1 from usage_records", count=5, timeout=60)) >= 5
+    await asyncio.sleep(1.0)
+    # The balance alert went out by mail and by webhook before anything is searched.
+    assert await stack.mail.wait_for("alerts@example.com", 1, timeout=30)
+    for _ in range(100):
+        if stack.hooks.requests:
+            break
+        await asyncio.sleep(0.1)
+    assert any(b'"balance.low"' in r.body for r in stack.hooks.requests)
     for needle in (CANARY, BYOK_SECRET, PROVIDER_SECRET, PASSWORD):
         assert await leaks(stack, needle) == [], needle[:12]
 
 
-@pytest.mark.parametrize("store", ["postgres", "redis", "logs"])
+@pytest.mark.parametrize("store", ["postgres", "redis", "logs", "mail", "webhooks"])
 async def test_the_scanner_finds_a_deliberate_leak(stack: Stack, store: str) -> None:
     """A body put on purpose where a careless change would put it is found: the search is not blind."""
     leak = f"LEAK-{secrets.token_hex(8)}"
@@ -259,7 +303,20 @@ async def test_the_scanner_finds_a_deliberate_leak(stack: Stack, store: str) -> 
                                          $2)""", secrets.token_hex(12), f'{{"messages":[{{"content":"{leak}"}}]}}')
     elif store == "redis":  # a body cached next to a key record
         await stack.redis.set(stack.settings.redis_prefix + "apikey:debug", f"body={leak}", ex=60)
+    elif store == "mail":  # a prompt quoted into an alert mail
+        message = EmailMessage()
+        message["Subject"] = "Low balance"
+        message.set_content(f"your last prompt was {leak}")
+        stack.mail.mails.append(CaughtMail(["alerts@example.com"], message))
+    elif store == "webhooks":  # a prompt put into an event's data
+        stack.hooks.requests.append(Received({}, f'{{"data": {{"prompt": "{leak}"}}}}'.encode()))
     else:  # a body written to a process log
         with stack.worker_log.open("a") as log:
             log.write(f"DEBUG request body: {leak}\n")
-    assert await leaks(stack, leak) == [store]
+    try:
+        assert await leaks(stack, leak) == [store]
+    finally:
+        if store == "mail":
+            stack.mail.mails.pop()
+        elif store == "webhooks":
+            stack.hooks.requests.pop()

@@ -24,6 +24,7 @@ from control_plane.controllers.payments import PAYMENT_COLUMNS, Payment, Plan, p
 from control_plane.errors import Conflict, Invalid, NotFound
 from control_plane.permissions import require
 from control_plane.state import MAX_ID, ControlPlane
+from shared.notify.events import emit
 from shared.payments.ledger import flush_live_credits, ledger_entry
 from shared.payments.stripe_account import load_stripe_config, save_stripe_config
 
@@ -208,6 +209,9 @@ class AdminPaymentsController(Controller):
                                before={"status": "pending", "credited_micros": 0},
                                after={"status": "approved", "credited_micros": data.amount_micros,
                                       "review_reason": data.note, "transaction_id": result.transaction_id})
+            await emit(conn, row["org_id"], "payment.succeeded",
+                       {"payment_id": payment_id, "method": "crypto", "credited_micros": data.amount_micros,
+                        "transaction_id": result.transaction_id}, dedupe_key=f"payment-{payment_id}")
         await flush_live_credits(cp.pool, cp.scripts, cp.keys, [result.transaction_id] if result.created else [])
         return payment_view(after)
 
@@ -229,6 +233,9 @@ class AdminPaymentsController(Controller):
                     where id = $1 returning {PAYMENT_COLUMNS}""", payment_id, principal.user_id, data.reason)
             await audit.record(conn, principal, "crypto_payment.reject", "payment", payment_id, org_id=row["org_id"],
                                before={"status": "pending"}, after={"status": "rejected", "review_reason": data.reason})
+            await emit(conn, row["org_id"], "payment.failed",
+                       {"payment_id": payment_id, "method": "crypto", "amount_micros": after["amount_micros"],
+                        "reason": data.reason}, dedupe_key=f"payment-{payment_id}")
         return payment_view(after)
 
     @get("/stripe-events", guards=[require("platform.payments.read")])

@@ -21,6 +21,7 @@ from control_plane.errors import Conflict, Invalid, NotFound
 from control_plane.permissions import require
 from control_plane.state import ControlPlane
 from shared.apikeys import create_api_key, publish_key_change
+from shared.notify.events import emit
 
 KeyName = Annotated[str, msgspec.Meta(max_length=200)]
 ModelList = Annotated[list[Annotated[str, msgspec.Meta(min_length=1, max_length=200)]], msgspec.Meta(max_length=200)]
@@ -120,6 +121,7 @@ class KeysController(Controller):
             row = await conn.fetchrow(f"select {_COLUMNS} from api_keys where id = $1", key_id)
             await audit.record(conn, principal, "api_key.create", "api_key", key_id, org_id=org_id,
                                after={"prefix": row["prefix"], **{f: row[f] for f in _LIMIT_FIELDS}})
+            await emit(conn, org_id, "key.created", {"key_id": key_id, "prefix": row["prefix"]})
         # A proxy may hold "no such key" for this prefix for a moment; the event clears that too.
         await _publish(cp, row["prefix"])
         return CreatedKey(key, key_view(row))
@@ -166,5 +168,7 @@ class KeysController(Controller):
                     "update api_keys set revoked_at = now() where id = $1 returning revoked_at", key_id)
                 await audit.record(conn, principal, "api_key.revoke", "api_key", key_id, org_id=org_id,
                                    before={"revoked_at": None}, after={"revoked_at": revoked_at})
+                await emit(conn, org_id, "key.revoked", {"key_id": key_id, "prefix": row["prefix"]},
+                           dedupe_key=f"key-{key_id}")
         # Published even when it was revoked already: a retry after a failed publish must still reach proxies.
         await _publish(cp, row["prefix"])

@@ -27,7 +27,9 @@ async def emit(conn: asyncpg.Connection | asyncpg.Pool, org_id: int, event_type:
     if event_type not in EVENT_TYPES:
         raise UnknownEvent(event_type)
     return await conn.fetchval(
-        """insert into event_outbox (org_id, event_type, payload, dedupe_key) values ($1, $2, $3::jsonb, $4)
+        # As text: the same on connections with and without a jsonb codec (the control plane's has one, which
+        # would otherwise store the JSON text as one JSON string).
+        """insert into event_outbox (org_id, event_type, payload, dedupe_key) values ($1, $2, $3::text::jsonb, $4)
            on conflict (org_id, event_type, dedupe_key) where dedupe_key is not null do nothing
            returning id""",
         org_id, event_type, orjson.dumps(data).decode(), dedupe_key,

@@ -38,6 +38,7 @@ import stripe
 
 from shared import failpoints
 from shared.billing import BillingScripts, ExternalIdTaken
+from shared.notify.events import emit
 from shared.payments.ledger import cents_to_micros, flush_live_credits, ledger_entry
 from shared.redis_keys import RedisKeys
 
@@ -48,7 +49,7 @@ log = logging.getLogger("rocket_relay.payments")
 HANDLED_TYPES = frozenset({
     "checkout.session.completed", "payment_intent.succeeded", "invoice.paid", "charge.refunded",
     "charge.dispute.created", "charge.dispute.closed", "customer.subscription.updated",
-    "customer.subscription.deleted",
+    "customer.subscription.deleted", "payment_intent.payment_failed", "invoice.payment_failed",
 })
 # A waiting event is retried on this back-off (seconds, doubling) and held for an admin after this many tries
 # (about two days): a refund of a charge this platform never saw must not be retried forever.
@@ -124,6 +125,12 @@ def reduce_event(event: dict[str, Any]) -> dict[str, Any]:
         facts |= {"amount_cents": _int(obj.get("amount_received")) or _int(obj.get("amount")),
                   "charge": _id(obj.get("latest_charge")), "invoice": _id(obj.get("invoice")),
                   "metadata": _our_metadata(obj.get("metadata"))}
+    elif kind == "payment_intent.payment_failed":
+        facts |= {"amount_cents": _int(obj.get("amount")), "metadata": _our_metadata(obj.get("metadata"))}
+    elif kind == "invoice.payment_failed":
+        details = obj.get("subscription_details") or _dig(obj, "parent", "subscription_details")
+        facts |= {"amount_cents": _int(obj.get("amount_due")),
+                  "subscription": _id(obj.get("subscription")) or _id(_dig(details, "subscription"))}
     elif kind == "invoice.paid":
         details = obj.get("subscription_details") or _dig(obj, "parent", "subscription_details")
         facts |= {"amount_cents": _int(obj.get("amount_paid")),
@@ -227,7 +234,7 @@ class EventProcessor:
                 work = _Work(conn)
                 facts = msgspec.json.decode(row["facts"])
                 try:
-                    outcome = await self._handle(work, row["type"], row["stripe_created"], facts)
+                    outcome = await self._handle(work, row["type"], row["stripe_created"], facts, event_id)
                 except ExternalIdTaken:
                     outcome = _hold("this payment id is already credited to another org")
                 failpoints.hit(self.failpoint, failpoints.STRIPE_BEFORE_COMMIT)
@@ -268,7 +275,12 @@ class EventProcessor:
                 """update stripe_events set status = $2, attempts = attempts + 1, outcome = $3, processed_at = now()
                    where id = $1""", row["id"], outcome.status, outcome.detail)
 
-    async def _handle(self, work: _Work, kind: str, created: int, facts: dict[str, Any]) -> Outcome:
+    async def _handle(self, work: _Work, kind: str, created: int, facts: dict[str, Any],
+                      event_id: str = "") -> Outcome:
+        if kind == "payment_intent.payment_failed":
+            return await self._topup_failed(work, facts, event_id)
+        if kind == "invoice.payment_failed":
+            return await self._invoice_failed(work, facts, event_id)
         if kind == "checkout.session.completed":
             return await self._checkout_completed(work, facts)
         if kind == "payment_intent.succeeded":
@@ -324,8 +336,37 @@ class EventProcessor:
             payment["id"], payment_intent, charge, result.created, amount, cents, result.transaction_id)
         if not result.created:
             return _done("already credited (same payment intent)")
+        await emit(work.conn, payment["org_id"], "payment.succeeded",
+                   {"payment_id": payment["id"], "method": "stripe", "credited_micros": amount,
+                    "transaction_id": result.transaction_id}, dedupe_key=f"payment-{payment['id']}")
         note = "" if amount == payment["amount_micros"] else f" (checkout asked {payment['amount_micros']})"
         return _done(f"credited {amount} micros{note}")
+
+    async def _topup_failed(self, work: _Work, facts: dict[str, Any], event_id: str) -> Outcome:
+        """A card payment of a top-up failed: the payment stays pending (the customer may try again in the
+        same checkout), and its billing contact is told, once per Stripe event."""
+        payment = await self._topup_payment(work, facts)
+        if isinstance(payment, Outcome):
+            return payment
+        cents = facts.get("amount_cents")
+        await emit(work.conn, payment["org_id"], "payment.failed",
+                   {"payment_id": payment["id"], "method": "stripe",
+                    "amount_micros": cents_to_micros(cents) if cents else None, "reason": None},
+                   dedupe_key=f"stripe-{event_id}")
+        return _done("payment failure announced")
+
+    async def _invoice_failed(self, work: _Work, facts: dict[str, Any], event_id: str) -> Outcome:
+        subscription = facts.get("subscription")
+        sub = await work.conn.fetchrow("select org_id from stripe_subscriptions where subscription_id = $1",
+                                       subscription) if subscription else None
+        if sub is None:
+            return _done("ignored: an invoice of no known subscription")
+        cents = facts.get("amount_cents")
+        await emit(work.conn, sub["org_id"], "payment.failed",
+                   {"payment_id": None, "method": "stripe", "invoice": facts.get("object_id"),
+                    "amount_micros": cents_to_micros(cents) if cents else None, "reason": None},
+                   dedupe_key=f"stripe-{event_id}")
+        return _done("invoice payment failure announced")
 
     async def _checkout_completed(self, work: _Work, facts: dict[str, Any]) -> Outcome:
         if facts.get("mode") == "subscription":
@@ -421,17 +462,20 @@ class EventProcessor:
                                   f"Plan {plan['name']}: monthly allowance")
         if not result.created:
             return _done("already credited (same invoice)")
-        await work.conn.execute(
+        payment_id = await work.conn.fetchval(
             """insert into payments (org_id, method, purpose, status, amount_micros, credited_micros, paid_cents,
                                      currency, transaction_id, stripe_customer_id, stripe_invoice_id,
                                      stripe_payment_intent_id, stripe_charge_id, stripe_subscription_id, plan_id,
                                      succeeded_at)
                values ($1, 'stripe', 'subscription', 'succeeded', $2, $3, $4, 'usd', $5, $6, $7, $8, $9, $10, $11,
                        now())
-               on conflict (stripe_invoice_id) do nothing""",
+               on conflict (stripe_invoice_id) do nothing returning id""",
             sub["org_id"], cents_to_micros(facts.get("amount_cents") or 0), allowance, facts.get("amount_cents") or 0,
             result.transaction_id, facts.get("customer"), invoice, facts.get("payment_intent"), facts.get("charge"),
             subscription, plan["id"])
+        await emit(work.conn, sub["org_id"], "payment.succeeded",
+                   {"payment_id": payment_id, "method": "stripe", "credited_micros": allowance,
+                    "transaction_id": result.transaction_id}, dedupe_key=f"invoice-{invoice}")
         return _done(f"credited the monthly allowance, {allowance} micros")
 
     async def _subscription_changed(self, work: _Work, kind: str, created: int, facts: dict[str, Any]) -> Outcome:

@@ -56,6 +56,7 @@ from shared import failpoints
 from shared.billing import UsageEvent
 from shared.budgets import BudgetCalendar
 from shared.db.staged_copy import Rejected, StagedTable, write_staged
+from shared.notify.alerts import check_balance_alerts
 from shared.redis_keys import RedisKeys
 from shared.settings import Settings
 from shared.workers import sleep_unless_stopped
@@ -316,6 +317,15 @@ class BillingFlusher:
                 await _keep(conn, h, shard)
             await conn.execute(_WATERMARK_SQL, shard, last_ms, last_seq)
             await self._budget_events(conn, {row[2] for row in rows})
+            # Balance alerts of the orgs this batch debited: detected here, off the request path, once per
+            # crossing (the batch holds these orgs' balance rows locked; see shared/notify/alerts.py).
+            # A failure here must never stop billing: the alerts are checked in a savepoint, and a refusal
+            # only costs this batch's check (the next batch or ledger entry of the org checks again).
+            try:
+                async with conn.transaction():
+                    await check_balance_alerts(conn, {r[2] for r in rows} | {h.event.org_id for h in kept})
+            except asyncpg.PostgresError as exc:
+                log.error("shard %d: balance alert check failed (%s)", shard, type(exc).__name__)
 
         async with self._pool.acquire() as conn:
             await write_staged(conn, _TABLE, rows, finish=finish)

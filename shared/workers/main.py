@@ -1,7 +1,8 @@
 """`rr-worker`: the background workers of one process — the billing flusher, the partition manager,
 retention (expired partitions dropped, request logs past each org's retention deleted in batches), the
-model-quality probe runner (`RR_PROBE_ENABLED`; see shared/workers/probes.py) and payments (Stripe events
-left behind by a webhook request, live credits a dead process never applied).
+model-quality probe runner (`RR_PROBE_ENABLED`; see shared/workers/probes.py), payments (Stripe events
+left behind by a webhook request, live credits a dead process never applied) and notifications
+(`RR_NOTIFY_ENABLED`: org events out to signed webhooks and mail; see shared/workers/notify.py).
 
 Stateless apart from PostgreSQL and Redis: run as many copies as you like; the flusher's shard leases
 keep them from stepping on each other, and one retention pass runs at a time. SIGTERM/SIGINT stop it after
@@ -22,6 +23,7 @@ from shared.redis_client import connect_redis
 from shared.settings import Settings, SettingsError, load_settings
 from shared.workers import sleep_unless_stopped
 from shared.workers.flusher import BillingFlusher
+from shared.workers.notify import run_notify
 from shared.workers.payments import process_payments
 from shared.workers.probes import ProbeRunner
 from shared.workers.retention import enforce_retention
@@ -55,7 +57,7 @@ async def manage_partitions(pool: asyncpg.Pool, stop: asyncio.Event) -> None:
 
 
 async def run_workers(settings: Settings) -> None:
-    pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=4, command_timeout=60)
+    pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=6, command_timeout=60)
     redis = connect_redis(settings.redis_url)
     flusher = BillingFlusher(settings, pool, redis)
     stop = asyncio.Event()
@@ -67,9 +69,12 @@ async def run_workers(settings: Settings) -> None:
              asyncio.create_task(process_payments(pool, redis, settings, stop))]
     if settings.probe_enabled:
         tasks.append(asyncio.create_task(ProbeRunner(settings, pool, redis).run(stop)))
+    if settings.notify_enabled:
+        tasks.append(asyncio.create_task(run_notify(pool, redis, settings, stop)))
     log.info("worker started: billing flusher (%d shards), partition manager, payments, retention every %.0f s, "
-             "probes %s", settings.billing_shards, settings.retention_interval_s,
-             f"every {settings.probe_interval_s:.0f} s" if settings.probe_enabled else "off")
+             "probes %s, notifications %s", settings.billing_shards, settings.retention_interval_s,
+             f"every {settings.probe_interval_s:.0f} s" if settings.probe_enabled else "off",
+             "on" if settings.notify_enabled else "off")
     await stop.wait()
     flusher.stop()
     await asyncio.wait(tasks, timeout=15)

@@ -14,7 +14,10 @@ and handed to SQL, never from PostgreSQL's now(): a test can fix the clock, e.g.
    most `RR_RETENTION_BATCH_SIZE` rows with a short pause between them, so no statement holds its row locks
    or a long snapshot for long.
 
-Each delete addresses one partition whose range starts before the org's cutoff — the partitions are pruned
+3. Deletes webhook delivery records older than `RR_WEBHOOK_DELIVERY_RETENTION_DAYS` and mail records older than
+   `RR_MAIL_RETENTION_DAYS`, in batches of the same size.
+
+Each request-log delete addresses one partition whose range starts before the org's cutoff — the partitions are pruned
 by the time predicate before any row is read — and picks its rows through request_logs' (org_id,
 created_at) index, then deletes them by ctid. One statement joining the parent table to "the next N rows"
 would let the planner hash-join, re-reading every expired row of the org for each batch.
@@ -56,6 +59,7 @@ class RetentionResult:
     rows_deleted: int = 0  # request_logs rows removed by the per-org deletes
     orgs_trimmed: int = 0  # orgs that lost rows to those deletes
     batches: int = 0  # delete statements that removed rows
+    notification_rows_deleted: int = 0  # webhook_deliveries and mail_messages rows past their windows
     completed: bool = True  # false: stopped early (worker shutting down)
 
 
@@ -103,7 +107,30 @@ async def _pass(conn: asyncpg.Connection, settings: Settings, stop: asyncio.Even
                                            pause_s, stop, result)
         result.rows_deleted += deleted
         result.orgs_trimmed += 1 if deleted and org_id is not None else 0
+    for table, days in (("webhook_deliveries", settings.webhook_delivery_retention_days),
+                        ("mail_messages", settings.mail_retention_days)):
+        if stop.is_set() or not result.completed:
+            result.completed = False
+            break
+        result.notification_rows_deleted += await _delete_old_records(
+            conn, table, now - timedelta(days=days), settings.retention_batch_size, pause_s, stop)
     return result
+
+
+async def _delete_old_records(conn: asyncpg.Connection, table: str, cutoff: datetime, batch_size: int,
+                              pause_s: float, stop: asyncio.Event) -> int:
+    """Delete rows of `table` created before `cutoff` (by its created_at index), batch by batch."""
+    deleted = 0
+    while not stop.is_set():
+        status = await conn.execute(
+            f"delete from {table} where id = any(array(select id from {table} where created_at < $1 "
+            f"order by created_at limit {batch_size:d}))", cutoff)
+        count = int(status.rsplit(" ", 1)[1])
+        deleted += count
+        if count < batch_size:
+            break
+        await asyncio.sleep(pause_s)
+    return deleted
 
 
 async def _drop_expired_partitions(conn: asyncpg.Connection, parent: str, keep_days: int, now: datetime) -> int:
@@ -167,9 +194,10 @@ async def enforce_retention(pool: asyncpg.Pool, settings: Settings, stop: asynci
                 log.info("retention pass skipped: another worker is running one")
             else:
                 log.info("retention pass%s: dropped %d request_logs and %d usage_records partitions, "
-                         "deleted %d request-log rows of %d orgs in %d batches, %.1f s",
+                         "deleted %d request-log rows of %d orgs in %d batches and %d notification records, %.1f s",
                          "" if result.completed else " (interrupted)",
                          result.partitions_dropped.get("request_logs", 0),
                          result.partitions_dropped.get("usage_records", 0), result.rows_deleted,
-                         result.orgs_trimmed, result.batches, time.monotonic() - started)
+                         result.orgs_trimmed, result.batches, result.notification_rows_deleted,
+                         time.monotonic() - started)
         await sleep_unless_stopped(stop, settings.retention_interval_s)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import random
+import secrets
 import time
 
 import httpx
@@ -406,3 +407,28 @@ async def test_stripe_settings_are_masked_audited_and_kept_with_their_server(por
     assert local_stripe.secret_key not in changes and local_stripe.webhook_secret not in changes
     owner = await portal.signup(org_name="Not an admin")
     assert (await portal.request("GET", "/v1/admin/stripe", owner)).status_code == 403
+
+
+# --- Notifications --------------------------------------------------------------------------------------------
+
+
+async def test_stripe_payments_announce_success_once_and_each_failure(
+        portal: Portal, payer: Account, local_stripe: LocalStripe, control_plane: Server, db, redis,
+        settings) -> None:
+    started, session, intent, _ = await _paid_topup(portal, payer, local_stripe, 6_000_000)
+    events = [LocalStripe.event("checkout.session.completed", session),
+              LocalStripe.event("payment_intent.succeeded", intent)]
+    await _deliver_all(local_stripe, control_plane.url, events, times=3, seed=5)
+    failed_intent = {**intent, "id": f"pi_failed_{secrets.token_hex(4)}", "status": "requires_payment_method"}
+    failures = [LocalStripe.event("payment_intent.payment_failed", failed_intent) for _ in range(2)]
+    await _deliver_all(local_stripe, control_plane.url, failures, times=2, seed=3)
+    rows = await db.fetch("select event_type, payload from event_outbox where org_id = $1 and event_type like "
+                          "'payment.%' order by id", payer.org_id)
+    payloads = [(r["event_type"], json.loads(r["payload"])) for r in rows]
+    assert payloads == [
+        ("payment.succeeded", {"payment_id": started["payment_id"], "method": "stripe", "credited_micros": 6_000_000,
+                               "transaction_id": payloads[0][1]["transaction_id"]}),
+        *[("payment.failed", {"payment_id": started["payment_id"], "method": "stripe", "amount_micros": 6_000_000,
+                              "reason": None})] * 2,  # one notice per failed attempt, each redelivery stored once
+    ]
+    await _invariants(db, redis, settings, payer.org_id)

@@ -21,6 +21,9 @@ import pytest_asyncio
 
 from control_plane.app import create_app, endpoint_actions
 from control_plane.permissions import ORG_ROLES, PERMISSIONS, Scope, allowed, scope_of
+from shared.crypto import box_from_settings, store_secret
+from shared.notify.events import emit
+from shared.notify.mail import save_smtp_config
 from shared.settings import load_settings
 from tests.conftest import Factory, Server
 from tests.control_plane.conftest import PASSWORD, Account, LocalStripe, Portal
@@ -85,11 +88,13 @@ for _path in ("/healthz", "/readyz", "/openapi.json", "/v1/me", "/v1/orgs", "/v1
               "/v1/admin/orgs", "/v1/admin/models", "/v1/admin/prices", "/v1/admin/providers", "/v1/admin/routes",
               "/v1/admin/audit-log", "/v1/admin/uncharged-usage", "/v1/admin/rejected-rows",
               "/v1/admin/quality/routes", "/v1/admin/quality/spend", "/v1/plans",
-              "/v1/admin/stripe", "/v1/admin/plans", "/v1/admin/payments", "/v1/admin/stripe-events"):
+              "/v1/admin/stripe", "/v1/admin/plans", "/v1/admin/payments", "/v1/admin/stripe-events",
+              "/v1/admin/mail/settings", "/v1/admin/mail/messages"):
     EXAMPLES[("GET", _path)] = lambda w, p, f, a: _call()
 
 for _path in ("", "/members", "/keys", "/balance", "/transactions", "/usage", "/request-logs", "/byok",
-              "/audit-log", "/route-evidence", "/payments", "/subscriptions", "/budgets"):
+              "/audit-log", "/route-evidence", "/payments", "/subscriptions", "/budgets", "/webhooks",
+              "/webhook-deliveries"):
     EXAMPLES[("GET", "/v1/orgs/{org_id:int}" + _path)] = lambda w, p, f, a: _call(org_id=w.org_id)
 
 
@@ -376,6 +381,72 @@ async def _(w, portal, factory, who):
     # Public, and proven by its signature: an event of a type we do not act on is acknowledged.
     payload = json.dumps(LocalStripe.event("customer.created", {"id": "cus_matrix", "object": "customer"})).encode()
     return Call(content=payload, headers={"stripe-signature": w.stripe.sign(payload)})
+
+
+# --- notifications ------------------------------------------------------------------------------------
+# Registration resolves nothing for an IP literal, and a public one passes the SSRF check (nothing connects).
+PUBLIC_HOOK = "https://93.184.215.14/hook"
+
+
+async def _fresh_endpoint(w: World, factory: Factory) -> int:
+    box = box_from_settings(factory.settings.master_key_bytes, factory.settings.master_key_id)
+    secret_id = await store_secret(factory.db, box, "webhook_signing_secret", "whsec_" + "A" * 44, org_id=w.org_id)
+    return await factory.db.fetchval(
+        """insert into webhook_endpoints (org_id, url, event_types, secret_id) values ($1, $2, '{key.created}', $3)
+           returning id""", w.org_id, PUBLIC_HOOK, secret_id)
+
+
+async def _fresh_delivery(w: World, factory: Factory) -> int:
+    endpoint_id = await _fresh_endpoint(w, factory)
+    event_id = await emit(factory.db, w.org_id, "key.created", {"key_id": 1})
+    await factory.db.execute("update event_outbox set dispatched_at = now() where id = $1", event_id)
+    return await factory.db.fetchval(
+        """insert into webhook_deliveries (org_id, endpoint_id, event_id, event_type, status, attempts,
+                                           next_attempt_at, created_at)
+           values ($1, $2, $3, 'key.created', 'failed', 3, now(), now()) returning id""", w.org_id, endpoint_id,
+        event_id)
+
+
+@example("POST", "/v1/orgs/{org_id:int}/webhooks")
+async def _(w, portal, factory, who):
+    return Call({"org_id": w.org_id}, {"url": PUBLIC_HOOK, "event_types": ["key.created", "balance.low"]})
+
+
+@example("GET", "/v1/orgs/{org_id:int}/webhooks/{endpoint_id:int}")
+@example("DELETE", "/v1/orgs/{org_id:int}/webhooks/{endpoint_id:int}")
+async def _(w, portal, factory, who):
+    return Call({"org_id": w.org_id, "endpoint_id": await _fresh_endpoint(w, factory)})
+
+
+@example("PATCH", "/v1/orgs/{org_id:int}/webhooks/{endpoint_id:int}")
+async def _(w, portal, factory, who):
+    return Call({"org_id": w.org_id, "endpoint_id": await _fresh_endpoint(w, factory)}, {"active": False})
+
+
+@example("POST", "/v1/orgs/{org_id:int}/webhooks/{endpoint_id:int}/rotate-secret")
+async def _(w, portal, factory, who):
+    return Call({"org_id": w.org_id, "endpoint_id": await _fresh_endpoint(w, factory)}, {"overlap_s": 60})
+
+
+@example("GET", "/v1/orgs/{org_id:int}/webhook-deliveries/{delivery_id:int}")
+@example("POST", "/v1/orgs/{org_id:int}/webhook-deliveries/{delivery_id:int}/replay")
+async def _(w, portal, factory, who):
+    return Call({"org_id": w.org_id, "delivery_id": await _fresh_delivery(w, factory)})
+
+
+@example("PUT", "/v1/admin/mail/settings")
+async def _(w, portal, factory, who):
+    # Port 9 (discard) on loopback: nothing is sent by saving settings.
+    return Call(json={"host": "127.0.0.1", "port": 9, "tls_mode": "none", "from_address": "relay@example.com"})
+
+
+@example("POST", "/v1/admin/mail/test")
+async def _(w, portal, factory, who):
+    async with factory.db.acquire() as conn, conn.transaction():
+        box = box_from_settings(factory.settings.master_key_bytes, factory.settings.master_key_id)
+        await save_smtp_config(conn, box, host="127.0.0.1", port=9, tls_mode="none", username=None,
+                               from_address="relay@example.com")
+    return Call(json={"to": "someone@example.com"})  # refused by the closed port: answered 200, sent false
 
 
 # --- the matrix ---------------------------------------------------------------------------------------
