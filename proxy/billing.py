@@ -39,6 +39,7 @@ class RateLimited(ProxyError):
     status = 429
     type = "requests"
     code = "rate_limit_exceeded"
+    limit = "requests"  # which limit: requests or tokens (per minute), for the metrics
 
 
 class InsufficientQuota(ProxyError):
@@ -111,7 +112,7 @@ class Biller:
                     raise BillingUnavailable("This organization has no balance account.")
                 reply = await self._fast.evalsha(_RESERVE, keys, args)
         except (RedisError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-            log.warning("reservation failed: %s", type(exc).__name__)
+            log.warning("reservation failed: %s", type(exc).__name__, extra={"request_id": request_id})
             raise BillingUnavailable("Billing is temporarily unavailable; the request was not forwarded.") from None
         status = reply[0]
         if status == 3:
@@ -134,8 +135,10 @@ class Biller:
             limit_headers = [(b"retry-after", reset[:-1]), (f"x-ratelimit-limit-{kind}".encode(), b"%d" % reply[2]),
                              (f"x-ratelimit-remaining-{kind}".encode(), b"%d" % max(reply[3], 0)),
                              (f"x-ratelimit-reset-{kind}".encode(), reset)]
-            raise RateLimited(f"Rate limit reached: {reply[2]} {kind} per minute. Retry after {reset.decode()}.",
-                              code="rate_limit_exceeded", headers=limit_headers)
+            refusal = RateLimited(f"Rate limit reached: {reply[2]} {kind} per minute. Retry after {reset.decode()}.",
+                                  code="rate_limit_exceeded", headers=limit_headers)
+            refusal.limit = "tokens" if kind == "tokens" else "requests"
+            raise refusal
         if status == 4:
             raise InsufficientQuota(
                 f"This API key reached its monthly spend cap of ${format_usd(reply[1])} "
@@ -161,7 +164,7 @@ class Biller:
             await self._fast.evalsha(_SETTLE, keys, args)
         except (RedisError, OSError) as exc:
             log.error("settlement of %s failed (%s: %s); retrying in the background", res.request_id,
-                      type(exc).__name__, exc)
+                      type(exc).__name__, exc, extra={"request_id": res.request_id})
             task = asyncio.create_task(self._retry_settle(keys, args))
             self._retries.add(task)
             task.add_done_callback(self._retries.discard)
@@ -177,7 +180,7 @@ class Biller:
                 return
             except (RedisError, OSError):
                 delay = min(delay * 2, 5.0)
-        log.error("settlement abandoned after retries: request %s", args[0])
+        log.error("settlement abandoned after retries: request %s", args[0], extra={"request_id": args[0]})
 
     async def close(self) -> None:
         """Wait briefly for background settlement retries (graceful shutdown)."""

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-import logging
+import os
 import sys
 
-from shared.settings import SettingsError, load_settings
+from shared.logs import configure_logging, logging_config
+from shared.metrics.snapshots import prepare_server
+from shared.settings import ENV_NAMES, SettingsError, load_settings
 
 
 def main() -> None:
@@ -14,7 +16,9 @@ def main() -> None:
     except SettingsError as exc:
         print(f"rr-proxy: {exc}", file=sys.stderr)
         sys.exit(2)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    configure_logging(settings.log_format)
+    if settings.metrics_token:  # the workers' snapshots go here; /metrics on any worker serves them all
+        os.environ[ENV_NAMES["metrics_dir"]] = prepare_server(settings.metrics_dir, "proxy")
     from granian import Granian
     from granian.constants import Interfaces, Loops
     from granian.http import HTTP1Settings
@@ -28,6 +32,7 @@ def main() -> None:
         workers=settings.proxy_workers,
         factory=True,
         log_access=False,
+        log_dictconfig=logging_config(settings.log_format),
         # Partial request heads are cut here (slowloris); partial bodies by proxy.http.BodyReader.
         http1_settings=HTTP1Settings(header_read_timeout=int(settings.header_read_timeout_s * 1000)),
     ).serve()
