@@ -6,7 +6,7 @@ from __future__ import annotations
 import hmac
 from collections.abc import Iterator
 
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
@@ -14,7 +14,7 @@ from shared.metrics.catalogue import CATALOGUE, COUNTER, GAUGE
 
 __all__ = ["CONTENT_TYPE", "metrics_allowed", "render"]
 
-CONTENT_TYPE = CONTENT_TYPE_LATEST
+CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4  # the text format every Prometheus version reads
 
 
 def _text(labels: tuple) -> list[str]:
