@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socketserver
 import threading
 import time
 from collections.abc import Iterator
@@ -106,7 +107,7 @@ class WorkerMetrics:
         if not s.metrics_token or not s.worker_metrics_port:
             return None
         self._server = make_server(s.worker_metrics_host, s.worker_metrics_port, self._wsgi,
-                                   handler_class=_QuietHandler)
+                                   server_class=_Server, handler_class=_QuietHandler)
         threading.Thread(target=self._server.serve_forever, name="metrics-http", daemon=True).start()
         return self._server.server_port
 
@@ -114,6 +115,15 @@ class WorkerMetrics:
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
+
+
+class _Server(WSGIServer):
+    def server_bind(self) -> None:
+        # http.server's bind looks its own name up in DNS (socket.getfqdn): seconds of a blocked event loop
+        # where DNS does not answer. The name is only used for SERVER_NAME, which nothing here reads.
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = self.server_address[:2]
+        self.setup_environ()
 
 
 class _QuietHandler(WSGIRequestHandler):
