@@ -22,6 +22,18 @@ from tests.proxy.test_endpoints import CHAT
 TOKEN = "worker-metrics-" + secrets.token_hex(8)
 
 
+async def wait_until_serving(url: str, timeout_s: float = 90.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if (await scrape(url)).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"rr-worker did not serve {url} within {timeout_s} s")
+
+
 def parse(text: str) -> dict[str, list]:
     return {f.name: [(s.name, s.labels, s.value) for s in f.samples] for f in text_string_to_metric_families(text)}
 
@@ -37,6 +49,7 @@ async def test_worker_metrics_show_backlog_flushes_and_partitions(settings, prox
     process = start_worker(settings, metrics_token=TOKEN, worker_metrics_port=port)
     url = f"http://127.0.0.1:{port}/metrics"
     try:
+        await wait_until_serving(url)  # after the worker's imports (numpy, scipy: seconds on a busy machine)
         t = await priced_tenant(factory, proxy, mock_upstream)
         async with httpx.AsyncClient(timeout=20) as http:
             for _ in range(5):
@@ -46,12 +59,8 @@ async def test_worker_metrics_show_backlog_flushes_and_partitions(settings, prox
         await assert_money_invariants(db, redis, settings, {t.org_id: OrgExpectation(billed=5)})
         found: dict = {}
         deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:  # the listener starts with the worker; the backlog is read every 5 s
-            try:
-                resp = await scrape(url)
-            except httpx.HTTPError:
-                await asyncio.sleep(0.2)
-                continue
+        while time.monotonic() < deadline:  # the backlog is read every 5 s
+            resp = await scrape(url)
             found = parse(resp.text)
             if "rr_billing_stream_backlog" in found and "rr_partition_check_timestamp_seconds" in found:
                 break
