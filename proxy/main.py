@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 
 from shared.logs import configure_logging, logging_config
@@ -17,8 +18,10 @@ def main() -> None:
         print(f"rr-proxy: {exc}", file=sys.stderr)
         sys.exit(2)
     configure_logging(settings.log_format)
+    made_dir = None
     if settings.metrics_token:  # the workers' snapshots go here; /metrics on any worker serves them all
-        os.environ[ENV_NAMES["metrics_dir"]] = prepare_server(settings.metrics_dir, "proxy")
+        os.environ[ENV_NAMES["metrics_dir"]] = base = prepare_server(settings.metrics_dir, "proxy")
+        made_dir = None if settings.metrics_dir else base
     from granian import Granian
     from granian.constants import Interfaces, Loops
     from granian.http import HTTP1Settings
@@ -36,6 +39,8 @@ def main() -> None:
         # Partial request heads are cut here (slowloris); partial bodies by proxy.http.BodyReader.
         http1_settings=HTTP1Settings(header_read_timeout=int(settings.header_read_timeout_s * 1000)),
     ).serve()
+    if made_dir is not None:  # a temporary directory of this run only
+        shutil.rmtree(made_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":

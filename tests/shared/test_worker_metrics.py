@@ -82,6 +82,7 @@ async def test_worker_metrics_show_backlog_flushes_and_partitions(settings, prox
     finally:
         stop_process(process)
     log = process.log_path.read_text()
+    assert "worker metrics at" in log
     for line in filter(str.strip, log.splitlines()):
         assert {"time", "level", "logger", "message"} <= json.loads(line).keys(), line
     assert TOKEN not in log
