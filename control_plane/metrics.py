@@ -38,8 +38,9 @@ class ControlPlaneMetrics:
     def scrape(self) -> bytes:
         now = time.time()
         if self.writer is not None:
-            self.writer.write()
-            snapshots = read_snapshots(self.writer.path.parent)
+            own = self.recorder.snapshot(now)  # as of now; the other workers' are at most an interval old
+            snapshots = [s for s in read_snapshots(self.writer.path.parent) if s.get("pid") != own["pid"]]
+            snapshots.append(own)
         else:
             snapshots = [self.recorder.snapshot(now)]
         return render(merge(snapshots, now, stale_after_s=3 * self.settings.metrics_interval_s + 1.0))

@@ -101,8 +101,9 @@ class ProxyMetrics:
         """The exposition of every worker of this server, plus the billing backlog read now."""
         now = time.time()
         if self.writer is not None:
-            self.writer.write()  # our own counts as of now; the other workers' are at most an interval old
-            snapshots = read_snapshots(self.writer.path.parent)
+            own = self.recorder.snapshot(now)  # as of now; the other workers' are at most an interval old
+            snapshots = [s for s in read_snapshots(self.writer.path.parent) if s.get("pid") != own["pid"]]
+            snapshots.append(own)
         else:
             snapshots = [self.recorder.snapshot(now)]
         merged = merge(snapshots, now, stale_after_s=3 * state.settings.metrics_interval_s + 1.0)
