@@ -212,9 +212,10 @@ http {{
 
 
 def relay_settings(stack: Stack, port: int = 8080, workers: int = 1) -> Settings:
+    # Metrics on, as in a deployment (docker-compose.yml sets a token): the workers write their snapshots.
     return load_settings({}, database_url=stack.db_url, redis_url=stack.redis_url, redis_prefix=stack.prefix,
                          key_pepper=stack.key_pepper, proxy_port=port, proxy_workers=workers,
-                         master_key=stack.master_key)
+                         master_key=stack.master_key, metrics_token=secrets.token_urlsafe(24))
 
 
 async def add_budgets(settings: Settings, org_id: int, api_key: str) -> None:

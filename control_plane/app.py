@@ -37,6 +37,7 @@ from control_plane.controllers.quality import AdminQualityController, RouteEvide
 from control_plane.controllers.usage import UsageController
 from control_plane.controllers.webhooks import WebhooksController
 from control_plane.errors import ErrorBody, exception_handlers
+from control_plane.metrics import ControlPlaneMetrics, MetricsController, RequestMetrics
 from control_plane.permissions import Scope, scope_of
 from control_plane.state import ControlPlane
 from shared.redis_client import connect_redis
@@ -50,6 +51,7 @@ CONTROLLERS = [
     AdminAuditController, AdminUsageController, AdminRejectedRowsController, AdminQualityController,
     RouteEvidenceController, PaymentsController, PlansController, AdminPaymentsController, WebhooksController,
     WebhookEndpointsController, WebhookDeliveriesController, AdminMailController,
+    MetricsController,
 ]
 
 _ERROR_DESCRIPTIONS = {
@@ -93,6 +95,8 @@ def _document(app: Litestar) -> None:
         if scope == Scope.ORG and not path.startswith("/v1/orgs/{org_id:int}"):
             raise RuntimeError(f"{method} {path}: an org action needs the org in the path as {{org_id:int}}")
         codes = {400, 422, *handler.opt.get("errors", ())}
+        if scope == Scope.METRICS:
+            continue  # not in the document (include_in_schema=False); a scraper's token, not a user's
         if scope != Scope.PUBLIC:
             codes.add(401)
             handler.security = [{"BearerAuth": []}]
@@ -112,13 +116,18 @@ def _document(app: Litestar) -> None:
 def create_app(settings: Settings | None = None) -> Litestar:
     """The app for `settings` (default: from the environment); granian calls this once per worker."""
     settings = settings or load_settings()
+    metrics = ControlPlaneMetrics(settings)
 
     async def start(app: Litestar) -> None:
         pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=10, command_timeout=30,
                                          init=_init_connection)
         app.state.cp = ControlPlane(settings, pool, connect_redis(settings.redis_url))
+        if metrics.writer is not None:
+            metrics.writer.start()
 
     async def stop(app: Litestar) -> None:
+        if metrics.writer is not None:
+            await metrics.writer.close()
         cp = app.state.get("cp")
         if cp is not None:
             await cp.close()
@@ -129,7 +138,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         on_startup=[start],
         on_shutdown=[stop],
         request_max_body_size=256 * 1024,
-        middleware=[DefineMiddleware(BodyDeadline, timeout_s=settings.body_read_timeout_s)],
+        middleware=[RequestMetrics, DefineMiddleware(BodyDeadline, timeout_s=settings.body_read_timeout_s)],
         openapi_config=OpenAPIConfig(
             title="Rocket Relay control plane",
             version="1",
@@ -145,5 +154,6 @@ def create_app(settings: Settings | None = None) -> Litestar:
         ),
         debug=False,
     )
+    app.state.cp_metrics = metrics
     _document(app)
     return app

@@ -1,6 +1,7 @@
 """Who may do what: the one permission table, and the `require(action)` guard every endpoint carries.
 
-Principals: `anonymous` (no credentials), `user` (any signed-in user, for their own account),
+Principals: `anonymous` (no credentials), `metrics_scraper` (the bearer of RR_METRICS_TOKEN, for
+`GET /metrics` only), `user` (any signed-in user, for their own account),
 `platform_admin` (users with the platform-admin flag, for system-wide operations) and the five org roles,
 which apply to the org named by the path's `{org_id}` only. An org role grants nothing outside its org and a
 platform admin gets no org role implicitly. `app.create_app` refuses to start if an endpoint has no
@@ -20,6 +21,8 @@ _READ_ORG = {"org.read", "members.read", "usage.read", "route_evidence.read", "b
 
 PERMISSIONS: dict[str, frozenset[str]] = {
     "anonymous": frozenset({"public"}),
+    # A Prometheus scraper, by the bearer token RR_METRICS_TOKEN (not a user: no access token, no role).
+    "metrics_scraper": frozenset({"metrics.read"}),
     "user": frozenset({"account.read", "account.update", "auth.logout", "orgs.create", "orgs.list",
                         "catalogue.read"}),
     "platform_admin": frozenset({
@@ -51,11 +54,14 @@ class Scope:
     USER = "user"  # any signed-in user
     PLATFORM = "platform"  # platform admins
     ORG = "org"  # members of the path's org with a role that allows the action
+    METRICS = "metrics"  # the holder of RR_METRICS_TOKEN (404 for anyone else, and while no token is set)
 
 
 def scope_of(action: str) -> str:
     if action in PERMISSIONS["anonymous"]:
         return Scope.PUBLIC
+    if action in PERMISSIONS["metrics_scraper"]:
+        return Scope.METRICS
     if action in PERMISSIONS["user"]:
         return Scope.USER
     if action in PERMISSIONS["platform_admin"]:
@@ -83,6 +89,8 @@ def require(action: str) -> Guard:
     async def guard(connection: Any, _handler: Any) -> None:
         if scope == Scope.PUBLIC:
             return
+        if scope == Scope.METRICS:
+            return connection.app.state.cp.authorize_metrics(connection)
         connection.state.principal = await connection.app.state.cp.authorize(connection, action, scope)
 
     guard.action = action  # type: ignore[attr-defined]  # read by create_app and the permission tests

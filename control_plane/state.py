@@ -19,6 +19,7 @@ from control_plane.redis_keys import ControlPlaneKeys
 from control_plane.tokens import TokenService
 from shared.billing import BillingScripts
 from shared.crypto import box_from_settings
+from shared.metrics.exposition import metrics_allowed
 from shared.payments.networks import ChainVerifier, NoChainVerifier
 from shared.payments.stripe_events import EventProcessor
 from shared.redis_keys import RedisKeys
@@ -66,6 +67,12 @@ class ControlPlane:
     async def publish_config(self) -> None:
         """Tell every proxy that models, prices, providers or routes changed (they reload within moments)."""
         await self.redis.publish(self.keys.events_channel, "config")
+
+    def authorize_metrics(self, connection) -> None:
+        """A metrics scrape: only with `Bearer <RR_METRICS_TOKEN>`; anyone else (and everyone while no token is
+        set) gets the 404 of an unknown path, so nobody learns the endpoint exists."""
+        if not metrics_allowed(connection.headers.get("authorization"), self.settings.metrics_token):
+            raise NotFound("No such endpoint.")
 
     async def authorize(self, connection, action: str, scope: str) -> Principal:
         """The caller, if their access token is valid, their session alive and `action` allowed to them.

@@ -20,6 +20,7 @@ from proxy.inputs import recordable
 from proxy.records import RequestRecord
 from proxy.state import ProxyState, start_state
 from shared.generations import new_request_id
+from shared.metrics.exposition import CONTENT_TYPE, metrics_allowed
 from shared.settings import Settings, load_settings
 
 __all__ = ["ProxyApp", "ProxyState", "create_app"]
@@ -49,6 +50,8 @@ class ProxyApp:
             return await self._ready(send)
         state = self.state
         assert state is not None, "lifespan start-up has not run"
+        if path == "/metrics":
+            return await self._metrics(state, scope, send)
         headers = RequestHeaders(scope["headers"], state.client_address.header)
         request_id = new_request_id()
         found = match(path)
@@ -72,9 +75,10 @@ class ProxyApp:
         except ProxyError as exc:
             rec.status_code = exc.status
             rec.error_code = exc.code
+            state.metrics.refused(exc)
             await send_response(send, exc.status, errors.json(exc), [*out_headers, *exc.headers])
         except Exception:
-            log.exception("unhandled error in request %s", request_id)
+            log.exception("unhandled error in request %s", request_id, extra={"request_id": request_id})
             rec.status_code = 500
             rec.error_code = "internal_error"
             err = ProxyError("The relay failed to handle this request.")
@@ -83,7 +87,19 @@ class ProxyApp:
             except Exception:  # the response had already started
                 pass
         finally:
+            state.metrics.request_done(found[0].path if found else "unmatched", rec)
             state.log_writer.add(rec)
+
+    async def _metrics(self, state: ProxyState, scope: Scope, send: Send) -> None:
+        """The metrics of every worker of this server, to a scraper holding RR_METRICS_TOKEN; to anyone else
+        (and to everyone while no token is set) the 404 of an unknown path, so nobody learns it exists."""
+        authorization = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
+        if scope["method"] != "GET" or not metrics_allowed(authorization.decode("latin-1"),
+                                                            state.settings.metrics_token):
+            err = NotFound(f"Unknown path {scope['path']}.", code="unknown_url")
+            return await send_response(send, 404, OPENAI_ERRORS.json(err), [])
+        body = await state.metrics.scrape(state)
+        await send_response(send, 200, body, [], CONTENT_TYPE.encode())
 
     async def _ready(self, send: Send) -> None:
         state = self.state

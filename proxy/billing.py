@@ -44,6 +44,7 @@ class RateLimited(ProxyError):
     status = 429
     type = "requests"
     code = "rate_limit_exceeded"
+    limit = "requests"  # which limit: requests or tokens (per minute), for the metrics
 
 
 class InsufficientQuota(ProxyError):
@@ -134,7 +135,7 @@ class Biller:
                     raise BillingUnavailable("This organization has no balance account.")
                 reply = await self._fast.evalsha(_RESERVE, keys, args)
         except (RedisError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-            log.warning("reservation failed: %s", type(exc).__name__)
+            log.warning("reservation failed: %s", type(exc).__name__, extra={"request_id": request_id})
             raise BillingUnavailable("Billing is temporarily unavailable; the request was not forwarded.") from None
         status = reply[0]
         if status == 3:
@@ -157,8 +158,10 @@ class Biller:
             limit_headers = [(b"retry-after", reset[:-1]), (f"x-ratelimit-limit-{kind}".encode(), b"%d" % reply[2]),
                              (f"x-ratelimit-remaining-{kind}".encode(), b"%d" % max(reply[3], 0)),
                              (f"x-ratelimit-reset-{kind}".encode(), reset)]
-            raise RateLimited(f"Rate limit reached: {reply[2]} {kind} per minute. Retry after {reset.decode()}.",
-                              code="rate_limit_exceeded", headers=limit_headers)
+            refusal = RateLimited(f"Rate limit reached: {reply[2]} {kind} per minute. Retry after {reset.decode()}.",
+                                  code="rate_limit_exceeded", headers=limit_headers)
+            refusal.limit = "tokens" if kind == "tokens" else "requests"
+            raise refusal
         if status == 5:
             raise _budget_exceeded(key.budgets[reply[1] - 1], reply[2], reply[3], reply[4], amount, started,
                                    self._calendar.zone)
@@ -205,7 +208,7 @@ class Biller:
             await self._fast.evalsha(_SETTLE, keys, args)
         except (RedisError, OSError) as exc:
             log.error("settlement of %s failed (%s: %s); retrying in the background", res.request_id,
-                      type(exc).__name__, exc)
+                      type(exc).__name__, exc, extra={"request_id": res.request_id})
             task = asyncio.create_task(self._retry_settle(keys, args))
             self._retries.add(task)
             task.add_done_callback(self._retries.discard)
@@ -221,7 +224,7 @@ class Biller:
                 return
             except (RedisError, OSError):
                 delay = min(delay * 2, 5.0)
-        log.error("settlement abandoned after retries: request %s", args[0])
+        log.error("settlement abandoned after retries: request %s", args[0], extra={"request_id": args[0]})
 
     async def close(self) -> None:
         """Wait briefly for background settlement retries (graceful shutdown)."""

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-import logging
+import os
+import shutil
 import sys
 
-from shared.settings import SettingsError, load_settings
+from shared.logs import configure_logging, logging_config
+from shared.metrics.snapshots import prepare_server
+from shared.settings import ENV_NAMES, SettingsError, load_settings
 
 
 def main() -> None:
@@ -14,7 +17,11 @@ def main() -> None:
     except SettingsError as exc:
         print(f"rr-proxy: {exc}", file=sys.stderr)
         sys.exit(2)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    configure_logging(settings.log_format)
+    made_dir = None
+    if settings.metrics_token:  # the workers' snapshots go here; /metrics on any worker serves them all
+        os.environ[ENV_NAMES["metrics_dir"]] = base = prepare_server(settings.metrics_dir, "proxy")
+        made_dir = None if settings.metrics_dir else base
     from granian import Granian
     from granian.constants import Interfaces, Loops
     from granian.http import HTTP1Settings
@@ -28,9 +35,12 @@ def main() -> None:
         workers=settings.proxy_workers,
         factory=True,
         log_access=False,
+        log_dictconfig=logging_config(settings.log_format),
         # Partial request heads are cut here (slowloris); partial bodies by proxy.http.BodyReader.
         http1_settings=HTTP1Settings(header_read_timeout=int(settings.header_read_timeout_s * 1000)),
     ).serve()
+    if made_dir is not None:  # a temporary directory of this run only
+        shutil.rmtree(made_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":

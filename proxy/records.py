@@ -144,6 +144,11 @@ class RequestLogWriter:
         self.written = 0
         self.rejected = 0  # rows PostgreSQL refused: set aside, recorded in rejected_rows
 
+    @property
+    def buffered(self) -> int:
+        """Rows waiting for PostgreSQL (read by the metrics snapshot, not per request)."""
+        return len(self._rows)
+
     def add(self, record: RequestRecord) -> None:
         """Queue one record; called on the hot path, so it only appends."""
         rows = self._rows

@@ -78,7 +78,8 @@ async def serve_model(ex: Exchange) -> None:
                 rec.usage = await asyncio.to_thread(estimate_usage, body, ex.sent, ex.answer_bytes,
                                                     rec.upstream_model or request.model)
             except Exception:  # never let an estimate stand between a request and its settlement
-                log.exception("usage estimate of %s failed; using bytes / 4", rec.request_id)
+                log.exception("usage estimate of %s failed; using bytes / 4", rec.request_id,
+                              extra={"request_id": rec.request_id})
             rec.estimated = True
         event = _usage_event(ex)
         rec.cost_micros = await state.biller.settle(
@@ -122,7 +123,8 @@ def _usage_event(ex: Exchange) -> UsageEvent | None:
     charged, uncharged, price_id = ex.price_usage(usage, rec.byok)
     if uncharged:  # an upstream that ignored the cap: the excess is not charged, and is on record
         log.warning("request %s: usage (%d prompt, %d completion tokens) exceeds its reservation; %d µ$ uncharged",
-                    rec.request_id, usage.prompt_total, usage.completion_total, uncharged)
+                    rec.request_id, usage.prompt_total, usage.completion_total, uncharged,
+                    extra={"request_id": rec.request_id})
     return UsageEvent(
         request_id=rec.request_id, created_us=res.started_us, org_id=res.org_id, api_key_id=res.key_id,
         model=rec.model or "", provider=rec.provider, route_id=rec.route_id, prompt_tokens=usage.prompt_total,
@@ -255,7 +257,7 @@ async def _open_upstream(ex: Exchange, planned: list[Planned]) -> Opened:
     state, rec = ex.state, ex.rec
     assert state is not None and rec is not None
     last_error: UpstreamError | None = None
-    breakers = state.breakers
+    breakers, metrics = state.breakers, state.metrics
     deadline = rec.started + state.settings.failover_budget_s
     skip_model: str | None = None
     for i, plan in enumerate(planned):
@@ -288,13 +290,17 @@ async def _open_upstream(ex: Exchange, planned: list[Planned]) -> Opened:
                                    code="byok_credential_unusable") from None
             if exc.status != 429:
                 breakers.failure(route.id, time.monotonic())
-            if not exc.retryable or time.perf_counter() > deadline:
+            metrics.attempts.inc((route.provider, exc.code or "upstream_error"))
+            if not exc.retryable or time.perf_counter() > deadline or i == len(planned) - 1:
                 raise
+            metrics.failovers.inc((route.provider,))
             continue
         breakers.success(route.id)
+        metrics.attempts.inc((route.provider, "ok"))
         if (opened.meter is None and is_context_length_error(opened.status, opened.raw)
                 and any(p.entry.name != entry.name for p in planned[i + 1:])):
             skip_model = entry.name  # the next model may have a longer context: the client listed it
+            metrics.failovers.inc((route.provider,))
             continue
         return opened
     assert last_error is not None

@@ -15,10 +15,13 @@ from proxy.byok import ByokCredentials
 from proxy.events import EventListener
 from proxy.health import CircuitBreakers, RouteStats
 from proxy.http import BodyReader, ClientAddress
+from proxy.metrics import ProxyMetrics, proxy_metrics_dir
 from proxy.records import RequestLogWriter
 from proxy.routing import Catalogue, load_catalogue
 from proxy.upstream import UpstreamClient
 from shared.crypto import box_from_settings
+from shared.metrics.recorder import Recorder
+from shared.metrics.snapshots import SnapshotWriter
 from shared.redis_client import connect_redis
 from shared.redis_keys import RedisKeys
 from shared.redis_pipeline import PipelinedRedis
@@ -58,6 +61,11 @@ class ProxyState:
         self.client_address = ClientAddress(settings.trusted_proxy_header, settings.trusted_proxies)
         self.bodies = BodyReader(settings.max_body_bytes, settings.body_read_timeout_s,
                                  settings.max_unfinished_requests_per_client)
+        self.metrics = ProxyMetrics(Recorder())
+        self.metrics.watch(self)
+        if settings.metrics_token and settings.metrics_dir:  # served for all workers by whichever is scraped
+            self.metrics.writer = SnapshotWriter(self.metrics.recorder, proxy_metrics_dir(settings.metrics_dir),
+                                                 settings.metrics_interval_s)
         self.events = EventListener(redis, self.keys, self.auth, self.byok, self.reload_catalogue,
                                     refresh_interval_s=settings.config_refresh_interval_s)
 
@@ -70,12 +78,16 @@ class ProxyState:
         self.bodies.start()
         self.log_writer.start()
         self.events.start()
+        if self.metrics.writer is not None:
+            self.metrics.writer.start()
 
     async def close(self) -> None:
         await self.events.close()
         await self.bodies.close()
         await self.biller.close()
         await self.log_writer.close()
+        if self.metrics.writer is not None:
+            await self.metrics.writer.close()
         await self.upstream.close()
         await self.fast_redis.aclose()
         await self.redis.aclose()

@@ -90,6 +90,19 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     flusher_block_ms: int = 500
     flusher_interval_ms: int = 200  # a shard's stream is read at most this often unless it has a backlog
     flusher_lease_ms: int = 10_000
+    # Metrics (shared/metrics/, docs/metrics.md). `GET /metrics` of every process answers only to
+    # `Authorization: Bearer <metrics_token>`; with no token set, metrics are off (404, no worker listener).
+    # The granian workers of one proxy or control plane leave a snapshot in `metrics_dir` every
+    # `metrics_interval_s` (empty: a fresh temporary directory per server); rr-worker serves its own on
+    # worker_metrics_host:worker_metrics_port.
+    metrics_token: str = ""
+    metrics_dir: str = ""
+    metrics_interval_s: float = 1.0
+    worker_metrics_host: str = "127.0.0.1"
+    worker_metrics_port: int = 9464
+    # Log lines: "json" (one object per line: time, level, logger, message, request_id where there is one)
+    # or "text".
+    log_format: str = "json"
     # Test-only fault injection: a named point where a worker process exits abruptly (see shared.failpoints).
     failpoint: str = ""
 
@@ -201,6 +214,13 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
                         "login_max_failures_per_ip_email",
                         "login_max_failures_per_email", "password_time_cost", "password_memory_kib",
                         "log_retention_min_days", "price_min_lead_s")
+        _check_positive(self, "metrics_interval_s")
+        if self.metrics_token and not re.fullmatch(r"[\x21-\x7e]{16,256}", self.metrics_token):
+            raise SettingsError(f"{ENV_NAMES['metrics_token']} must be 16 to 256 visible ASCII characters")
+        if not 0 <= self.worker_metrics_port <= 65535:
+            raise SettingsError(f"{ENV_NAMES['worker_metrics_port']} must be a TCP port (0: off)")
+        if self.log_format not in ("json", "text"):
+            raise SettingsError(f"{ENV_NAMES['log_format']} must be json or text")
         _check_positive(self, "usage_retention_days", "retention_interval_s", "retention_batch_size")
         _check_positive(self, "probe_interval_s", "probe_poll_interval_s", "probe_concurrency", "probe_window_rounds",
                         "probe_baseline_rounds", "probe_status_up", "probe_status_down", "probe_retention_days",
@@ -292,7 +312,7 @@ def _check_positive(settings: Settings, *fields: str) -> None:
 
 
 _SECRET_FIELDS = frozenset({"key_pepper", "master_key", "old_master_keys", "jwt_secret", "database_url",
-                            "redis_url"})
+                            "redis_url", "metrics_token"})
 
 ENV_NAMES: dict[str, str] = {
     name: (name.upper() if name in ("database_url", "redis_url") else f"RR_{name.upper()}")

@@ -38,7 +38,7 @@ def map_rows() -> list[list[str]]:
     rows = []
     for line in MAP.read_text().splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if line.startswith("|") and cells and cells[0] in ("postgres", "redis"):
+        if line.startswith("|") and cells and cells[0] in ("postgres", "redis", "files"):
             assert len(cells) == 8, f"a map row needs 8 cells: {line}"
             assert all(cells), f"a map row has an empty cell: {line}"
             rows.append(cells)

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import asyncpg
 import httpx
+import msgspec
 import pytest
 import pytest_asyncio
 from redis.asyncio import Redis
@@ -29,6 +30,7 @@ from redis.asyncio import Redis
 from shared.crypto import box_from_settings, store_secret
 from shared.notify.mail import save_smtp_config
 from shared.notify.webhooks import new_signing_secret
+from shared.embedded import free_port
 from shared.redis_keys import RedisKeys
 from shared.settings import Settings
 from tests.conftest import Factory, Server, start_proxy, start_worker, stop_process, wait_for_rows
@@ -53,6 +55,11 @@ class Stack:
     factory: Factory
     mail: MailCatcher
     hooks: Receiver
+    worker_metrics: str = ""  # the worker's /metrics URL
+    metrics_dir: Path = Path()
+
+
+METRICS_TOKEN = "canary-metrics-" + secrets.token_hex(8)
 
 
 @pytest.fixture(scope="module")
@@ -63,11 +70,17 @@ def canary_settings(servers, settings: Settings) -> Iterator[Settings]:
 
 
 @pytest_asyncio.fixture(scope="module")
-async def stack(canary_settings: Settings) -> AsyncIterator[Stack]:
-    proxy = start_proxy(canary_settings)
-    control_plane = start_control_plane(canary_settings)
+async def stack(canary_settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack]:
+    # Metrics on in every process (they carry labels of client traffic), each server its own snapshot dir.
+    metrics_dir = tmp_path_factory.mktemp("canary-metrics")
+    worker_port = free_port()
+    metrics = {"metrics_token": METRICS_TOKEN, "metrics_interval_s": 0.2}
+    proxy = start_proxy(canary_settings, metrics_dir=metrics_dir, **metrics)
+    control_plane = start_control_plane(canary_settings, metrics_dir=metrics_dir, **metrics)
     # Notifications on, to a mail catcher and a webhook receiver on loopback (hence the development setting).
-    worker = start_worker(canary_settings, notify_enabled=True, notify_interval_s=0.2, webhook_allow_insecure=True)
+    worker = start_worker(canary_settings, notify_enabled=True, notify_interval_s=0.2, webhook_allow_insecure=True,
+                          worker_metrics_port=worker_port, **metrics)
+    await wait_until_serving(f"http://127.0.0.1:{worker_port}/metrics")  # the flusher runs from here on
     db = await asyncpg.create_pool(canary_settings.database_url, min_size=1, max_size=4)
     redis = Redis.from_url(canary_settings.redis_url)
     factory = Factory(db, redis, RedisKeys(canary_settings.redis_prefix), canary_settings)
@@ -78,7 +91,8 @@ async def stack(canary_settings: Settings) -> AsyncIterator[Stack]:
         await save_smtp_config(conn, box, host="127.0.0.1", port=mail.port, tls_mode="none", username=None,
                                from_address="relay@example.com")
     try:
-        yield Stack(canary_settings, proxy, control_plane, worker.log_path, db, redis, factory, mail, hooks)
+        yield Stack(canary_settings, proxy, control_plane, worker.log_path, db, redis, factory, mail, hooks,
+                    f"http://127.0.0.1:{worker_port}/metrics", metrics_dir)
     finally:
         mail.stop()
         await hooks.stop()
@@ -87,6 +101,21 @@ async def stack(canary_settings: Settings) -> AsyncIterator[Stack]:
         stop_process(worker)
         control_plane.stop()
         proxy.stop()
+
+
+async def wait_until_serving(url: str, timeout_s: float = 90.0) -> None:
+    """Until the worker answers its /metrics (it imports numpy and scipy first: seconds on a busy machine)."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    async with httpx.AsyncClient(timeout=5) as http:
+        while True:
+            try:
+                if (await http.get(url, headers={"authorization": f"Bearer {METRICS_TOKEN}"})).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            if asyncio.get_running_loop().time() > deadline:
+                raise AssertionError(f"rr-worker did not serve {url} within {timeout_s} s")
+            await asyncio.sleep(0.2)
 
 
 # --- the scanners -----------------------------------------------------------------------------------------
@@ -131,8 +160,19 @@ def outbound(stack: Stack) -> tuple[str, bytes]:
     return mails, hooks
 
 
+async def scrape_metrics(stack: Stack) -> str:
+    """Every process's /metrics, as a scraper with the token reads them."""
+    auth = {"authorization": f"Bearer {METRICS_TOKEN}"}
+    async with httpx.AsyncClient(timeout=10) as http:
+        pages = [await http.get(url, headers=auth) for url in (stack.proxy.url + "/metrics",
+                                                                 stack.control_plane.url + "/metrics",
+                                                                 stack.worker_metrics)]
+    assert [p.status_code for p in pages] == [200, 200, 200]
+    return "\n".join(p.text for p in pages)
+
+
 async def leaks(stack: Stack, needle: str) -> list[str]:
-    """Where `needle` was found: 'postgres', 'redis', 'logs', 'mail', 'webhooks'."""
+    """Where `needle` was found: 'postgres', 'redis', 'logs', 'mail', 'webhooks', 'metrics'."""
     found = []
     if needle in await asyncio.to_thread(dump_postgres, stack.settings):
         found.append("postgres")
@@ -145,6 +185,8 @@ async def leaks(stack: Stack, needle: str) -> list[str]:
         found.append("mail")
     if needle.encode() in hooks:
         found.append("webhooks")
+    if needle in await scrape_metrics(stack):
+        found.append("metrics")
     return found
 
 
@@ -288,11 +330,11 @@ async def test_the_canary_and_the_secrets_are_stored_nowhere(stack: Stack, mock_
             break
         await asyncio.sleep(0.1)
     assert any(b'"balance.low"' in r.body for r in stack.hooks.requests)
-    for needle in (CANARY, BYOK_SECRET, PROVIDER_SECRET, PASSWORD):
+    for needle in (CANARY, BYOK_SECRET, PROVIDER_SECRET, PASSWORD, METRICS_TOKEN):
         assert await leaks(stack, needle) == [], needle[:12]
 
 
-@pytest.mark.parametrize("store", ["postgres", "redis", "logs", "mail", "webhooks"])
+@pytest.mark.parametrize("store", ["postgres", "redis", "logs", "mail", "webhooks", "metrics"])
 async def test_the_scanner_finds_a_deliberate_leak(stack: Stack, store: str) -> None:
     """A body put on purpose where a careless change would put it is found: the search is not blind."""
     leak = f"LEAK-{secrets.token_hex(8)}"
@@ -310,9 +352,13 @@ async def test_the_scanner_finds_a_deliberate_leak(stack: Stack, store: str) -> 
         stack.mail.mails.append(CaughtMail(["alerts@example.com"], message))
     elif store == "webhooks":  # a prompt put into an event's data
         stack.hooks.requests.append(Received({}, f'{{"data": {{"prompt": "{leak}"}}}}'.encode()))
-    else:  # a body written to a process log
+    elif store == "logs":  # a body written to a process log
         with stack.worker_log.open("a") as log:
             log.write(f"DEBUG request body: {leak}\n")
+    else:  # a client's string made a metric label (a proxy worker's snapshot)
+        snapshot = {"pid": 1, "at": 0.0, "g": {}, "h": {},
+                    "c": {"rr_requests_total": [[["/v1/chat/completions", 200, leak, "", ""], 1]]}}
+        (stack.metrics_dir / "proxy" / "1.snapshot").write_bytes(msgspec.msgpack.encode(snapshot))
     try:
         assert await leaks(stack, leak) == [store]
     finally:
@@ -320,3 +366,5 @@ async def test_the_scanner_finds_a_deliberate_leak(stack: Stack, store: str) -> 
             stack.mail.mails.pop()
         elif store == "webhooks":
             stack.hooks.requests.pop()
+        elif store == "metrics":
+            (stack.metrics_dir / "proxy" / "1.snapshot").unlink()

@@ -15,15 +15,19 @@ import asyncio
 import logging
 import signal
 import sys
+import time
 from datetime import UTC, datetime
 
 import asyncpg
 
+from shared.logs import configure_logging
 from shared.redis_client import connect_redis
+from shared.redis_keys import RedisKeys
 from shared.settings import Settings, SettingsError, load_settings
 from shared.workers import sleep_unless_stopped
 from shared.workers.flusher import BillingFlusher
 from shared.workers.notify import run_notify
+from shared.workers.metrics import WorkerMetrics
 from shared.workers.payments import process_payments
 from shared.workers.probes import ProbeRunner
 from shared.workers.retention import enforce_retention
@@ -46,11 +50,13 @@ async def ensure_partitions_ahead(pool: asyncpg.Pool, now: datetime | None = Non
     return created
 
 
-async def manage_partitions(pool: asyncpg.Pool, stop: asyncio.Event) -> None:
+async def manage_partitions(pool: asyncpg.Pool, stop: asyncio.Event, metrics: WorkerMetrics | None = None) -> None:
     """Keep the next months' partitions of the partitioned tables created ahead of time."""
     while not stop.is_set():
         try:
             await ensure_partitions_ahead(pool)
+            if metrics is not None:
+                metrics.report("rr_partition_check_timestamp_seconds", time.time())
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             log.warning("partition check failed (%s)", type(exc).__name__)
         await sleep_unless_stopped(stop, PARTITION_CHECK_INTERVAL_S)
@@ -60,17 +66,25 @@ async def run_workers(settings: Settings) -> None:
     pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=6, command_timeout=60)
     redis = connect_redis(settings.redis_url)
     flusher = BillingFlusher(settings, pool, redis)
+    metrics = WorkerMetrics(settings)
+    metrics.total("rr_billing_events_flushed_total", flusher, "flushed")
+    metrics.total("rr_billing_events_held_total", flusher, "held")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    tasks = [asyncio.create_task(flusher.run()), asyncio.create_task(manage_partitions(pool, stop)),
+    tasks = [asyncio.create_task(flusher.run()), asyncio.create_task(manage_partitions(pool, stop, metrics)),
+             asyncio.create_task(metrics.watch_backlog(redis, RedisKeys(settings.redis_prefix, settings.billing_shards),
+                                                       stop)),
              asyncio.create_task(enforce_retention(pool, settings, stop)),
              asyncio.create_task(process_payments(pool, redis, settings, stop))]
     if settings.probe_enabled:
         tasks.append(asyncio.create_task(ProbeRunner(settings, pool, redis).run(stop)))
     if settings.notify_enabled:
         tasks.append(asyncio.create_task(run_notify(pool, redis, settings, stop)))
+    port = metrics.serve()
+    if port is not None:
+        log.info("worker metrics at http://%s:%d/metrics", settings.worker_metrics_host, port)
     log.info("worker started: billing flusher (%d shards), partition manager, payments, retention every %.0f s, "
              "probes %s, notifications %s", settings.billing_shards, settings.retention_interval_s,
              f"every {settings.probe_interval_s:.0f} s" if settings.probe_enabled else "off",
@@ -78,6 +92,7 @@ async def run_workers(settings: Settings) -> None:
     await stop.wait()
     flusher.stop()
     await asyncio.wait(tasks, timeout=15)
+    metrics.close()
     await redis.aclose()
     await pool.close()
     log.info("worker stopped; %d events flushed", flusher.flushed)
@@ -89,7 +104,7 @@ def main() -> None:
     except SettingsError as exc:
         print(f"rr-worker: {exc}", file=sys.stderr)
         sys.exit(2)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    configure_logging(settings.log_format)
     try:
         import uvloop
 

@@ -84,7 +84,7 @@ async def _fresh_key(w: World, factory: Factory) -> int:
 
 
 # --- public -----------------------------------------------------------------------------------------------
-for _path in ("/healthz", "/readyz", "/openapi.json", "/v1/me", "/v1/orgs", "/v1/models", "/v1/providers",
+for _path in ("/healthz", "/readyz", "/openapi.json", "/metrics", "/v1/me", "/v1/orgs", "/v1/models", "/v1/providers",
               "/v1/admin/orgs", "/v1/admin/models", "/v1/admin/prices", "/v1/admin/providers", "/v1/admin/routes",
               "/v1/admin/audit-log", "/v1/admin/uncharged-usage", "/v1/admin/rejected-rows",
               "/v1/admin/quality/routes", "/v1/admin/quality/spend", "/v1/plans",
@@ -462,6 +462,8 @@ def expected_statuses(action: str, who: str) -> set[int] | None:
     scope = scope_of(action)
     if scope == Scope.PUBLIC:
         return None
+    if scope == Scope.METRICS:
+        return {404}  # a portal token is not the metrics token (tests/control_plane/test_metrics.py)
     if who == "anonymous":
         return {401}
     if scope == Scope.USER:

@@ -36,6 +36,12 @@ def test_defaults_and_types() -> None:
         ({"RR_MASTER_KEY": "!!notbase64!!"}, "RR_MASTER_KEY must be base64 of exactly 32 bytes"),
         ({"DATABASE_URL": "mysql://x"}, "DATABASE_URL must be a postgres URL"),
         ({"RR_REDIS_PREFIX": "a b"}, "RR_REDIS_PREFIX may only hold"),
+        ({"RR_METRICS_TOKEN": "short"}, "RR_METRICS_TOKEN must be 16 to 256 visible ASCII"),
+        ({"RR_METRICS_TOKEN": "sixteen-chars-ok\r\nX-Injected: 1"}, "RR_METRICS_TOKEN must be 16 to 256 visible"),
+        ({"RR_METRICS_TOKEN": "with space inside it"}, "RR_METRICS_TOKEN must be 16 to 256 visible ASCII"),
+        ({"RR_METRICS_INTERVAL_S": "0"}, "RR_METRICS_INTERVAL_S must be greater than zero"),
+        ({"RR_WORKER_METRICS_PORT": "70000"}, "RR_WORKER_METRICS_PORT must be a TCP port"),
+        ({"RR_LOG_FORMAT": "xml"}, "RR_LOG_FORMAT must be json or text"),
     ],
 )
 def test_bad_settings_are_named(change: dict, message: str) -> None:
@@ -46,8 +52,8 @@ def test_bad_settings_are_named(change: dict, message: str) -> None:
 
 
 def test_repr_hides_secrets() -> None:
-    text = repr(load_settings(BASE))
-    for secret in ("dbpass", "pepper-pepper-pepper", BASE["RR_MASTER_KEY"]):
+    text = repr(load_settings({**BASE, "RR_METRICS_TOKEN": "metrics-token-0123456789"}))
+    for secret in ("dbpass", "pepper-pepper-pepper", BASE["RR_MASTER_KEY"], "metrics-token-0123456789"):
         assert secret not in text
     assert "proxy_port=8080" in text
     assert isinstance(load_settings(BASE), Settings)
