@@ -151,8 +151,8 @@ class Server:
 
 
 def start_server(args: list[str], env: dict[str, str], port: int, ready_path: str, name: str,
-                 timeout: float = 30.0) -> Server:
-    log_path = Path(tempfile.mkstemp(prefix=f"rr-{name}-", suffix=".log")[1])
+                 timeout: float = 30.0, log_dir: Path | None = None) -> Server:
+    log_path = Path(tempfile.mkstemp(prefix=f"rr-{name}-", suffix=".log", dir=log_dir)[1])
     log_file = log_path.open("wb")
     process = subprocess.Popen(args, env=env, cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT)
     server = Server(process, port, log_path)
