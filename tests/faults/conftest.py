@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import os
 import secrets
 import shutil
 import subprocess
@@ -75,6 +76,10 @@ class FaultStack:
         log = self.disk.path / f"worker-{time.monotonic_ns()}.log"
         self.worker = subprocess.Popen([sys.executable, "-m", "shared.workers.main"], env=settings_env(self.settings),
                                        cwd=ROOT, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 30
+        while b"worker started" not in log.read_bytes():  # start-up takes seconds on 2 busy cores
+            assert self.worker.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
+            time.sleep(0.1)
         return self.worker
 
     def proxy_workers(self) -> list[psutil.Process]:
@@ -136,9 +141,10 @@ def fault_stack() -> Iterator[FaultStack]:
                 server.stop()
         stack.redis_server.stop()
         stack.pg.stop()
-        disk.close()
+        disk.close(keep_in=tmp / "kept-logs" if os.environ.get("RR_FAULTS_KEEP") else None)
         print("\n".join(["", "fault suite figures:", *stack.figures]))
-        shutil.rmtree(tmp, ignore_errors=True)
+        if not os.environ.get("RR_FAULTS_KEEP"):  # keep the logs of a failing run: RR_FAULTS_KEEP=1
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 async def _create_db(admin_url: str, db_url: str) -> None:

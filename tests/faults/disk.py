@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import errno
 import resource
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -79,7 +80,10 @@ class LogDisk:
                 pass
         self._limited.clear()
 
-    def close(self) -> None:
+    def close(self, keep_in: Path | None = None) -> None:
+        """Unmount (the logs go with it, unless copied to `keep_in` first)."""
         self.free()
+        if keep_in is not None:
+            shutil.copytree(self.path, keep_in, dirs_exist_ok=True)
         if self.tmpfs:
             subprocess.run(["umount", "-l", str(self.path)], capture_output=True)

@@ -38,6 +38,22 @@ def _answer(model: str, completion_tokens: int = 2) -> bytes:
     })
 
 
+def _stream(model: str, completion_tokens: int = 2) -> bytes:
+    """The same answer as a Chat Completions stream, usage in its last chunk (include_usage)."""
+    def event(obj: dict) -> bytes:
+        return b"data: " + orjson.dumps(obj) + b"\n\n"
+
+    base = {"id": "chatcmpl-faulty", "object": "chat.completion.chunk", "created": 0, "model": model}
+    return b"".join([
+        event(base | {"choices": [{"index": 0, "delta": {"role": "assistant", "content": "fine"},
+                                   "finish_reason": None}]}),
+        event(base | {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}),
+        event(base | {"choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": completion_tokens,
+                                               "total_tokens": 5 + completion_tokens}}),
+        b"data: [DONE]\n\n",
+    ])
+
+
 def _response(body: bytes, *, length: int | None = None, content_type: bytes = b"application/json") -> bytes:
     return (b"HTTP/1.1 200 OK\r\ncontent-type: " + content_type + b"\r\ncontent-length: %d\r\n\r\n"
             % (len(body) if length is None else length)) + body
@@ -86,9 +102,16 @@ class FaultyUpstream:
                 mode = self.mode
                 self.seen[mode] += 1
                 try:
-                    model = orjson.loads(body).get("model", "m")
+                    request = orjson.loads(body)
                 except orjson.JSONDecodeError:
-                    model = "m"
+                    request = {}
+                model = request.get("model", "m")
+                stream = request.get("stream") is True
+                kind = b"text/event-stream" if stream else b"application/json"
+
+                def answer(tokens: int = 2) -> bytes:
+                    return _stream(model, tokens) if stream else _answer(model, tokens)
+
                 if mode == "hang":
                     self._hung.append(writer)
                     await reader.read()  # until the client gives up
@@ -104,19 +127,19 @@ class FaultyUpstream:
                     writer.close()
                     return
                 if mode == "garbage_json":
-                    writer.write(_response(b"<html>definitely { not json", content_type=b"application/json"))
+                    writer.write(_response(b"<html>definitely { not json", content_type=kind))
                 elif mode == "short_body":
-                    answer = _answer(model)
-                    writer.write(_response(answer[: len(answer) // 2], length=len(answer)))
+                    whole = answer()
+                    writer.write(_response(whole[: len(whole) // 2], length=len(whole), content_type=kind))
                     await writer.drain()
                     writer.close()
                     return
                 elif mode == "extra_bytes":
-                    writer.write(_response(_answer(model)) + _response(b'{"smuggled": true}'))
+                    writer.write(_response(answer(), content_type=kind) + _response(b'{"smuggled": true}'))
                 elif mode == "overuse":
-                    writer.write(_response(_answer(model, completion_tokens=1_000_000)))
+                    writer.write(_response(answer(1_000_000), content_type=kind))
                 else:
-                    writer.write(_response(_answer(model)))
+                    writer.write(_response(answer(), content_type=kind))
                 await writer.drain()
         except ConnectionError:
             pass
