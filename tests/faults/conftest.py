@@ -187,12 +187,15 @@ async def check_ledger(stack: FaultStack, db: asyncpg.Pool, redis: Redis, org_id
     """The fault's verdict: every billed answer has exactly one usage record and nothing else has one (by
     request id), the ledger sums to the balance, live == PostgreSQL, nothing reserved, no drift; printed."""
     served = {o.request_id for o in outcomes if o.served}
+    partial = {o.request_id for o in outcomes if o.partial}
     assert len(served) == sum(o.served for o in outcomes), f"{name}: a request id was served twice"
-    await assert_money_invariants(db, redis, stack.settings, {org_id: OrgExpectation(billed=len(served))},
-                                  timeout=timeout)
-    rows = await db.fetch("select request_id, cost_micros from usage_records where org_id = $1", org_id)
-    billed = {r["request_id"]: r["cost_micros"] for r in rows}
-    assert len(billed) == len(rows), f"{name}: duplicated usage records"
+    await assert_money_invariants(db, redis, stack.settings,
+                                  {org_id: OrgExpectation(billed=len(served) + len(partial))}, timeout=timeout)
+    rows = await db.fetch("select request_id, cost_micros, estimated from usage_records where org_id = $1", org_id)
+    billed = {r["request_id"]: r["cost_micros"] for r in rows if r["request_id"] not in partial}
+    assert len(rows) == len({r["request_id"] for r in rows}), f"{name}: duplicated usage records"
+    assert all(r["estimated"] for r in rows if r["request_id"] in partial), f"{name}: a cut stream not estimated"
+    assert partial <= {r["request_id"] for r in rows}, f"{name}: a stream cut after content was not charged"
     unserved = set(billed) - served
     lost = served - set(billed)
     assert not unserved, f"{name}: {len(unserved)} request(s) billed but never served: {sorted(unserved)[:5]}"
@@ -204,7 +207,8 @@ async def check_ledger(stack: FaultStack, db: asyncpg.Pool, redis: Redis, org_id
         """select (select coalesce(sum(amount_micros), 0) from balance_transactions where org_id = $1)::bigint,
                   (select balance_micros from org_balances where org_id = $1)""", org_id)
     errors = sum(1 for o in outcomes if not o.served)
-    line = (f"[{name}] requests {len(outcomes)}, billed answers {len(served)}, failed {errors}, "
+    line = (f"[{name}] requests {len(outcomes)}, billed answers {len(served)} (+{len(partial)} cut streams, "
+            f"estimated), failed {errors - len(partial)}, "
             f"usage records {len(rows)}, ledger sum {ledger} == balance {balance}")
     if recovery_s is not None:
         line += f", service back {recovery_s:.2f} s after the fault ended"

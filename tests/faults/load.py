@@ -3,7 +3,8 @@
 
 "Served" means the client got the whole answer with its cost: a 200 JSON answer with `usage.cost_micros`,
 or a stream that reached `[DONE]` after a usage chunk with `cost_micros`. Its request id is the
-`x-request-id` the relay answered with; the usage records of the org must be exactly these ids.
+`x-request-id` the relay answered with; the usage records of the org must be exactly these ids, plus the
+streams that broke after content reached the client ("partial": charged what was produced, estimated).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ class Outcome:
     cost_micros: int | None  # set only when a billed answer was served
     stream: bool
     error: str | None = None
+    partial: bool = False  # a stream that started (content reached the client) and broke before its end
 
     @property
     def served(self) -> bool:
@@ -75,8 +77,9 @@ class SteadyLoad:
                 raw = await resp.aread()
                 rid = resp.headers.get("x-request-id")
                 cost = _cost(raw, stream) if resp.status_code == 200 else None
+                partial = stream and cost is None and resp.status_code == 200 and b'"content"' in raw
                 return Outcome(started, time.monotonic(), resp.status_code, rid, cost, stream,
-                               None if resp.status_code == 200 else raw[:200].decode(errors="replace"))
+                               None if cost is not None else raw[-300:].decode(errors="replace"), partial)
         except httpx.HTTPError as exc:
             return Outcome(started, time.monotonic(), 0, None, None, stream, type(exc).__name__)
 
