@@ -76,7 +76,7 @@ async def run_workers(settings: Settings) -> None:
     pool = await open_pool(settings, stop)
     if pool is None:
         return
-    redis = connect_redis(settings.redis_url)
+    redis = connect_redis(settings.redis_url, cluster=settings.redis_cluster)
     flusher = BillingFlusher(settings, pool, redis)
     tasks = [asyncio.create_task(flusher.run()), asyncio.create_task(manage_partitions(pool, stop)),
              asyncio.create_task(enforce_retention(pool, settings, stop)),
