@@ -88,6 +88,9 @@ async def start_state(settings: Settings) -> ProxyState:
     started = time.perf_counter()
     pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=4, command_timeout=30)
     redis = connect_redis(settings.redis_url, cluster=settings.redis_cluster)
+    if settings.redis_cluster:
+        # redis-py's cluster pub/sub reads the slot map without loading it first: load it before subscribing.
+        await redis.initialize()
     state = ProxyState(settings, pool, redis)
     await state.start()
     log.info("proxy worker ready in %.0f ms", (time.perf_counter() - started) * 1000)
