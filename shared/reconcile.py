@@ -17,10 +17,10 @@ import sys
 from dataclasses import dataclass
 
 import asyncpg
-from shared.redis_client import connect_redis
 
 from shared.billing import BillingScripts, rebuild_balance
 from shared.money import format_usd
+from shared.redis_client import connect_redis
 from shared.redis_keys import RedisKeys
 from shared.settings import Settings, SettingsError, load_settings
 

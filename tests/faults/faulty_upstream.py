@@ -109,7 +109,7 @@ class FaultyUpstream:
                 stream = request.get("stream") is True
                 kind = b"text/event-stream" if stream else b"application/json"
 
-                def answer(tokens: int = 2) -> bytes:
+                def answer(tokens: int = 2, model: str = model, stream: bool = stream) -> bytes:
                     return _stream(model, tokens) if stream else _answer(model, tokens)
 
                 if mode == "hang":
