@@ -121,7 +121,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
     async def start(app: Litestar) -> None:
         pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=10, command_timeout=30,
                                          init=_init_connection)
-        app.state.cp = ControlPlane(settings, pool, connect_redis(settings.redis_url))
+        app.state.cp = ControlPlane(settings, pool, connect_redis(settings.redis_url, cluster=settings.redis_cluster))
         if metrics.writer is not None:
             metrics.writer.start()
 

@@ -36,6 +36,8 @@ def main() -> None:
         factory=True,
         log_access=False,
         log_dictconfig=logging_config(settings.log_format),
+        # A worker that dies (OOM, a crash) is replaced; the others keep serving meanwhile.
+        respawn_failed_workers=True,
         # Partial request heads are cut here (slowloris); partial bodies by proxy.http.BodyReader.
         http1_settings=HTTP1Settings(header_read_timeout=int(settings.header_read_timeout_s * 1000)),
     ).serve()

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from proxy import inputs
 from proxy.bounds import request_bound
-from proxy.dialects.base import answer_with_cost
+from proxy.dialects.base import answer_with_cost, parse_answer
 from proxy.errors import ByokRejected, InvalidRequest, ModelUnavailable, UpstreamError
 from proxy.estimate import estimate_usage
 from proxy.http import Receive, Send, send_response
@@ -310,7 +310,13 @@ async def _open_upstream(ex: Exchange, planned: list[Planned]) -> Opened:
 async def _commit(ex: Exchange, route: Route, dialect: Dialect, resp: UpstreamResponse) -> Opened:
     """Read an answer until it can no longer fail over: the whole body, or a stream's first client bytes."""
     if resp.status != 200 or not ex.stream:
-        return Opened(route, dialect, resp, await resp.read())
+        raw = await resp.read()
+        if resp.status == 200 and parse_answer(raw) is None:
+            # A 200 whose body is not a JSON object is a broken answer (a proxy's error page, a truncated
+            # body): relayed, the client would get garbage and be billed an estimate. Another route may answer.
+            resp.close()
+            raise UpstreamError(f"The upstream provider {route.provider} sent a 200 answer that is not JSON.")
+        return Opened(route, dialect, resp, raw)
     meter = dialect.stream(ex)
     meter.pricer = ex.price_upstream_usage  # the client's last usage event carries the request's cost
     chunks = resp.chunks()
@@ -323,6 +329,9 @@ async def _commit(ex: Exchange, route: Route, dialect: Dialect, resp: UpstreamRe
     except UpstreamError:
         resp.close()
         raise
+    if not first:  # the stream ended before one whole event (not SSE at all): nothing is committed yet
+        resp.close()
+        raise UpstreamError(f"The upstream provider {route.provider} ended its stream before its first event.")
     return Opened(route, dialect, resp, meter=meter, chunks=chunks, first=first)
 
 

@@ -24,7 +24,7 @@ from shared.metrics.recorder import Recorder
 from shared.metrics.snapshots import SnapshotWriter
 from shared.redis_client import connect_redis
 from shared.redis_keys import RedisKeys
-from shared.redis_pipeline import PipelinedRedis
+from shared.redis_pipeline import pipelined_redis
 from shared.settings import Settings
 
 __all__ = ["ProxyState", "start_state"]
@@ -41,8 +41,9 @@ class ProxyState:
         self.redis = redis
         self.keys = RedisKeys(settings.redis_prefix, settings.billing_shards)
         self.box = box_from_settings(settings.master_key_bytes, settings.master_key_id, settings.old_master_keys_map)
-        self.fast_redis = PipelinedRedis(settings.redis_url, connections=settings.redis_pipeline_connections,
-                                         timeout_s=settings.redis_timeout_s)
+        self.fast_redis = pipelined_redis(settings.redis_url, cluster=settings.redis_cluster,
+                                          connections=settings.redis_pipeline_connections,
+                                          timeout_s=settings.redis_timeout_s)
         self.auth = Authenticator(
             pool, self.fast_redis, self.keys, settings.key_pepper.encode(), ttl_s=settings.key_cache_ttl_s,
             negative_ttl_s=settings.key_negative_cache_ttl_s, redis_ttl_s=settings.redis_key_cache_ttl_s,
@@ -98,7 +99,10 @@ class ProxyState:
 async def start_state(settings: Settings) -> ProxyState:
     started = time.perf_counter()
     pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=4, command_timeout=30)
-    redis = connect_redis(settings.redis_url)
+    redis = connect_redis(settings.redis_url, cluster=settings.redis_cluster)
+    if settings.redis_cluster:
+        # redis-py's cluster pub/sub reads the slot map without loading it first: load it before subscribing.
+        await redis.initialize()
     state = ProxyState(settings, pool, redis)
     await state.start()
     log.info("proxy worker ready in %.0f ms", (time.perf_counter() - started) * 1000)

@@ -23,11 +23,14 @@ from typing import Any
 
 import hiredis
 from redis.connection import parse_url
+from redis.crc import key_slot
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-__all__ = ["LuaScript", "PipelinedRedis"]
+__all__ = ["ClusterPipelinedRedis", "LuaScript", "PipelinedRedis", "pipelined_redis"]
+
+_SLOTS = 16384
 
 _pack = hiredis.pack_command
 
@@ -191,3 +194,80 @@ class PipelinedRedis:
         for conn in self._conns:
             if conn is not None and not conn.closed:
                 conn.fail(RedisConnectionError("Client closed."))
+
+
+class ClusterPipelinedRedis:
+    """`PipelinedRedis` for a Redis Cluster: one pipelined client per master, each call sent to the master of
+    its first key's slot. Every key of one script call shares a hash tag (`shared.redis_keys`), so the first
+    key's slot is the call's slot. The slot map is read with CLUSTER SLOTS at the first call and again after
+    a MOVED/ASK reply (a resharding or failover), and the call is retried once on the new owner."""
+
+    def __init__(self, url: str, *, connections: int = 1, timeout_s: float = 5.0) -> None:
+        self._seed = url
+        self._connections = connections
+        self._timeout_s = timeout_s
+        self._nodes: dict[tuple[str, int], PipelinedRedis] = {}
+        self._owners: list[tuple[str, int] | None] = [None] * _SLOTS
+        self._loaded = False
+        self._refresh_lock = asyncio.Lock()
+
+    async def evalsha(self, script: LuaScript, keys: list, args: list) -> Any:
+        return await self._routed(keys[0], lambda node: node.evalsha(script, keys, args))
+
+    async def execute(self, *parts: Any) -> Any:
+        """One plain command; routed by its first argument (its key), else sent to any master."""
+        key = parts[1] if len(parts) > 1 else b""
+        return await self._routed(key, lambda node: node.execute(*parts))
+
+    async def _routed(self, key: Any, call: Any) -> Any:
+        if not self._loaded:
+            await self._refresh()
+        try:
+            return await call(self._node(key))
+        except ResponseError as exc:
+            if not str(exc).startswith(("MOVED", "ASK")):
+                raise
+        await self._refresh()
+        return await call(self._node(key))
+
+    def _node(self, key: Any) -> PipelinedRedis:
+        owner = self._owners[key_slot(key if isinstance(key, bytes) else str(key).encode())]
+        if owner is None:
+            raise RedisConnectionError("Redis Cluster: no master serves this key's slot.")
+        node = self._nodes.get(owner)
+        if node is None:
+            node = self._nodes[owner] = PipelinedRedis(f"redis://{owner[0]}:{owner[1]}/0",
+                                                       connections=self._connections, timeout_s=self._timeout_s)
+        return node
+
+    async def _refresh(self) -> None:
+        async with self._refresh_lock:
+            sources = [*self._nodes.values()] or [PipelinedRedis(self._seed, timeout_s=self._timeout_s)]
+            last: Exception | None = None
+            for source in sources:
+                try:
+                    ranges = await source.execute("CLUSTER", "SLOTS")
+                    break
+                except (RedisConnectionError, RedisTimeoutError, ResponseError) as exc:
+                    last = exc
+            else:
+                raise RedisConnectionError(f"Redis Cluster: no node answered CLUSTER SLOTS ({last}).")
+            if not self._nodes:
+                await sources[0].aclose()
+            owners: list[tuple[str, int] | None] = [None] * _SLOTS
+            for start, end, master, *_ in ranges:
+                address = (master[0].decode() if isinstance(master[0], bytes) else master[0], int(master[1]))
+                owners[start:end + 1] = [address] * (end - start + 1)
+            self._owners = owners
+            self._loaded = True
+
+    async def aclose(self) -> None:
+        for node in self._nodes.values():
+            await node.aclose()
+
+
+def pipelined_redis(url: str, *, cluster: bool = False, connections: int = 1,
+                    timeout_s: float = 5.0) -> PipelinedRedis | ClusterPipelinedRedis:
+    """The hot path's Redis client for a single server, or (`cluster`) a Redis Cluster seeded by `url`."""
+    kind = ClusterPipelinedRedis if cluster else PipelinedRedis
+    return kind(url, connections=connections, timeout_s=timeout_s)

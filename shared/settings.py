@@ -36,6 +36,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     old_master_keys: str = ""
     # Every Redis key and channel starts with this, so test runs and tenants of one Redis don't collide.
     redis_prefix: str = "rr:"
+    # REDIS_URL is one node of a Redis Cluster (any master): commands are routed by their keys' slots.
+    redis_cluster: bool = False
 
     proxy_host: str = "127.0.0.1"
     proxy_port: int = 8080

@@ -38,12 +38,14 @@ from shared.embedded import (
     start_embedded_postgres,
     start_embedded_redis,
 )
+from shared.redis_client import connect_redis
 from shared.redis_keys import RedisKeys
 from shared.settings import ENV_NAMES, Settings, load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_PG = "postgresql://postgres@127.0.0.1:5432/postgres"
 DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
+CLUSTER = bool(os.environ.get("RR_TEST_REDIS_CLUSTER"))
 
 
 def _with_database(url: str, name: str) -> str:
@@ -62,7 +64,13 @@ def servers() -> Iterator[tuple[str, str]]:
         pg = start_embedded_postgres(tmp / "postgres")
         started.append(pg)
         pg_url = pg.url
-    if not reachable_redis(redis_url):
+    if os.environ.get("RR_TEST_REDIS_CLUSTER"):  # the cluster run of tests/test_redis_cluster.py
+        from tests.redis_cluster import RedisClusterServers
+
+        cluster = RedisClusterServers()
+        started.append(cluster)
+        redis_url = cluster.url
+    elif not reachable_redis(redis_url):
         rd = start_embedded_redis(tmp / "redis")
         started.append(rd)
         redis_url = rd.url
@@ -88,7 +96,7 @@ def settings(servers: tuple[str, str]) -> Iterator[Settings]:
         conn = await asyncpg.connect(admin_url)
         await conn.execute(f'drop database if exists "{db_name}" with (force)')
         await conn.close()
-        redis = Redis.from_url(redis_url)
+        redis = connect_redis(redis_url, cluster=CLUSTER)
         async for key in redis.scan_iter(match=f"rrtest:{run_id}:*", count=1000):
             await redis.delete(key)
         await redis.aclose()
@@ -112,6 +120,7 @@ def settings(servers: tuple[str, str]) -> Iterator[Settings]:
         probe_enabled=False,
         # Nor deliver every test's events: the notification tests run the loop themselves, with their clock.
         notify_enabled=False,
+        redis_cluster=CLUSTER,
     )
     asyncio.run(drop())
 
@@ -153,8 +162,8 @@ class Server:
 
 
 def start_server(args: list[str], env: dict[str, str], port: int, ready_path: str, name: str,
-                 timeout: float = 30.0) -> Server:
-    log_path = Path(tempfile.mkstemp(prefix=f"rr-{name}-", suffix=".log")[1])
+                 timeout: float = 30.0, log_dir: Path | None = None) -> Server:
+    log_path = Path(tempfile.mkstemp(prefix=f"rr-{name}-", suffix=".log", dir=log_dir)[1])
     log_file = log_path.open("wb")
     process = subprocess.Popen(args, env=env, cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT)
     server = Server(process, port, log_path)
@@ -234,7 +243,7 @@ async def db(settings: Settings) -> AsyncIterator[asyncpg.Pool]:
 
 @pytest_asyncio.fixture(scope="session")
 async def redis(settings: Settings) -> AsyncIterator[Redis]:
-    client = Redis.from_url(settings.redis_url)
+    client = connect_redis(settings.redis_url, cluster=settings.redis_cluster)
     yield client
     await client.aclose()
 

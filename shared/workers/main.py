@@ -62,17 +62,33 @@ async def manage_partitions(pool: asyncpg.Pool, stop: asyncio.Event, metrics: Wo
         await sleep_unless_stopped(stop, PARTITION_CHECK_INTERVAL_S)
 
 
+async def open_pool(settings: Settings, stop: asyncio.Event) -> asyncpg.Pool | None:
+    """The worker's pool, waiting for PostgreSQL if it is down: a worker (re)started during an outage must
+    be there to drain the billing streams when PostgreSQL is back, not exit. None: stopped meanwhile."""
+    delay = 0.5
+    while not stop.is_set():
+        try:
+            return await asyncpg.create_pool(settings.database_url, min_size=1, max_size=6, command_timeout=60)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+            log.warning("PostgreSQL unavailable at start-up (%s); retrying", type(exc).__name__)
+            await sleep_unless_stopped(stop, delay)
+            delay = min(delay * 2, 5.0)
+    return None
+
+
 async def run_workers(settings: Settings) -> None:
-    pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=6, command_timeout=60)
-    redis = connect_redis(settings.redis_url)
-    flusher = BillingFlusher(settings, pool, redis)
-    metrics = WorkerMetrics(settings)
-    metrics.total("rr_billing_events_flushed_total", flusher, "flushed")
-    metrics.total("rr_billing_events_held_total", flusher, "held")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    pool = await open_pool(settings, stop)
+    if pool is None:
+        return
+    redis = connect_redis(settings.redis_url, cluster=settings.redis_cluster)
+    flusher = BillingFlusher(settings, pool, redis)
+    metrics = WorkerMetrics(settings)
+    metrics.total("rr_billing_events_flushed_total", flusher, "flushed")
+    metrics.total("rr_billing_events_held_total", flusher, "held")
     tasks = [asyncio.create_task(flusher.run()), asyncio.create_task(manage_partitions(pool, stop, metrics)),
              asyncio.create_task(metrics.watch_backlog(redis, RedisKeys(settings.redis_prefix, settings.billing_shards),
                                                        stop)),
