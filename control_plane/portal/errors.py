@@ -11,42 +11,42 @@ from litestar.exceptions import HTTPException, PermissionDeniedException
 from litestar.response import Template
 
 from control_plane.errors import ApiError, Unauthorized
-from control_plane.portal.render import page, redirect
+from control_plane.portal.render import redirect
+from control_plane.portal.security import SECURITY_HEADERS
 
 __all__ = ["portal_exception_handlers"]
 
 log = logging.getLogger("rocket_relay.control_plane.portal")
 
 
-async def _error_page(request: Request, status: int, title: str, message: str) -> Template:
-    # The layout needs the caller; an error before the guard ran has none, and shows a bare layout.
-    try:
-        return await page(request, "error.html", status_code=status, title=title, message=message)
-    except ApiError:
-        request.state.principal = None
-        return await page(request, "error.html", status_code=status, title=title, message=message)
+def _error_page(request: Request, status: int, title: str, message: str) -> Template:
+    # Exception handlers are synchronous: the page has the bare layout (no org navigation to look up).
+    context = {"me": None, "org": None, "org_nav": [], "admin_nav": [], "flash": None, "path": request.url.path,
+               "title": title, "message": message, "can": lambda _action: False}
+    return Template(template_name="portal/error.html", context=context, status_code=status,
+                    headers=SECURITY_HEADERS)
 
 
-async def _api_error(request: Request, exc: ApiError) -> Response | Template:
+def _api_error(request: Request, exc: ApiError) -> Response | Template:
     if isinstance(exc, Unauthorized) and request.method == "GET":
         return redirect(f"/portal/login?next={quote(request.url.path)}")
     titles = {401: "Please sign in", 403: "Not allowed", 404: "Not found", 409: "Conflict", 429: "Slow down"}
-    return await _error_page(request, exc.status, titles.get(exc.status, "Something went wrong"), exc.message)
+    return _error_page(request, exc.status, titles.get(exc.status, "Something went wrong"), exc.message)
 
 
-async def _http_error(request: Request, exc: HTTPException) -> Template:
+def _http_error(request: Request, exc: HTTPException) -> Template:
     if isinstance(exc, PermissionDeniedException) and "CSRF" in (exc.detail or ""):
-        return await _error_page(request, 403, "Form expired",
+        return _error_page(request, 403, "Form expired",
                                  "This form had expired or came from another site. Reload the page and try again.")
     if exc.status_code >= 500:
         log.error("HTTP %d on a portal page", exc.status_code)
-        return await _error_page(request, 500, "Something went wrong", "Internal error.")
-    return await _error_page(request, exc.status_code, "Request refused", exc.detail or "Request refused.")
+        return _error_page(request, 500, "Something went wrong", "Internal error.")
+    return _error_page(request, exc.status_code, "Request refused", exc.detail or "Request refused.")
 
 
-async def _internal_error(request: Request, exc: Exception) -> Template:
+def _internal_error(request: Request, exc: Exception) -> Template:
     log.error("unhandled %s on %s %s", type(exc).__name__, request.method, request.url.path, exc_info=exc)
-    return await _error_page(request, 500, "Something went wrong", "Internal error.")
+    return _error_page(request, 500, "Something went wrong", "Internal error.")
 
 
 portal_exception_handlers = {ApiError: _api_error, HTTPException: _http_error, Exception: _internal_error}
