@@ -25,8 +25,13 @@ def usd(micros: int | None, places: int = 2) -> str:
     return f"{sign}${rounded:,}.{shown}" if shown else f"{sign}${rounded:,}"
 
 
-def when(value: datetime.datetime | None) -> str:
-    return "—" if value is None else value.astimezone(datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+def when(value: datetime.datetime | str | None) -> str:
+    """A UTC time to the second; also an ISO string (the generation record's `created_at`)."""
+    if value is None:
+        return "—"
+    if isinstance(value, str):
+        value = datetime.datetime.fromisoformat(value)
+    return value.astimezone(datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 def micros_to_dollars(micros: int | None) -> str:

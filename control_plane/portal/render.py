@@ -26,6 +26,11 @@ def redirect(path: str) -> Redirect:
 
 
 async def page(request: Request, template: str, *, status_code: int = 200, **context: Any) -> Template:
+    """`template` with the layout's context. A form shown again with its problems (`status_code` 4xx, as
+    the API would answer) is sent as 200: the problems are in the page, next to their fields, and a
+    browser reports a 4xx document as a failed load. Refusals (403, 404) are error pages of their status."""
+    if 400 <= status_code < 500 and status_code not in (403, 404):
+        status_code = 200
     principal = request.state.get("principal")
     me = org = None
     if principal is not None:
