@@ -194,7 +194,8 @@ async def test_platform_admin_approves_a_crypto_top_up_and_changes_a_price(
     await page.click("form[action$='/billing/crypto'] button[type=submit]")
     assert "submitted" in await page.locator(".flash").inner_text()
     assert "pending" in await page.locator("main table").first.inner_text()
-    payment_id = await db.fetchval("select id from payments where crypto_tx_hash = $1", tx_hash)
+    payment_id, stored_hash = await db.fetchrow("select id, crypto_tx_hash from payments where org_id = $1",
+                                                owner.org_id)
 
     provider_id = await factory.provider(mock_upstream.url + "/v1")
     model = await factory.model(provider_id)
@@ -211,12 +212,12 @@ async def test_platform_admin_approves_a_crypto_top_up_and_changes_a_price(
     assert "Crypto payer" in await page.locator("main table").inner_text()
 
     await admin.goto("/portal/admin/crypto")
-    row = page.locator("tbody tr", has_text=tx_hash)
+    row = page.locator("tbody tr", has_text=stored_hash)
     await admin.check("admin-crypto")
     await row.locator(f"#amt-{payment_id}").fill("24.5")
     await row.locator("form[action$='/approve'] button").click()
     assert "approved" in await page.locator(".flash").inner_text()
-    assert await page.locator("tbody tr", has_text=tx_hash).count() == 0
+    assert await page.locator("tbody tr", has_text=stored_hash).count() == 0
     assert await db.fetchval("select balance_micros from org_balances where org_id = $1", owner.org_id) == 24_500_000
 
     await admin.goto("/portal/admin/pricing")
