@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Annotated
 
 from litestar import Controller, Request, get, post
-from litestar.params import Parameter
+from litestar.params import Parameter, QueryParameter
 from litestar.response import Redirect, Template
 
 from control_plane.controllers.auth import AuthController, LoginRequest, MeController, PasswordChange, SignupRequest
@@ -21,7 +21,7 @@ from control_plane.portal.render import flash, page, redirect
 
 __all__ = ["AccountPages", "RootPage"]
 
-NextParam = Annotated[str | None, Parameter(query="next", max_length=300)]
+NextParam = Annotated[str | None, QueryParameter(name="next", max_length=300)]
 
 
 def _safe_next(target: str | None) -> str:

@@ -15,7 +15,7 @@ from control_plane.controllers.keys import KeysController
 from control_plane.controllers.usage import UsageController
 from control_plane.errors import ApiError
 from control_plane.permissions import require
-from control_plane.portal.api import call
+from control_plane.portal.api import call, permitted
 from control_plane.portal.render import page
 
 __all__ = ["ActivityPages", "usage_by_model_and_key"]
@@ -69,6 +69,13 @@ def usage_by_model_and_key(rows: list) -> list[dict]:
     return sorted(merged.values(), key=lambda m: (-m["cost_micros"], m["model"], m["api_key_id"] or 0))
 
 
+async def _keys(request: Request, org_id: int) -> dict:
+    """The org's keys by id, to name them (prefix, name) — for roles that may read keys; ids otherwise."""
+    if not permitted(request.state.principal, "keys.read"):
+        return {}
+    return {k.id: k for k in await call(request, KeysController.list_keys, org_id=org_id, include_revoked=True)}
+
+
 class ActivityPages(Controller):
     path = "/portal/orgs/{org_id:int}"
 
@@ -89,7 +96,7 @@ class ActivityPages(Controller):
                 if exc.status == 403:
                     raise
                 errors["cursor" if exc.code == "invalid_cursor" else "start"] = exc.message
-        keys = {k.id: k for k in await call(request, KeysController.list_keys, org_id=org_id, include_revoked=True)}
+        keys = await _keys(request, org_id)
         return await page(request, "logs.html", status_code=422 if errors else 200, result=result, filters=filters,
                           errors=errors, keys=keys)
 
@@ -111,7 +118,7 @@ class ActivityPages(Controller):
                 if exc.status == 403:
                     raise
                 errors["start"] = exc.message
-        keys = {k.id: k for k in await call(request, KeysController.list_keys, org_id=org_id, include_revoked=True)}
+        keys = await _keys(request, org_id)
         return await page(request, "usage.html", status_code=422 if errors else 200, result=result,
                           rows=usage_by_model_and_key(result.data) if result else [], keys=keys, errors=errors,
                           filters={"start": start or "", "end": end or ""})
