@@ -39,11 +39,12 @@ from control_plane.controllers.webhooks import WebhooksController
 from control_plane.errors import ErrorBody, exception_handlers
 from control_plane.metrics import ControlPlaneMetrics, MetricsController, RequestMetrics
 from control_plane.permissions import Scope, scope_of
+from control_plane.portal import portal_router, session_middleware, static_router, template_config
 from control_plane.state import ControlPlane
 from shared.redis_client import connect_redis
 from shared.settings import Settings, load_settings
 
-__all__ = ["CONTROLLERS", "create_app", "endpoint_actions"]
+__all__ = ["CONTROLLERS", "create_app", "endpoint_actions", "page_actions"]
 
 CONTROLLERS = [
     HealthController, AuthController, MeController, OrgsController, KeysController, BudgetsController, UsageController,
@@ -67,11 +68,12 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
                               decoder=msgspec.json.decode)
 
 
-def _route_handlers(app: Litestar):
-    """(path, method, handler) of every endpoint we declared (not the framework's OPTIONS/schema ones)."""
+def _route_handlers(app: Litestar, *, pages: bool = False):
+    """(path, method, handler) of every API endpoint we declared (not the framework's OPTIONS/schema ones),
+    or with `pages` of every portal page."""
     for route in app.routes:
         for handler in getattr(route, "route_handlers", ()):
-            if handler.fn.__module__.startswith("control_plane."):
+            if handler.fn.__module__.startswith("control_plane.") and bool(handler.opt.get("portal")) == pages:
                 for method in sorted(handler.http_methods):
                     yield route.path, method, handler
 
@@ -86,6 +88,18 @@ def _action_of(handler) -> str:
 def endpoint_actions(app: Litestar) -> list[tuple[str, str, str]]:
     """(path template, HTTP method, action) of every endpoint: what the permission tests walk."""
     return [(path, method, _action_of(handler)) for path, method, handler in _route_handlers(app)]
+
+
+def page_actions(app: Litestar) -> list[tuple[str, str, str]]:
+    """(path template, HTTP method, action) of every portal page: what the portal's permission test walks."""
+    return [(path, method, _action_of(handler)) for path, method, handler in _route_handlers(app, pages=True)]
+
+
+def _check_pages(app: Litestar) -> None:
+    """Pages keep the API's discipline: exactly one guard each, and an org page names its org in the path."""
+    for path, method, handler in _route_handlers(app, pages=True):
+        if scope_of(_action_of(handler)) == Scope.ORG and not path.startswith("/portal/orgs/{org_id:int}"):
+            raise RuntimeError(f"{method} {path}: an org page needs the org in the path as {{org_id:int}}")
 
 
 def _document(app: Litestar) -> None:
@@ -133,12 +147,14 @@ def create_app(settings: Settings | None = None) -> Litestar:
             await cp.close()
 
     app = Litestar(
-        route_handlers=CONTROLLERS,
+        route_handlers=[*CONTROLLERS, portal_router(settings), static_router()],
+        template_config=template_config(),
         exception_handlers=exception_handlers,
         on_startup=[start],
         on_shutdown=[stop],
         request_max_body_size=256 * 1024,
-        middleware=[RequestMetrics, DefineMiddleware(BodyDeadline, timeout_s=settings.body_read_timeout_s)],
+        middleware=[RequestMetrics, DefineMiddleware(BodyDeadline, timeout_s=settings.body_read_timeout_s),
+                    session_middleware(settings)],
         openapi_config=OpenAPIConfig(
             title="Rocket Relay control plane",
             version="1",
@@ -156,4 +172,5 @@ def create_app(settings: Settings | None = None) -> Litestar:
     )
     app.state.cp_metrics = metrics
     _document(app)
+    _check_pages(app)
     return app

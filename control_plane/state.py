@@ -16,7 +16,7 @@ from control_plane.passwords import Passwords
 from control_plane.permissions import Scope, allowed
 from control_plane.principal import ClientAddress, Principal
 from control_plane.redis_keys import ControlPlaneKeys
-from control_plane.tokens import TokenService
+from control_plane.tokens import AccessClaims, TokenService
 from shared.billing import BillingScripts
 from shared.crypto import box_from_settings
 from shared.metrics.exposition import metrics_allowed
@@ -74,18 +74,31 @@ class ControlPlane:
         if not metrics_allowed(connection.headers.get("authorization"), self.settings.metrics_token):
             raise NotFound("No such endpoint.")
 
-    async def authorize(self, connection, action: str, scope: str) -> Principal:
-        """The caller, if their access token is valid, their session alive and `action` allowed to them.
-
-        401 without valid credentials; 403 for a platform action by a non-admin or an org action the role
-        doesn't allow; 404 for an org the caller is not a member of — the same answer as for no such org.
-        """
+    def _claims(self, connection) -> AccessClaims:
+        """Who the credentials say is calling: a bearer access token on the API; on the portal's pages
+        (handlers with `opt["portal"]`) only the session cookie, so that a cookie never authorizes an API
+        call (which has no CSRF protection) and a token never a page."""
+        if connection.route_handler.opt.get("portal"):
+            session = connection.scope.get("session") or {}
+            user_id, family = session.get("uid"), session.get("sid")
+            if isinstance(user_id, int) and isinstance(family, str):
+                return AccessClaims(user_id, family)
+            raise Unauthorized("Sign in to continue.", code="not_signed_in")
         header = connection.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
         claims = self.tokens.verify_access(token.strip()) if scheme.lower() == "bearer" else None
         if claims is None:
             raise Unauthorized("A valid access token is required (Authorization: Bearer …).",
                                headers={"www-authenticate": "Bearer"})
+        return claims
+
+    async def authorize(self, connection, action: str, scope: str) -> Principal:
+        """The caller, if their access token is valid, their session alive and `action` allowed to them.
+
+        401 without valid credentials; 403 for a platform action by a non-admin or an org action the role
+        doesn't allow; 404 for an org the caller is not a member of — the same answer as for no such org.
+        """
+        claims = self._claims(connection)
         org_id = None
         if scope == Scope.ORG:
             org_id = connection.path_params.get("org_id")

@@ -120,6 +120,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     jwt_secret: str = ""
     access_token_ttl_s: int = 900
     refresh_token_ttl_s: int = 30 * 86400
+    # The portal's cookies carry Secure: "auto" unless the control plane listens on a loopback address
+    # (plain-HTTP local use), "always", or "never" (behind a proxy that is reached over plain HTTP, tests).
+    portal_secure_cookies: str = "auto"
     # Failed logins allowed per window (see control_plane/limits.py; unknown emails count too): per client IP
     # and email; per client IP over all emails; per email over all IPs, past which only IPs that have not
     # failed for that email may still try (so that no one elsewhere can lock its owner out).
@@ -257,6 +260,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         if not self.log_retention_min_days <= self.log_retention_default_days <= self.log_retention_max_days:
             raise SettingsError(f"{ENV_NAMES['log_retention_default_days']} must lie between "
                                 f"{ENV_NAMES['log_retention_min_days']} and {ENV_NAMES['log_retention_max_days']}")
+        if self.portal_secure_cookies not in ("auto", "always", "never"):
+            raise SettingsError(f"{ENV_NAMES['portal_secure_cookies']} must be auto, always or never")
         if self.jwt_secret and len(self.jwt_secret) < 32:
             raise SettingsError(f"{ENV_NAMES['jwt_secret']} must be at least 32 characters")
         if self.max_request_duration_s >= self.reservation_ttl_s:

@@ -13,6 +13,7 @@ is a provider: it receives prompts by design, so its log is not searched.
 from __future__ import annotations
 
 import asyncio
+import re
 import secrets
 import subprocess
 from collections.abc import AsyncIterator, Iterator
@@ -295,8 +296,9 @@ async def send_everything(stack: Stack, mock: Server) -> int:
         await configure_mock(mock, {})
         # The control plane: signup with the password, a BYOK credential set through the portal.
         cp = stack.control_plane.url
+        email = f"c-{secrets.token_hex(4)}@example.com"
         signup = await http.post(cp + "/v1/auth/signup", json={
-            "email": f"c-{secrets.token_hex(4)}@example.com", "password": PASSWORD, "org_name": "Canary org"})
+            "email": email, "password": PASSWORD, "org_name": "Canary org"})
         assert signup.status_code == 201, signup.text
         await http.post(cp + "/v1/auth/login", json={"email": "nobody@example.com", "password": PASSWORD})
         owner = {"authorization": f"Bearer {signup.json()['tokens']['access_token']}"}
@@ -313,7 +315,33 @@ async def send_everything(stack: Stack, mock: Server) -> int:
             {"period": CANARY, "limit_micros": 5}, {"period": "day", "window": CANARY, "limit_micros": 5},
             {"period": "day", "limit_micros": CANARY}, {"period": "day", "limit_micros": 5, "note": CANARY})]
         assert {r.status_code for r in budgets} == {422}, [r.text for r in budgets]
+        await _through_the_portal(cp, email, org)
     return len(calls) + 6
+
+
+async def _through_the_portal(cp: str, email: str, org: int) -> None:
+    """The portal's forms (cookie session, CSRF token): a password, refused values and a wrong login."""
+    token = re.compile(r'name="_csrf_token" value="([^"]+)"')
+    async with httpx.AsyncClient(base_url=cp, timeout=20.0) as page:
+        async def post(path: str, form: dict) -> httpx.Response:
+            csrf = token.search((await page.get("/portal/login")).text).group(1)
+            return await page.post(path, data={**form, "_csrf_token": csrf})
+
+        await post("/portal/signup", {"email": CANARY, "password": PASSWORD, "org_name": CANARY})  # refused email
+        await post("/portal/login", {"email": f"{CANARY}@example.com", "password": CANARY})
+        resp = await post("/portal/login", {"email": email, "password": PASSWORD})  # the real password
+        assert resp.status_code == 303, resp.text
+        for path, form in ((f"/portal/orgs/{org}/keys", {"name": "k" * 300 + CANARY, "allowed_models": CANARY}),
+                           (f"/portal/orgs/{org}/billing/crypto", {"network": "ethereum", "tx_hash": CANARY,
+                                                                  "sender_address": CANARY, "crypto_amount": "5"}),
+                           (f"/portal/orgs/{org}/billing/topup", {"amount": CANARY}),
+                           (f"/portal/orgs/{org}/logs?model={CANARY}", {}),
+                           ("/portal/account/password", {"current_password": CANARY, "new_password": CANARY})):
+            if path.startswith(f"/portal/orgs/{org}/logs"):
+                assert (await page.get(path)).status_code == 200
+                continue
+            resp = await post(path, form)
+            assert resp.status_code == 200 and CANARY not in resp.headers.get("set-cookie", ""), path
 
 
 async def test_the_canary_and_the_secrets_are_stored_nowhere(stack: Stack, mock_upstream: Server) -> None:
