@@ -29,9 +29,9 @@ import pytest_asyncio
 from redis.asyncio import Redis
 
 from shared.crypto import box_from_settings, store_secret
+from shared.embedded import free_port
 from shared.notify.mail import save_smtp_config
 from shared.notify.webhooks import new_signing_secret
-from shared.embedded import free_port
 from shared.redis_keys import RedisKeys
 from shared.settings import Settings
 from tests.conftest import Factory, Server, start_proxy, start_worker, stop_process, wait_for_rows

@@ -26,8 +26,8 @@ from shared.redis_keys import RedisKeys
 from shared.settings import Settings, SettingsError, load_settings
 from shared.workers import sleep_unless_stopped
 from shared.workers.flusher import BillingFlusher
-from shared.workers.notify import run_notify
 from shared.workers.metrics import WorkerMetrics
+from shared.workers.notify import run_notify
 from shared.workers.payments import process_payments
 from shared.workers.probes import ProbeRunner
 from shared.workers.retention import enforce_retention
