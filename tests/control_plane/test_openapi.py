@@ -9,7 +9,6 @@ import os
 import secrets
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -105,7 +104,6 @@ def fuzz_target(servers: tuple[str, str], settings: Settings,
 def test_schemathesis_finds_no_server_errors_or_schema_violations(fuzz_target: tuple[Server, str],
                                                                  tmp_path: Path) -> None:
     server, token = fuzz_target
-    started = time.monotonic()
     run = subprocess.run(
         [sys.executable, "-c", "import sys; from schemathesis.cli import schemathesis; sys.exit(schemathesis())",
          "run", server.url + "/openapi.json",
@@ -127,5 +125,5 @@ def test_schemathesis_finds_no_server_errors_or_schema_violations(fuzz_target: t
     )
     output = run.stdout + run.stderr
     assert run.returncode == 0, output[-6000:] + "\n--- control plane log ---\n" + server.log()[-3000:]
-    assert " passed" in output and time.monotonic() - started < 120
+    assert " passed" in output  # the run is bounded by the subprocess timeout, not by a timed assertion
     assert "Traceback" not in server.log() and "unhandled" not in server.log()
