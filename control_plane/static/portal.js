@@ -41,7 +41,8 @@
       },
       options: {
         responsive: true, maintainAspectRatio: false, animation: false,
-        scales: { x: { stacked: true }, y: { stacked: true, title: { display: true, text: "USD" } } },
+        scales: { x: { stacked: true }, y: { stacked: true, title: { display: true, text: "USD" },
+          ticks: { callback: function (v) { return "$" + Number(v).toLocaleString("en-US", { maximumSignificantDigits: 3 }); } } } },
         plugins: { tooltip: { callbacks: { label: function (ctx) {
           return ctx.dataset.label + ": $" + ctx.parsed.y.toFixed(6);
         } } } }

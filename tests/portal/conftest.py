@@ -110,6 +110,11 @@ class Visit:
         if error_status is not None:
             problems = [p for p in problems if f"status of {error_status}" not in p]
         assert not result, f"{name}: accessibility violations: {result}"
+        overflow = await page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
+        wide = await page.evaluate("""[...document.querySelectorAll('body *')].filter(e =>
+            e.getBoundingClientRect().right > window.innerWidth + 1 && !e.closest('.scroll'))
+            .slice(0, 8).map(e => e.tagName + '.' + e.className + ':' + Math.round(e.getBoundingClientRect().right))""")
+        assert overflow <= 1, f"{name}: the page is {overflow}px wider than the screen: {wide}"
         assert not problems, f"{name}: {problems}"
 
     async def csrf_token(self) -> str:
