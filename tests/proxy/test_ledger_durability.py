@@ -109,7 +109,7 @@ async def test_flusher_killed_mid_batch(failpoint: str, settings: Settings, mock
             await assert_exact_ledger(db, redis, iso, org_id, 20, 10_000_000)
             keys = RedisKeys(iso.redis_prefix, iso.billing_shards)
             stream = keys.org(org_id).stream
-            for _ in range(50):  # the adopted entries are acknowledged once written
+            for _ in range(300):  # the adopted entries are acknowledged once written (a slow start-up included)
                 if (await redis.xpending(stream, RedisKeys.BILLING_GROUP))["pending"] == 0:
                     break
                 await asyncio.sleep(0.1)
