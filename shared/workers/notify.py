@@ -193,12 +193,14 @@ class NotifyWorker:
     # --- 3a. webhooks ------------------------------------------------------------------------------------
 
     async def deliver_due(self) -> dict[str, int]:
+        """Attempt every delivery due now, ATTEMPT_BATCH at a time (concurrently within a batch)."""
         outcomes: dict[str, int] = {}
-        ids = await self.webhooks.pop_due(self.clock(), ATTEMPT_BATCH)
-        results = await asyncio.gather(*(self._deliver(i) for i in ids))
-        for outcome in results:
-            if outcome is not None:
-                outcomes[outcome] = outcomes.get(outcome, 0) + 1
+        while ids := await self.webhooks.pop_due(self.clock(), ATTEMPT_BATCH):
+            for outcome in await asyncio.gather(*(self._deliver(i) for i in ids)):
+                if outcome is not None:
+                    outcomes[outcome] = outcomes.get(outcome, 0) + 1
+            if len(ids) < ATTEMPT_BATCH:
+                break
         return outcomes
 
     async def _deliver(self, delivery_id: int) -> str | None:
@@ -255,15 +257,16 @@ class NotifyWorker:
     # --- 3b. mail ----------------------------------------------------------------------------------------
 
     async def send_due(self) -> dict[str, int]:
+        """Send every mail due now, one SMTP session at a time (mail servers throttle parallel senders)."""
         outcomes: dict[str, int] = {}
-        ids = await self.mail.pop_due(self.clock(), ATTEMPT_BATCH)
-        if not ids:
-            return outcomes
-        config = await load_smtp_config(self.pool, self.box)
-        for mail_id in ids:  # one SMTP session at a time: mail servers throttle parallel senders
-            outcome = await self._send(mail_id, config)
-            if outcome is not None:
-                outcomes[outcome] = outcomes.get(outcome, 0) + 1
+        while ids := await self.mail.pop_due(self.clock(), ATTEMPT_BATCH):
+            config = await load_smtp_config(self.pool, self.box)
+            for mail_id in ids:
+                outcome = await self._send(mail_id, config)
+                if outcome is not None:
+                    outcomes[outcome] = outcomes.get(outcome, 0) + 1
+            if len(ids) < ATTEMPT_BATCH:
+                break
         return outcomes
 
     async def _send(self, mail_id: int, config: SmtpConfig | None) -> str | None:

@@ -39,10 +39,10 @@ async def test_an_endpoint_is_registered_with_a_secret_shown_once_and_changed_wi
                                                                                       db) -> None:
     owner = await portal.signup()
     resp = await portal.request("POST", f"/v1/orgs/{owner.org_id}/webhooks", owner, json={
-        "url": "https://93.184.215.14/hook", "event_types": ["key.created", "key.created", "usage.daily"]})
+        "url": "https://93.184.215.14/hook", "event_types": ["budget.exceeded", "budget.exceeded", "payment.failed"]})
     assert resp.status_code == 201, resp.text
     secret, endpoint = resp.json()["secret"], resp.json()["endpoint"]
-    assert endpoint["event_types"] == ["key.created", "usage.daily"]
+    assert endpoint["event_types"] == ["budget.exceeded", "payment.failed"]
     for path in ("", f"/{endpoint['id']}"):
         listed = await portal.request("GET", f"/v1/orgs/{owner.org_id}/webhooks{path}", owner)
         assert listed.status_code == 200 and secret not in listed.text
@@ -55,9 +55,13 @@ async def test_an_endpoint_is_registered_with_a_secret_shown_once_and_changed_wi
     unknown = await portal.request("POST", f"/v1/orgs/{owner.org_id}/webhooks", owner, json={
         "url": "https://93.184.215.14/hook", "event_types": ["balance.lowish"]})
     assert unknown.status_code in (400, 422)
+    # Paused (a public address: no test may ever deliver to it).
+    paused = await portal.request("PATCH", f"/v1/orgs/{owner.org_id}/webhooks/{endpoint['id']}", owner,
+                                  json={"active": False})
+    assert paused.status_code == 200 and paused.json()["active"] is False
     audit = await db.fetch("select action, changes::text as changes from audit_log where org_id = $1 "
-                           "and action like 'webhook%'", owner.org_id)
-    assert [a["action"] for a in audit] == ["webhook_endpoint.create"]
+                           "and action like 'webhook%' order by id", owner.org_id)
+    assert [a["action"] for a in audit] == ["webhook_endpoint.create", "webhook_endpoint.update"]
     assert secret not in audit[0]["changes"] and "[redacted]" in audit[0]["changes"]
 
 
