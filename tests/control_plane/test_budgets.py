@@ -156,7 +156,8 @@ async def test_one_budget_per_scope_period_and_window(portal: Portal, factory: F
 @given(body=st.dictionaries(st.sampled_from(["period", "window", "limit_micros", "alert_percent", "api_key_id",
                                              "extra"]),
                             st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), st.text(max_size=20),
-                                      st.floats(allow_nan=True), st.lists(st.integers(), max_size=3))))
+                                      st.floats(allow_nan=False, allow_infinity=False),
+                                      st.lists(st.integers(), max_size=3))))
 async def test_generated_budget_bodies_get_a_4xx_or_a_budget(portal: Portal, body: dict, db) -> None:
     owner = await portal.signup(org_name="Generated")
     resp = await portal.request("POST", f"/v1/orgs/{owner.org_id}/budgets", owner, json=body)
