@@ -359,8 +359,9 @@ async def test_a_top_up_paid_at_the_local_stripe_is_credited_by_its_webhooks(
                                   ["checkout.session.completed", "payment_intent.succeeded"])
     started = await _start_topup(portal, payer, 15_000_000)
     local_stripe.pay(started["url"])
-    rows = await wait_for_rows(db, "select type from stripe_events where facts->'metadata'->>'rr_payment_id' = $1",
-                               str(started["payment_id"]), count=2, timeout=15.0)
+    # Stored (committed) first, processed right after in the same webhook request: wait for both processed.
+    rows = await wait_for_rows(db, "select type from stripe_events where facts->'metadata'->>'rr_payment_id' = $1"
+                                   " and status = 'processed'", str(started["payment_id"]), count=2, timeout=15.0)
     assert {r["type"] for r in rows} == {"checkout.session.completed", "payment_intent.succeeded"}
     assert await _balance(db, payer.org_id) == 15_000_000
     assert len(await _ledger(db, payer.org_id)) == 1
