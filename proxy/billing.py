@@ -14,7 +14,7 @@ import datetime
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from zoneinfo import ZoneInfo
 
 import asyncpg
@@ -136,6 +136,14 @@ class Biller:
                 reply = await self._fast.evalsha(_RESERVE, keys, args)
         except (RedisError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             log.warning("reservation failed: %s", type(exc).__name__, extra={"request_id": request_id})
+            if isinstance(exc, RedisError | OSError):
+                # The reply is lost, not necessarily the reservation (Redis may have run the script and died
+                # before answering, with it in its append-only file): release it in the background. Settle
+                # without an event is idempotent, and changes nothing when nothing was held.
+                org_keys = [org.balance, org.reservations, org.reservation_expiry, org.rate_window(window),
+                            org.stream, spend_key, *budget_keys]
+                self._in_background(self._retry_settle(
+                    org_keys, [request_id, 0, 0, key.key_id, key.org_id, "", b"", *budget_buckets]))
             raise BillingUnavailable("Billing is temporarily unavailable; the request was not forwarded.") from None
         status = reply[0]
         if status == 3:
@@ -209,10 +217,13 @@ class Biller:
         except (RedisError, OSError) as exc:
             log.error("settlement of %s failed (%s: %s); retrying in the background", res.request_id,
                       type(exc).__name__, exc, extra={"request_id": res.request_id})
-            task = asyncio.create_task(self._retry_settle(keys, args))
-            self._retries.add(task)
-            task.add_done_callback(self._retries.discard)
+            self._in_background(self._retry_settle(keys, args))
         return cost
+
+    def _in_background(self, retry: Coroutine[None, None, None]) -> None:
+        task = asyncio.create_task(retry)
+        self._retries.add(task)
+        task.add_done_callback(self._retries.discard)
 
     async def _retry_settle(self, keys: list, args: list) -> None:
         deadline = time.monotonic() + self._settings.reservation_ttl_s - self._settings.max_request_duration_s

@@ -336,9 +336,12 @@ class Factory:
 
     async def publish_config(self, proxy: Server, api_key: str, expect_model: str) -> None:
         """Tell proxies the catalogue changed and wait until `proxy` serves `expect_model`."""
-        await self.redis.publish(self.keys.events_channel, "config")
         async with httpx.AsyncClient() as http:
-            for _ in range(100):
+            for attempt in range(200):
+                # Published again now and then: a granian worker still starting up may not have subscribed
+                # yet (the message is idempotent), and the answer below comes from whichever worker.
+                if attempt % 10 == 0:
+                    await self.redis.publish(self.keys.events_channel, "config")
                 resp = await http.get(proxy.url + "/v1/models", headers={"authorization": f"Bearer {api_key}"})
                 if resp.status_code == 200 and any(m["id"] == expect_model for m in resp.json()["data"]):
                     return
