@@ -8,7 +8,12 @@ import re
 
 import httpx
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
+from control_plane.controllers.budgets import BudgetCreate
+from control_plane.portal.forms import FormInvalid, decode_form
+from control_plane.portal.pages.budgets import _errors, _limit_fields
 from tests.conftest import Server
 from tests.control_plane.conftest import Portal
 from tests.notify_helpers import MailCatcher
@@ -118,7 +123,7 @@ async def test_replaying_a_delivery_makes_a_new_pending_one_and_a_developer_may_
 
 
 @pytest.mark.parametrize(("form", "field"), [
-    ({"limit": "abc"}, "limit"), ({"limit": "0"}, "limit"), ({"limit": "0.0000001"}, "limit"),
+    ({"limit": ""}, "limit"), ({"limit": "abc"}, "limit"), ({"limit": "0"}, "limit"), ({"limit": "0.0000001"}, "limit"),
     ({"limit": "2000000000"}, "limit"), ({"limit": "5", "alert_percent": "150"}, "alert_percent"),
     ({"limit": "5", "alert_percent": "x"}, "alert_percent"), ({"limit": "5", "period": "year"}, "period"),
     ({"limit": "5", "scope": "999999999"}, "scope"), ({"limit": "5", "window": "sliding"}, "window"),
@@ -221,3 +226,16 @@ async def test_mail_settings_never_show_the_password_and_a_test_mail_arrives(
     assert (await _post(other, f"{base}/test", {"to": "x@example.com"}, "/portal/account")).status_code == 403
     await other.aclose()
     await http.aclose()
+
+
+@given(st.text(max_size=30), st.text(max_size=8))
+def test_any_budget_limit_or_threshold_text_is_a_field_error_or_exact(limit: str, percent: str) -> None:
+    """Generated form input: either an error on the limit or threshold field, or the exact amount."""
+    values = {"limit": limit, "alert_percent": percent}
+    try:
+        data = decode_form({**_limit_fields(values), "period": "day", "window": "calendar"}, BudgetCreate)
+    except FormInvalid as exc:
+        assert set(_errors(exc)) <= {"limit", "alert_percent"} and _errors(exc)
+    else:
+        assert 1 <= data.limit_micros <= 10**15 and (data.alert_percent is None or 1 <= data.alert_percent <= 100)
+        assert data.alert_percent == (int(percent.strip()) if percent.strip() else None)

@@ -37,8 +37,10 @@ def _errors(exc: FormInvalid | ApiError) -> FormErrors:
 def _limit_fields(values: dict[str, str]) -> dict:
     """The limit (dollars → micro-units) and the soft threshold (empty: none, an explicit null)."""
     limit = values.get("limit", "").strip()
+    if not limit:  # said next to the field, not as the decoder's "missing field limit_micros"
+        raise FormInvalid(FormErrors({"limit": "Enter the limit in dollars, like 50."}))
     percent = values.get("alert_percent", "").strip()
-    return {"limit_micros": usd_to_micros(limit, "limit") if limit else "", "alert_percent": percent or None}
+    return {"limit_micros": usd_to_micros(limit, "limit"), "alert_percent": percent or None}
 
 
 class BudgetsPages(Controller):
