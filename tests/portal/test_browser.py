@@ -180,6 +180,10 @@ async def test_customer_signs_up_uses_a_key_tops_up_and_revokes_it(
     assert "budget.exceeded" in await page.locator("main table").first.inner_text()
     assert await db.fetchval("select event_types from webhook_endpoints where org_id = $1", org_id) == [
         "budget.exceeded", "key.revoked"]
+    # Deleted again (after a confirm): later events of this org reach no endpoint of a test that is over.
+    await page.click("form[action$='/delete'] button")
+    assert "deleted" in await page.locator(".flash").inner_text()
+    assert await db.fetchval("select count(*) from webhook_endpoints where org_id = $1", org_id) == 0
 
     # A budget for the org: an impossible limit said next to its field, then a monthly one.
     await visit.goto(f"/portal/orgs/{org_id}/budgets")

@@ -89,8 +89,8 @@ async def test_replaying_a_delivery_makes_a_new_pending_one_and_a_developer_may_
     await _post(http, base, [("url", "http://127.0.0.1:9/hook"), ("event_types", "key.revoked")], base)
     endpoint_id = await db.fetchval("select id from webhook_endpoints where org_id = $1", owner.org_id)
     # A delivery the worker made and gave up on (notifications are off in the test stack).
-    event_id = await db.fetchval("insert into event_outbox (org_id, event_type) values ($1, 'key.revoked') "
-                                 "returning id", owner.org_id)
+    event_id = await db.fetchval("insert into event_outbox (org_id, event_type, dispatched_at) values "
+                                 "($1, 'key.revoked', now()) returning id", owner.org_id)
     delivery_id = await db.fetchval(
         """insert into webhook_deliveries (org_id, endpoint_id, event_id, event_type, status, attempts,
                                            next_attempt_at, last_attempt_at, response_status, latency_ms, error,
@@ -118,6 +118,9 @@ async def test_replaying_a_delivery_makes_a_new_pending_one_and_a_developer_may_
         resp = await _post(dev, path, {"url": "http://127.0.0.1:9/x", "event_types": "key.created"}, base)
         assert resp.status_code == 403, path
     assert await db.fetchval("select count(*) from webhook_deliveries where org_id = $1", owner.org_id) == 2
+    # Leave no pending delivery behind for the notification worker tests sharing this database.
+    await _post(http, f"{base}/{endpoint_id}/delete", {}, base)
+    assert await db.fetchval("select count(*) from webhook_deliveries where org_id = $1", owner.org_id) == 0
     await http.aclose()
     await dev.aclose()
 
