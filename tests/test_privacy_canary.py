@@ -335,6 +335,10 @@ async def _through_the_portal(cp: str, email: str, org: int) -> None:
                            (f"/portal/orgs/{org}/billing/crypto", {"network": "ethereum", "tx_hash": CANARY,
                                                                   "sender_address": CANARY, "crypto_amount": "5"}),
                            (f"/portal/orgs/{org}/billing/topup", {"amount": CANARY}),
+                           (f"/portal/orgs/{org}/webhooks", {"url": f"ftp://{CANARY}.example/x", "description": CANARY,
+                                                             "event_types": "key.created"}),
+                           (f"/portal/orgs/{org}/budgets", {"scope": "org", "period": "day", "window": "calendar",
+                                                            "limit": CANARY, "alert_percent": CANARY}),
                            (f"/portal/orgs/{org}/logs?model={CANARY}", {}),
                            ("/portal/account/password", {"current_password": CANARY, "new_password": CANARY})):
             if path.startswith(f"/portal/orgs/{org}/logs"):

@@ -24,19 +24,22 @@ from control_plane.portal.filters import FILTERS
 from control_plane.portal.pages.account import AccountPages, RootPage
 from control_plane.portal.pages.activity import ActivityPages
 from control_plane.portal.pages.admin import AdminPages
+from control_plane.portal.pages.admin_mail import AdminMailPages
 from control_plane.portal.pages.billing import BillingPages
+from control_plane.portal.pages.budgets import BudgetsPages
 from control_plane.portal.pages.dashboard import DashboardPage
 from control_plane.portal.pages.keys import KeysPages
 from control_plane.portal.pages.members import MembersPages
 from control_plane.portal.pages.settings import SettingsPages
+from control_plane.portal.pages.webhooks import WebhooksPages
 from control_plane.portal.security import csrf_config, session_config
 from shared.settings import Settings
 
 __all__ = ["PAGES", "portal_router", "session_middleware", "static_router", "template_config"]
 
 _HERE = Path(__file__).resolve().parent.parent
-PAGES = [RootPage, AccountPages, DashboardPage, KeysPages, ActivityPages, BillingPages, MembersPages, SettingsPages,
-         AdminPages]
+PAGES = [RootPage, AccountPages, DashboardPage, KeysPages, BudgetsPages, ActivityPages, BillingPages, MembersPages,
+         WebhooksPages, SettingsPages, AdminPages, AdminMailPages]
 
 
 def template_config() -> TemplateConfig:

@@ -21,10 +21,12 @@ class NavItem:
 ORG_NAV = (
     NavItem("Dashboard", "", "org.read"),
     NavItem("API keys", "/keys", "keys.read"),
+    NavItem("Budgets", "/budgets", "budgets.read"),
     NavItem("Request logs", "/logs", "usage.read"),
     NavItem("Usage", "/usage", "usage.read"),
     NavItem("Billing", "/billing", "billing.read"),
     NavItem("Members", "/members", "members.read"),
+    NavItem("Webhooks", "/webhooks", "webhooks.read"),
     NavItem("Settings", "/settings", "org.read"),
 )
 
@@ -36,4 +38,5 @@ ADMIN_NAV = (
     NavItem("Crypto review", "/crypto", "platform.payments.read"),
     NavItem("Audit log", "/audit", "platform.audit.read"),
     NavItem("Stripe", "/stripe", "platform.stripe.read"),
+    NavItem("Mail", "/mail", "platform.mail.read"),
 )

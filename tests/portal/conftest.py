@@ -33,10 +33,11 @@ AXE_TAGS = ["wcag2a", "wcag2aa", "wcag21a", "wcag21aa"]
 
 @pytest.fixture(scope="session")
 def portal_server(settings: Settings) -> Iterator[Server]:
-    """A control plane of its own: Stripe's way back is its root, which leads into the portal."""
+    """A control plane of its own: Stripe's way back is its root, which leads into the portal; webhook
+    endpoints may be on loopback (the test receivers)."""
     port = free_port()
     env = settings_env(settings, control_plane_port=port, checkout_return_url=f"http://127.0.0.1:{port}/",
-                       **CONTROL_PLANE_OVERRIDES)
+                       webhook_allow_insecure=True, **CONTROL_PLANE_OVERRIDES)
     server = start_server([sys.executable, "-m", "control_plane.main"], env, port, "/readyz", "portal")
     yield server
     server.stop()

@@ -17,6 +17,7 @@ from shared.redis_keys import RedisKeys
 from tests.conftest import Factory, Server, wait_for_rows
 from tests.control_plane.conftest import PASSWORD, LocalStripe, Portal
 from tests.invariants import OrgExpectation, assert_money_invariants
+from tests.notify_helpers import MailCatcher
 from tests.portal.conftest import Visit
 
 pytestmark = pytest.mark.browser
@@ -157,6 +158,48 @@ async def test_customer_signs_up_uses_a_key_tops_up_and_revokes_it(
                 break
     assert resp.status_code == 401
 
+    # A webhook endpoint: the event types chosen, the signing secret shown once, then rotated.
+    await visit.goto(f"/portal/orgs/{org_id}/webhooks")
+    await visit.check("webhooks-empty")
+    await page.fill("#f-url", "http://127.0.0.1:9/hooks/rocket")
+    await page.click("form[action$='/webhooks'] button[type=submit]")
+    assert await page.locator("#e-event_types").is_visible()  # no event type chosen
+    await visit.check("webhooks-invalid")
+    await page.check("#f-event-key-revoked")
+    await page.check("#f-event-budget-exceeded")
+    await page.click("form[action$='/webhooks'] button[type=submit]")
+    signing_secret = await page.locator("#new-secret-value").input_value()
+    assert signing_secret.startswith("whsec_")
+    await visit.check("webhooks-created")
+    await page.click("form[action$='/rotate'] button")
+    rotated = await page.locator("#new-secret-value").input_value()
+    assert rotated.startswith("whsec_") and rotated != signing_secret
+    await visit.check("webhooks-rotated")
+    await visit.goto(f"/portal/orgs/{org_id}/webhooks")
+    assert await page.locator("#new-secret-value").count() == 0 and rotated not in await page.content()
+    assert "budget.exceeded" in await page.locator("main table").first.inner_text()
+    assert await db.fetchval("select event_types from webhook_endpoints where org_id = $1", org_id) == [
+        "budget.exceeded", "key.revoked"]
+    # Deleted again (after a confirm): later events of this org reach no endpoint of a test that is over.
+    await page.click("form[action$='/delete'] button")
+    assert "deleted" in await page.locator(".flash").inner_text()
+    assert await db.fetchval("select count(*) from webhook_endpoints where org_id = $1", org_id) == 0
+
+    # A budget for the org: an impossible limit said next to its field, then a monthly one.
+    await visit.goto(f"/portal/orgs/{org_id}/budgets")
+    await visit.check("budgets-empty")
+    await page.fill("#f-limit", "0")
+    await page.click("form[action$='/budgets'] button[type=submit]")
+    assert await page.locator("#e-limit").is_visible()
+    await visit.check("budgets-invalid")
+    await page.fill("#f-limit", "40")
+    await page.select_option("#f-window", "rolling")
+    await page.click("form[action$='/budgets'] button[type=submit]")
+    assert "budget for the org created" in await page.locator(".flash").inner_text()
+    await visit.check("budgets")
+    assert tuple(await db.fetchrow("select period, window_kind, limit_micros, alert_percent from budgets "
+                                   "where org_id = $1", org_id)) == ("month", "rolling", 40_000_000, 80)
+
     # The other pages of the owner, on a phone-sized screen as well.
     for path in ("members", "settings"):
         await visit.goto(f"/portal/orgs/{org_id}/{path}")
@@ -164,8 +207,9 @@ async def test_customer_signs_up_uses_a_key_tops_up_and_revokes_it(
     phone = await visit_factory("customer-phone", mobile=True)
     await sign_in(phone, email)
     await phone.check("dashboard-phone")
-    await phone.goto(f"/portal/orgs/{org_id}/keys")
-    await phone.check("keys-phone")
+    for path in ("keys", "webhooks", "budgets"):
+        await phone.goto(f"/portal/orgs/{org_id}/{path}")
+        await phone.check(f"{path}-phone")
     await visit.goto("/portal/account")
     await visit.check("account")
     await page.click("form[action='/portal/logout'] button")
@@ -208,6 +252,40 @@ async def test_platform_admin_approves_a_crypto_top_up_and_changes_a_price(
     for path in ("orgs", "supply", "quality", "audit", "stripe"):
         await admin.goto(f"/portal/admin/{path}")
         await admin.check(f"admin-{path}")
+
+    # Mail: settings pointing at an SMTP catcher on loopback, then a test mail that arrives.
+    await admin.goto("/portal/admin/mail")
+    await admin.check("admin-mail-empty")
+    catcher = MailCatcher().start()
+    try:
+        await page.fill("#f-host", "127.0.0.1")
+        await page.fill("#f-port", str(catcher.port))
+        await page.select_option("#f-tls_mode", "none")
+        await page.fill("#f-username", "relay")
+        await page.fill("#f-password", "smtp-secret-in-browser")
+        await page.fill("#f-from_address", "no-reply@example.com")
+        await page.click("form[action$='/mail/settings'] button[type=submit]")
+        assert "saved" in await page.locator(".flash").inner_text()
+        assert "smtp-secret-in-browser" not in await page.content()
+        await admin.check("admin-mail-saved")
+        # The catcher offers no login: with a user set, the test mail fails, and the page says so.
+        await page.fill("#f-to", "ops@example.com")
+        await page.click("form[action$='/mail/test'] button[type=submit]")
+        assert "did not accept" in await page.locator(".error.banner").inner_text()
+        assert "SMTP error" in await page.locator("main table").inner_text()  # in the failed mails
+        await admin.check("admin-mail-test-failed")
+        await page.fill("#f-username", "")
+        await page.check("#f-remove_password")
+        await page.click("form[action$='/mail/settings'] button[type=submit]")
+        assert "saved" in await page.locator(".flash").inner_text()
+        assert await page.locator("#f-remove_password").count() == 0  # no password stored any more
+        await page.fill("#f-to", "ops@example.com")
+        await page.click("form[action$='/mail/test'] button[type=submit]")
+        assert "accepted" in await page.locator(".flash").inner_text()
+        assert len(await catcher.wait_for("ops@example.com", 1)) == 1
+        await admin.check("admin-mail-tested")
+    finally:
+        catcher.stop()
     await admin.goto("/portal/admin/orgs?q=" + owner.email)
     assert "Crypto payer" in await page.locator("main table").inner_text()
 
@@ -253,29 +331,44 @@ async def test_a_viewer_sees_no_write_buttons_and_is_refused_when_posting(
     await sign_in(visit, viewer.email)
     page = visit.page
     org = f"/portal/orgs/{owner.org_id}"
-    for path in ("/", "/keys", f"/keys/{key_id}", "/logs", "/usage", "/billing", "/members", "/settings"):
+    budget_id = await db.fetchval("""insert into budgets (org_id, period, window_kind, limit_micros) values
+                                     ($1, 'week', 'calendar', 7000000) returning id""", owner.org_id)
+    for path in ("/", "/keys", f"/keys/{key_id}", "/budgets", "/logs", "/usage", "/billing", "/members", "/settings"):
         await visit.goto(org + path)
         await visit.check(f"viewer{path.replace('/', '-') or '-dashboard'}")
         posting = await page.locator("form[method=post]").evaluate_all("fs => fs.map(f => f.action)")
         assert [a for a in posting if not a.endswith("/portal/logout")] == [], (path, posting)
     nav = await page.locator("nav.sidebar").inner_text()
     assert "Platform admin" not in nav and "API keys" in nav
+    await visit.goto(org + "/budgets")
+    assert "$7.00" in await page.locator("main table").inner_text()  # seen, not changeable
     await visit.goto("/portal/admin/orgs")
     assert await page.locator("h1").inner_text() == "Not allowed"
-
     await visit.check("viewer-admin-refused", error_status=403)
+    await visit.goto(org + "/webhooks")  # webhooks.read is not a viewer's
+    assert await page.locator("h1").inner_text() == "Not allowed"
+    assert "Webhooks" not in nav
+    await visit.check("viewer-webhooks-refused", error_status=403)
 
     await visit.goto(org + "/")
     token = await visit.csrf_token()  # the sign-out form's
     refused = {f"{org}/keys": {"name": "x"}, f"{org}/keys/{key_id}/revoke": {},
                f"{org}/billing/topup": {"amount": "20"}, f"{org}/members": {"email": viewer.email, "role": "owner"},
                f"{org}/settings/org": {"name": "Mine"},
-               f"{org}/settings/alerts": {"billing_email": "a@example.com"}, "/portal/admin/pricing": {}}
+               f"{org}/settings/alerts": {"billing_email": "a@example.com"}, "/portal/admin/pricing": {},
+               f"{org}/budgets": {"scope": "org", "period": "day", "window": "calendar", "limit": "1"},
+               f"{org}/budgets/{budget_id}": {"limit": "1"}, f"{org}/budgets/{budget_id}/delete": {},
+               f"{org}/webhooks": {"url": "http://127.0.0.1:9/x", "event_types": "key.created"},
+               "/portal/admin/mail/settings": {"host": "127.0.0.1", "port": "25", "tls_mode": "none",
+                                               "from_address": "a@example.com"},
+               "/portal/admin/mail/test": {"to": "a@example.com"}}
     for path, form in refused.items():
         resp = await page.request.post(visit.base_url + path, form={**form, "_csrf_token": token})
         assert resp.status == 403, (path, resp.status)
     assert await db.fetchval("select revoked_at from api_keys where id = $1", key_id) is None
     assert await db.fetchval("select name from orgs where id = $1", owner.org_id) == "Viewed"
+    assert await db.fetchval("select limit_micros from budgets where org_id = $1", owner.org_id) == 7_000_000
+    assert await db.fetchval("select count(*) from webhook_endpoints where org_id = $1", owner.org_id) == 0
     # Without the CSRF token the same post is refused before anything runs, even for the owner's session.
     resp = await page.request.post(visit.base_url + f"{org}/keys", form={"name": "x"})
     assert resp.status == 403 and "expired" in await resp.text()
