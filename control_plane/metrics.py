@@ -15,8 +15,8 @@ from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from control_plane.permissions import require
 from shared.metrics.exposition import CONTENT_TYPE, render
-from shared.metrics.recorder import Recorder, merge
-from shared.metrics.snapshots import SnapshotWriter, read_snapshots
+from shared.metrics.recorder import Recorder
+from shared.metrics.snapshots import SnapshotWriter, merged_server
 from shared.settings import Settings
 
 __all__ = ["ControlPlaneMetrics", "MetricsController", "RequestMetrics"]
@@ -36,14 +36,7 @@ class ControlPlaneMetrics:
                                          settings.metrics_interval_s)
 
     def scrape(self) -> bytes:
-        now = time.time()
-        if self.writer is not None:
-            own = self.recorder.snapshot(now)  # as of now; the other workers' are at most an interval old
-            snapshots = [s for s in read_snapshots(self.writer.path.parent) if s.get("pid") != own["pid"]]
-            snapshots.append(own)
-        else:
-            snapshots = [self.recorder.snapshot(now)]
-        return render(merge(snapshots, now, stale_after_s=3 * self.settings.metrics_interval_s + 1.0))
+        return render(merged_server(self.recorder, self.writer, time.time(), self.settings.metrics_interval_s))
 
 
 class RequestMetrics:

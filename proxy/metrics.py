@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING
 from proxy.errors import ProxyError
 from shared.metrics.backlog import read_billing_backlog
 from shared.metrics.exposition import render
-from shared.metrics.recorder import Recorder, merge
-from shared.metrics.snapshots import SnapshotWriter, read_snapshots
+from shared.metrics.recorder import Recorder
+from shared.metrics.snapshots import SnapshotWriter, merged_server
 
 if TYPE_CHECKING:
     from proxy.records import RequestRecord
@@ -100,13 +100,7 @@ class ProxyMetrics:
     async def scrape(self, state: ProxyState) -> bytes:
         """The exposition of every worker of this server, plus the billing backlog read now."""
         now = time.time()
-        if self.writer is not None:
-            own = self.recorder.snapshot(now)  # as of now; the other workers' are at most an interval old
-            snapshots = [s for s in read_snapshots(self.writer.path.parent) if s.get("pid") != own["pid"]]
-            snapshots.append(own)
-        else:
-            snapshots = [self.recorder.snapshot(now)]
-        merged = merge(snapshots, now, stale_after_s=3 * state.settings.metrics_interval_s + 1.0)
+        merged = merged_server(self.recorder, self.writer, now, state.settings.metrics_interval_s)
         try:
             backlog = await asyncio.wait_for(read_billing_backlog(state.redis, state.keys, now), 2.0)
         except Exception as exc:  # Redis unreachable: the scrape still shows everything else

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import msgspec
 
-from shared.metrics.recorder import Recorder
+from shared.metrics.recorder import Recorder, merge
 
 __all__ = ["SnapshotWriter", "prepare_run_dir", "prepare_server", "read_snapshots"]
 
@@ -95,3 +95,13 @@ class SnapshotWriter:
                 await self._task
         with contextlib.suppress(Exception):
             self.write()  # the last counts stay for the next scrape (counters of a stopped worker are kept)
+
+
+def merged_server(recorder: Recorder, writer: SnapshotWriter | None, now: float, interval_s: float) -> dict:
+    """Every worker of this server merged: this worker's snapshot as of now and the others' from the run
+    directory (at most an interval old); a worker silent for three intervals counts as gone."""
+    own = recorder.snapshot(now)
+    if writer is None:
+        return merge([own], now, stale_after_s=3 * interval_s + 1.0)
+    snapshots = [s for s in read_snapshots(writer.path.parent) if s.get("pid") != own["pid"]]
+    return merge([*snapshots, own], now, stale_after_s=3 * interval_s + 1.0)
