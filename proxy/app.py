@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 import orjson
 
@@ -114,7 +115,11 @@ class ProxyApp:
             except Exception:
                 pass
         ok = all(checks.values())
-        body = orjson.dumps({"status": "ready" if ok else "unavailable", "checks": checks})
+        # When this worker last read the catalogue, by its own clock (`time`): an operator sees a stale one,
+        # a test waits for one read after its change.
+        loaded_at = state.catalogue.loaded_at if state is not None else None
+        body = orjson.dumps({"status": "ready" if ok else "unavailable", "checks": checks,
+                             "catalogue_loaded_at": loaded_at, "time": time.time()})
         await send_response(send, 200 if ok else 503, body, [])
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:

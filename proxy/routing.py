@@ -8,6 +8,7 @@ I/O. Provider credentials are decrypted once per load, never per request.
 from __future__ import annotations
 
 import random
+import time
 from itertools import groupby
 from typing import Any
 
@@ -72,10 +73,14 @@ class ModelEntry(msgspec.Struct, frozen=True):
 
 
 class Catalogue:
-    __slots__ = ("models",)
+    """`loaded_at` is the wall-clock time just before its snapshot was read: everything committed before
+    then is in it (so a newer load never loses to an older one finishing later)."""
 
-    def __init__(self, models: dict[str, ModelEntry]) -> None:
+    __slots__ = ("loaded_at", "models")
+
+    def __init__(self, models: dict[str, ModelEntry], loaded_at: float = 0.0) -> None:
         self.models = models
+        self.loaded_at = loaded_at
 
     def entry_for(self, model: str, path: str, kinds: tuple[str, ...], key: KeyRecord) -> ModelEntry:
         """The model, if this key may use it on the endpoint at `path` (serving models of `kinds`); 404/400
@@ -192,6 +197,7 @@ order by r.model, r.priority desc, r.id
 
 async def load_catalogue(pool: asyncpg.Pool, box: SecretBox) -> Catalogue:
     async with pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
+        loaded_at = time.time()  # before the snapshot (taken by the first query)
         model_rows = await conn.fetch(_MODELS_SQL)
         route_rows = await conn.fetch(_ROUTES_SQL)
         price_rows = await conn.fetch(_PRICES_SQL)
@@ -220,4 +226,4 @@ async def load_catalogue(pool: asyncpg.Pool, box: SecretBox) -> Catalogue:
                               tuple(routes.get(m["name"], ())), tuple(prices.get(m["name"], ())))
         for m in model_rows
     }
-    return Catalogue(models)
+    return Catalogue(models, loaded_at)

@@ -71,7 +71,10 @@ class ProxyState:
                                     refresh_interval_s=settings.config_refresh_interval_s)
 
     async def reload_catalogue(self) -> None:
-        self.catalogue = await load_catalogue(self.pool, self.box)
+        # The periodic refresh and an events-channel reload can overlap: the older snapshot must not win.
+        fresh = await load_catalogue(self.pool, self.box)
+        if fresh.loaded_at >= self.catalogue.loaded_at:
+            self.catalogue = fresh
 
     async def start(self) -> None:
         await self.reload_catalogue()

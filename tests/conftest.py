@@ -335,16 +335,20 @@ class Factory:
                                       model, provider_id, upstream_model, *columns.values())
 
     async def publish_config(self, proxy: Server, api_key: str, expect_model: str) -> None:
-        """Tell proxies the catalogue changed and wait until `proxy` serves `expect_model`."""
+        """Tell proxies the catalogue changed and wait until `proxy` serves `expect_model` from a catalogue
+        read after this call (so a change to an already visible model's prices or routes is in it too)."""
         async with httpx.AsyncClient() as http:
+            changed_by = (await http.get(proxy.url + "/readyz")).json()["time"]  # the proxy's clock, not ours
             for attempt in range(200):
                 # Published again now and then: a granian worker still starting up may not have subscribed
-                # yet (the message is idempotent), and the answer below comes from whichever worker.
+                # yet (the message is idempotent), and the answers below come from whichever worker.
                 if attempt % 10 == 0:
                     await self.redis.publish(self.keys.events_channel, "config")
-                resp = await http.get(proxy.url + "/v1/models", headers={"authorization": f"Bearer {api_key}"})
-                if resp.status_code == 200 and any(m["id"] == expect_model for m in resp.json()["data"]):
-                    return
+                ready = (await http.get(proxy.url + "/readyz")).json()
+                if (ready.get("catalogue_loaded_at") or 0) >= changed_by:
+                    resp = await http.get(proxy.url + "/v1/models", headers={"authorization": f"Bearer {api_key}"})
+                    if resp.status_code == 200 and any(m["id"] == expect_model for m in resp.json()["data"]):
+                        return
                 await asyncio.sleep(0.05)
         raise AssertionError(f"proxy never saw model {expect_model}")
 

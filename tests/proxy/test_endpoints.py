@@ -192,8 +192,14 @@ async def test_models_lists_only_what_the_key_may_use(
     assert refused.json()["error"]["code"] == "model_not_found"
 
 
-async def test_health_and_readiness(client: httpx.AsyncClient, proxy: Server) -> None:
+async def test_health_and_readiness(client: httpx.AsyncClient, proxy: Server, tenant: Tenant,
+                                    factory: Factory) -> None:
     assert (await client.get(proxy.url + "/healthz")).json() == {"status": "ok"}
     ready = await client.get(proxy.url + "/readyz")
     assert ready.status_code == 200
-    assert ready.json()["checks"] == {"postgres": True, "redis": True}
+    before = ready.json()
+    assert before["checks"] == {"postgres": True, "redis": True}
+    assert 0 < before["catalogue_loaded_at"] <= before["time"]
+    await factory.publish_config(proxy, tenant.api_key, tenant.model)  # a reload after the call, by its clock
+    after = (await client.get(proxy.url + "/readyz")).json()
+    assert after["catalogue_loaded_at"] >= before["time"] > before["catalogue_loaded_at"]
