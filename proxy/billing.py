@@ -24,7 +24,7 @@ from redis.exceptions import RedisError
 
 from proxy.errors import ProxyError
 from shared.apikeys import KeyRecord
-from shared.billing import BillingScripts, UsageEvent, lua_source, rebuild_balance
+from shared.billing import BillingScripts, UsageEvent, lua_source, rebuild_balance, reserve_call, settle_call
 from shared.budgets import Budget, BudgetCalendar, rolling_bucket
 from shared.money import PriceVersion, format_usd, worst_case_micros
 from shared.redis_keys import RedisKeys
@@ -37,6 +37,7 @@ log = logging.getLogger("rocket_relay.billing")
 _encode_event = msgspec.msgpack.Encoder().encode
 _RESERVE = LuaScript(lua_source("reserve"))
 _SETTLE = LuaScript(lua_source("settle"))
+_SWEEP_ARG = 12  # reserve.lua's ARGV[13], as laid out by shared.billing.reserve_call
 _ROLLING_NAMES = {"day": "24 hours", "week": "7 days", "month": "30 days"}
 
 
@@ -69,10 +70,10 @@ class Reservation:
     """What settlement needs to know about a reservation made before forwarding."""
 
     __slots__ = ("amount", "budget_buckets", "budget_keys", "epoch", "est_tokens", "key_id", "org_id", "price",
-                 "request_id", "spend_key", "started_us", "window")
+                 "request_id", "spend_capped", "spend_key", "started_us", "window")
 
     def __init__(self, request_id: str, org_id: int, key_id: int, amount: int, est_tokens: int, window: int,
-                 epoch: str, price: PriceVersion, started_us: int, spend_key: str,
+                 epoch: str, price: PriceVersion, started_us: int, spend_key: str, spend_capped: bool,
                  budget_keys: list[str] | None = None, budget_buckets: list[str] | None = None) -> None:
         self.request_id = request_id
         self.org_id = org_id
@@ -84,6 +85,7 @@ class Reservation:
         self.price = price
         self.started_us = started_us
         self.spend_key = spend_key
+        self.spend_capped = spend_capped
         # The budget counters this reservation was counted in, and for rolling ones the bucket ('' calendar).
         self.budget_keys = budget_keys or []
         self.budget_buckets = budget_buckets or []
@@ -106,6 +108,7 @@ class Biller:
         self._default_org_tpm = settings.default_org_tpm
         self._calendar = BudgetCalendar(ZoneInfo(settings.budget_timezone))
         self._retries: set[asyncio.Task] = set()
+        self._next_sweep: dict[int, float] = {}  # org id -> when this process next sweeps its reservations
 
     async def reserve(self, key: KeyRecord, request_id: str, prices: Sequence[PriceVersion], body_bytes: int,
                       max_output: int, started: float, headers: list[tuple[bytes, bytes]]) -> Reservation:
@@ -114,25 +117,37 @@ class Biller:
         amount = max(worst_case_micros(price, body_bytes, max_output) for price in prices)
         price = prices[0]
         est_tokens = -(-body_bytes // 4) + max_output
-        window = int(started // 60)
+        now_ms = int(started * 1000)
+        window = now_ms // 60_000
         org = self._keys.org(key.org_id)
-        spend_key = org.key_spend(key.key_id, time.strftime("%Y%m", time.gmtime(started)))
-        keys = [org.balance, org.reservations, org.reservation_expiry, org.rate_window(window), spend_key]
-        args = [request_id, amount, est_tokens, key.key_id, key.rpm_limit or 0, key.tpm_limit or 0,
-                key.org_rpm_limit or self._default_org_rpm, key.org_tpm_limit or self._default_org_tpm,
-                int(started * 1000), self._ttl_ms, key.monthly_spend_cap_micros or 0]
+        spend_cap = key.monthly_spend_cap_micros or 0
+        # Without a cap the script never touches the spend key: the balance key stands in (same slot).
+        spend_key = (org.key_spend(key.key_id, time.strftime("%Y%m", time.gmtime(started))) if spend_cap
+                     else org.balance)
         budget_keys: list[str] = []
         budget_buckets: list[str] = []
-        if key.budgets:
-            args.append(len(key.budgets))
-            for budget in key.budgets:
-                self._budget_args(budget, key, started, budget_keys, budget_buckets, args)
-            keys += budget_keys
+        budget_args: list = []
+        for budget in key.budgets or ():
+            self._budget_args(budget, key, started, budget_keys, budget_buckets, budget_args)
+        # Expired reservations (of a proxy that died) are swept about once a second per org and process.
+        sweep = self._next_sweep.get(key.org_id, 0.0) <= started
+        if sweep:
+            if len(self._next_sweep) > 100_000:
+                self._next_sweep.clear()
+            self._next_sweep[key.org_id] = started + 1.0
+        keys, args = reserve_call(
+            org, request_id, amount, est_tokens, key.key_id,
+            (key.rpm_limit or 0, key.tpm_limit or 0, key.org_rpm_limit or self._default_org_rpm,
+             key.org_tpm_limit or self._default_org_tpm),
+            now_ms, self._ttl_ms, spend_key, spend_cap, sweep, budget_keys, budget_args)
         try:
             reply = await self._fast.evalsha(_RESERVE, keys, args)
             if reply[0] == 0:  # no live balance yet (or Redis lost it): rebuild from PostgreSQL, then retry
                 if await rebuild_balance(self._pool, self._scripts, self._keys, key.org_id) is None:
                     raise BillingUnavailable("This organization has no balance account.")
+                reply = await self._fast.evalsha(_RESERVE, keys, args)
+            if reply[0] == 2 and not sweep:  # refused for the balance: never because of a dead proxy's hold
+                args[_SWEEP_ARG] = 1
                 reply = await self._fast.evalsha(_RESERVE, keys, args)
         except (RedisError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             log.warning("reservation failed: %s", type(exc).__name__, extra={"request_id": request_id})
@@ -140,10 +155,9 @@ class Biller:
                 # The reply is lost, not necessarily the reservation (Redis may have run the script and died
                 # before answering, with it in its append-only file): release it in the background. Settle
                 # without an event is idempotent, and changes nothing when nothing was held.
-                org_keys = [org.balance, org.reservations, org.reservation_expiry, org.rate_window(window),
-                            org.stream, spend_key, *budget_keys]
-                self._in_background(self._retry_settle(
-                    org_keys, [request_id, 0, 0, key.key_id, key.org_id, "", b"", *budget_buckets]))
+                self._in_background(self._retry_settle(*settle_call(
+                    org, request_id, amount, 0, 0, key.key_id, "", b"", window, spend_key, spend_cap > 0,
+                    budget_keys, budget_buckets)))
             raise BillingUnavailable("Billing is temporarily unavailable; the request was not forwarded.") from None
         status = reply[0]
         if status == 3:
@@ -159,7 +173,8 @@ class Biller:
                             (b"x-ratelimit-reset-tokens", reset)]
             return Reservation(request_id, key.org_id, key.key_id, amount, est_tokens, window,
                                epoch.decode() if isinstance(epoch, bytes) else str(epoch), price,
-                               int(started * 1_000_000), spend_key, budget_keys, budget_buckets)
+                               int(started * 1_000_000), spend_key, spend_cap > 0, budget_keys,
+                               budget_buckets)
         if status == 1:
             kind = reply[1].decode()
             reset = _reset_in(started)
@@ -205,13 +220,11 @@ class Biller:
         Returns the cost charged. Redis failures are retried in the background until the reservation would
         expire: the settle script is idempotent, so a retry never charges twice.
         """
-        org = self._keys.org(res.org_id)
         cost = event.cost_micros if event is not None else 0
-        keys = [org.balance, org.reservations, org.reservation_expiry, org.rate_window(res.window), org.stream,
-                res.spend_key, *res.budget_keys]
-        args = [res.request_id, cost, actual_tokens - res.est_tokens, res.key_id, res.org_id, res.epoch,
-                _encode_event(event) if event is not None else b"",  # no event: a failed request, release only
-                *res.budget_buckets]
+        keys, args = settle_call(
+            self._keys.org(res.org_id), res.request_id, res.amount, cost, actual_tokens - res.est_tokens,
+            res.key_id, res.epoch, _encode_event(event) if event is not None else b"",  # b"": release only
+            res.window, res.spend_key, res.spend_capped, res.budget_keys, res.budget_buckets)
         try:
             await self._fast.evalsha(_SETTLE, keys, args)
         except (RedisError, OSError) as exc:

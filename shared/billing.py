@@ -2,6 +2,7 @@
 
 - `BillingScripts`: the Lua scripts (in `shared/lua/`), loaded once per client and called by SHA
   (redis-py's `Script` re-loads them on NOSCRIPT).
+- `reserve_call` / `settle_call`: the keys and arguments of the two hot-path scripts, in one place.
 - `UsageEvent`: what the settle script appends to the billing stream, msgpack-encoded.
 - `rebuild_balance`: (re)creates an org's live Redis balance from PostgreSQL plus un-flushed events.
 - `apply_ledger_entry`: top-ups and adjustments: PostgreSQL ledger first, then the live balance
@@ -19,7 +20,7 @@ import msgspec
 from redis.asyncio import Redis
 
 from shared.notify.alerts import check_balance_alerts
-from shared.redis_keys import RedisKeys
+from shared.redis_keys import OrgKeys, RedisKeys
 
 __all__ = [
     "CREDIT_KINDS",
@@ -33,6 +34,8 @@ __all__ = [
     "lua_source",
     "rebuild_balance",
     "record_ledger_entry",
+    "reserve_call",
+    "settle_call",
 ]
 
 _LUA = Path(__file__).with_name("lua")
@@ -66,6 +69,26 @@ class UsageEvent(msgspec.Struct, frozen=True, array_like=True):
     output_audio_tokens: int = 0
     service_tier: str | None = None
     estimated: bool = False  # no usage from the upstream (a stream cut short): estimated by the relay
+
+
+def reserve_call(org: OrgKeys, request_id: str, amount: int, est_tokens: int, key_id: int,
+                 limits: tuple[int, int, int, int], now_ms: int, ttl_ms: int, spend_key: str, spend_cap: int,
+                 sweep: bool, budget_keys: list[str], budget_args: list) -> tuple[list, list]:
+    """KEYS and ARGV of `reserve.lua`. `limits`: key rpm, key tpm, org rpm, org tpm (0: none);
+    `budget_args`: four per budget key (see the script)."""
+    return ([org.balance, org.reservations, spend_key, *budget_keys],
+            [request_id, amount, est_tokens, key_id, *limits, now_ms, ttl_ms, spend_cap, now_ms // 60_000,
+             1 if sweep else 0, len(budget_keys), *budget_args])
+
+
+def settle_call(org: OrgKeys, request_id: str, held: int, cost: int, token_delta: int, key_id: int,
+                epoch: str, payload: bytes, window: int, spend_key: str, spend_capped: bool,
+                budget_keys: list[str], budget_buckets: list[str]) -> tuple[list, list]:
+    """KEYS and ARGV of `settle.lua`: `held` is what the reservation holds (it names it), `window` the
+    minute it was counted in, `payload` the encoded UsageEvent (b"": release only)."""
+    return ([org.balance, org.reservations, org.stream, spend_key, *budget_keys],
+            [request_id, held, cost, token_delta, key_id, org.org_id, epoch, payload, window,
+             1 if spend_capped else 0, *budget_buckets])
 
 
 def lua_source(name: str) -> str:

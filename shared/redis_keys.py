@@ -16,24 +16,22 @@ __all__ = ["OrgKeys", "RedisKeys"]
 class OrgKeys:
     """The billing keys of one org; built on demand from `RedisKeys.org`."""
 
-    __slots__ = ("applied_credits", "balance", "org_id", "pending_credits", "rate_prefix", "reservation_expiry",
-                 "reservations", "shard", "stream", "tag")
+    __slots__ = ("applied_credits", "balance", "org_id", "pending_credits", "reservations", "shard", "stream",
+                 "tag")
 
     def __init__(self, prefix: str, org_id: int, shard: int) -> None:
         tag = self.tag = f"{prefix}{{s:{shard}}}"
         self.shard = shard
         self.org_id = org_id
+        # One hash: balance, reserved, credit, epoch and the rate-limit counters of the current minute (`w`,
+        # `o:r`, `o:t`, and `k<id>:w|r|t` for keys with limits of their own): one HMGET and one HSET a request.
         self.balance = f"{tag}:bal:{org_id}"
-        self.reservations = f"{tag}:res:{org_id}"
-        self.reservation_expiry = f"{tag}:rexp:{org_id}"
-        self.rate_prefix = f"{tag}:rl:{org_id}:"
+        # A zset of '<request id>:<amount>' scored by expiry (ms). (Named `rz`, not the earlier hash `res`: a
+        # proxy of the earlier layout must not meet it; see docs/scaling.md, "Upgrading".)
+        self.reservations = f"{tag}:rz:{org_id}"
         self.pending_credits = f"{tag}:pcred:{org_id}"
         self.applied_credits = f"{tag}:acred:{org_id}"
         self.stream = f"{tag}:billing"
-
-    def rate_window(self, window: int) -> str:
-        """The rate-limit counters of one one-minute window (unix minute)."""
-        return f"{self.rate_prefix}{window}"
 
     def key_spend(self, key_id: int, month: str) -> str:
         """What one API key spent in a calendar month (`YYYYMM`, UTC), for its monthly spend cap."""

@@ -31,8 +31,10 @@ if dry_run then
   return {2, int(balance), live or '', unflushed}
 end
 
-local reserved = 0
-for _, v in ipairs(redis.call('HVALS', res)) do reserved = reserved + tonumber(v) end
+local reserved = 0  -- the reservations zset survived (members '<request id>:<amount>'): still held
+for _, member in ipairs(redis.call('ZRANGE', res, 0, -1)) do
+  reserved = reserved + tonumber(string.match(member, ':(%d+)$'))
+end
 redis.call('HSET', bal, 'balance', int(balance), 'reserved', int(reserved), 'credit', int(credit_limit), 'epoch', epoch)
 redis.call('DEL', pcred)
 for txn, _ in pairs(included) do redis.call('HSET', acred, txn, 1) end

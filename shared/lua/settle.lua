@@ -3,40 +3,46 @@
 -- Race prevented: a retried settle (reply lost) charging twice. The reservation is the guard: only the
 -- call that removes it debits. If the reservation vanished because Redis lost its data (the balance was
 -- rebuilt since: another epoch), the event is still appended and the rebuilt balance debited.
+-- Lean by design (it runs for every request): ZREM, one HMGET and one HSET of the org's hash, one XADD.
 -- Numbers go back to Redis as integer strings: Lua would write -0 or 1e+15, which Redis rejects.
 local function int(x) return string.format('%d', x) end
-local bal, res, rexp, rl, stream, spend = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
-local rid, cost, token_delta = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
-local key_id, org_id, epoch, payload = ARGV[4], ARGV[5], ARGV[6], ARGV[7]
--- The reservation's budget counters at KEYS[7...], each with ARGV[7 + i]: '' (a calendar counter) or the
+local bal, rz, stream, spend = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local rid, held, cost, token_delta = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local key_id, org_id, epoch, payload, window = ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9]
+local spend_capped = ARGV[10] == '1'  -- the reservation was counted in the key's monthly spend
+-- The reservation's budget counters at KEYS[5...], each with ARGV[10 + i]: '' (a calendar counter) or the
 -- rolling bucket it was counted in.
-local n_budgets = #KEYS - 6
+local n_budgets = #KEYS - 4
 
-local held = redis.call('HGET', res, rid)
-local has_balance = redis.call('EXISTS', bal) == 1
-if held then
-  redis.call('HDEL', res, rid)
-  redis.call('ZREM', rexp, rid)
-  redis.call('HINCRBY', bal, 'reserved', int(0 - tonumber(held)))
-  local delta = int(cost - tonumber(held))
-  if redis.call('EXISTS', spend) == 1 then redis.call('INCRBY', spend, delta) end
+local removed = redis.call('ZREM', rz, rid .. ':' .. int(held)) == 1
+local kw, kt = 'k' .. key_id .. ':w', 'k' .. key_id .. ':t'
+local b = redis.call('HMGET', bal, 'balance', 'reserved', 'epoch', 'w', 'o:t', kw, kt)
+if not removed and b[1] and b[3] == epoch then
+  return 0  -- already settled by an earlier call (or expired after the proxy died): never charge twice
+end
+if b[1] then
+  local set = {'balance', int(tonumber(b[1]) - cost)}
+  if removed then set[3], set[4] = 'reserved', int(tonumber(b[2] or 0) - held) end
+  -- The window's token counters held the estimate: corrected to the real count (if still that window).
+  if token_delta ~= 0 then
+    if b[4] == window then set[#set + 1], set[#set + 2] = 'o:t', int(tonumber(b[5] or 0) + token_delta) end
+    if b[6] == window then set[#set + 1], set[#set + 2] = kt, int(tonumber(b[7] or 0) + token_delta) end
+  end
+  redis.call('HSET', bal, unpack(set))
+end
+if removed then
+  local delta = int(cost - held)
+  if spend_capped and redis.call('EXISTS', spend) == 1 then redis.call('INCRBY', spend, delta) end
   -- Budgets: the reservation counted there is corrected to the real cost (unless the counter or bucket is
   -- gone: a period long over).
   for i = 1, n_budgets do
-    local counter, bucket = KEYS[6 + i], ARGV[7 + i]
+    local counter, bucket = KEYS[4 + i], ARGV[10 + i]
     if bucket == '' then
       if redis.call('EXISTS', counter) == 1 then redis.call('INCRBY', counter, delta) end
     elseif redis.call('HEXISTS', counter, bucket) == 1 then
       redis.call('HINCRBY', counter, bucket, delta)
     end
   end
-elseif has_balance and redis.call('HGET', bal, 'epoch') == epoch then
-  return 0  -- already settled by an earlier call (or expired after the proxy died): never charge twice
-end
-if has_balance then redis.call('HINCRBY', bal, 'balance', int(0 - cost)) end
-if token_delta ~= 0 and redis.call('EXISTS', rl) == 1 then
-  redis.call('HINCRBY', rl, 'k' .. key_id .. ':t', int(token_delta))
-  redis.call('HINCRBY', rl, 'o:t', int(token_delta))
 end
 if payload ~= '' then redis.call('XADD', stream, '*', 'o', org_id, 'c', int(cost), 'd', payload) end
 return 1

@@ -10,7 +10,7 @@ import datetime
 import re
 import secrets
 
-from shared.billing import BillingScripts
+from shared.billing import BillingScripts, reserve_call
 from shared.settings import Settings
 from shared.workers.retention import run_retention_pass
 from tests.conftest import Factory, ensure_partitions
@@ -78,14 +78,15 @@ async def test_a_crashed_requests_reservation_goes_after_the_reservation_ttl(fac
     org = redis_keys.org(org_id)
     scripts = BillingScripts(redis)
     await redis.hset(org.balance, mapping={"balance": 1_000_000, "reserved": 0, "credit": 0, "epoch": "e"})
-    keys = [org.balance, org.reservations, org.reservation_expiry, org.rate_window(0), org.key_spend(1, "202701")]
     start = 1_800_000_000_000  # injected clock (ms)
 
     async def reserve(request_id: str, now_ms: int) -> list:
-        return await scripts.reserve(keys=keys, args=[request_id, 600_000, 1, 1, 0, 0, 0, 0, now_ms, ttl_ms])
+        keys, args = reserve_call(org, request_id, 600_000, 1, 1, (0, 0, 0, 0), now_ms, ttl_ms, org.balance, 0,
+                                  True, [], [])
+        return await scripts.reserve(keys=keys, args=args)
 
     assert (await reserve("crashed", start))[0] == 3  # held, never settled
     assert (await reserve("second", start + ttl_ms - 1))[0] == 2  # still held a millisecond before its TTL
     assert (await reserve("third", start + ttl_ms + 1))[0] == 3  # past it: released, and the balance is free
-    assert await redis.hget(org.reservations, "crashed") is None
+    assert await redis.zrange(org.reservations, 0, -1) == [b"third:600000"]  # the crashed one is gone
     assert int(await redis.hget(org.balance, "reserved")) == 600_000

@@ -9,7 +9,7 @@ import httpx
 import orjson
 import pytest
 
-from shared.billing import BillingScripts, ExternalIdTaken, apply_ledger_entry
+from shared.billing import BillingScripts, ExternalIdTaken, apply_ledger_entry, reserve_call
 from shared.money import Price, cost_micros, format_usd, parse_usd
 from shared.redis_keys import RedisKeys
 from tests.conftest import Factory, Server, Tenant, wait_for_rows
@@ -349,13 +349,13 @@ async def test_reservation_of_a_crashed_request_expires_by_itself(
     scripts = BillingScripts(redis)
     now_ms = int(time.time() * 1000)
     # A proxy reserves 990,000 µ$ for a request, then dies without settling (reservation TTL: 1 ms).
-    reply = await scripts.reserve(keys=[org.balance, org.reservations, org.reservation_expiry, org.rate_window(0),
-                                        org.key_spend(t.key_id, "202601")],
-                                  args=["dead-request", 990_000, 1, t.key_id, 0, 0, 0, 0, now_ms, 1])
+    keys, args = reserve_call(org, "dead-request", 990_000, 1, t.key_id, (0, 0, 0, 0), now_ms, 1, org.balance, 0,
+                              True, [], [])
+    reply = await scripts.reserve(keys=keys, args=args)
     assert reply[0] == 3
     assert (await live(redis, redis_keys, t.org_id))["reserved"] == 990_000
     await asyncio.sleep(0.01)
     resp = await client.post(proxy.url + "/v1/chat/completions", headers=t.auth, json={"model": t.model, **CHAT})
     assert resp.status_code == 200, "the dead request's reservation still blocked the balance"
     assert (await live(redis, redis_keys, t.org_id))["reserved"] == 0
-    assert await redis.hget(org.reservations, "dead-request") is None
+    assert not [m for m in await redis.zrange(org.reservations, 0, -1) if m.startswith(b"dead-request:")]

@@ -6,7 +6,7 @@ import time
 
 import pytest_asyncio
 
-from shared.billing import BillingScripts
+from shared.billing import BillingScripts, reserve_call, settle_call
 from shared.redis_keys import RedisKeys
 
 BIG = 10**15  # a billion dollars in micro-units: Lua must not write it as 1e+15
@@ -17,8 +17,7 @@ async def org(redis, settings):
     keys = RedisKeys(settings.redis_prefix + "scripts:", 4)
     org = keys.org(7)
     yield BillingScripts(redis), org
-    for key in (org.balance, org.reservations, org.reservation_expiry, org.rate_window(1), org.stream,
-                org.pending_credits, org.applied_credits):
+    for key in (org.balance, org.reservations, org.stream, org.pending_credits, org.applied_credits):
         await redis.delete(key)
 
 
@@ -27,16 +26,19 @@ async def _rebuild(scripts, org, balance: int, *included: str):
                                        org.applied_credits], args=[balance, 0, "0-0", 7, "ep1", "0", *included])
 
 
+HELD: dict[str, int] = {}  # request id -> what its reservation held (the settle names it by that)
+
+
 async def _reserve(scripts, org, rid: str, amount: int):
-    return await scripts.reserve(keys=[org.balance, org.reservations, org.reservation_expiry, org.rate_window(1),
-                                       org.key_spend(1, "202601")],
-                                 args=[rid, amount, 10, 1, 0, 0, 0, 0, int(time.time() * 1000), 60_000])
+    HELD[rid] = amount
+    keys, args = reserve_call(org, rid, amount, 10, 1, (0, 0, 0, 0), int(time.time() * 1000), 60_000,
+                              org.balance, 0, True, [], [])
+    return await scripts.reserve(keys=keys, args=args)
 
 
 async def _settle(scripts, org, rid: str, cost: int, payload: bytes = b"x", epoch: str = "ep1"):
-    return await scripts.settle(keys=[org.balance, org.reservations, org.reservation_expiry, org.rate_window(1),
-                                      org.stream, org.key_spend(1, "202601")],
-                                args=[rid, cost, 0, 1, 7, epoch, payload])
+    keys, args = settle_call(org, rid, HELD[rid], cost, 0, 1, epoch, payload, 0, org.balance, False, [], [])
+    return await scripts.settle(keys=keys, args=args)
 
 
 async def test_big_balances_and_zero_costs_stay_integers(org, redis) -> None:

@@ -9,7 +9,7 @@ import pytest_asyncio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from shared.billing import BillingScripts
+from shared.billing import BillingScripts, reserve_call, settle_call
 from shared.budgets import rolling_bucket
 from shared.redis_keys import RedisKeys
 
@@ -29,22 +29,21 @@ async def env(redis, settings):
         await redis.delete(key)
 
 
-def _base_keys(org):
-    return [org.balance, org.reservations, org.reservation_expiry, org.rate_window(1), org.key_spend(1, "202701")]
+HELD: dict[str, int] = {}  # request id -> what its reservation held (the settle names it by that)
 
 
 async def reserve(scripts, org, rid: str, amount: int, now_ms: int, budgets: list[tuple[str, list]]):
     """budgets: (counter key, [kind, limit, a, b]) as proxy.billing builds them."""
-    args = [rid, amount, 1, 1, 0, 0, 0, 0, now_ms, 60_000, 0, len(budgets)]
-    for _, spec in budgets:
-        args += spec
-    return await scripts.reserve(keys=_base_keys(org) + [k for k, _ in budgets], args=args)
+    HELD[rid] = amount
+    keys, args = reserve_call(org, rid, amount, 1, 1, (0, 0, 0, 0), now_ms, 60_000, org.balance, 0, True,
+                              [k for k, _ in budgets], [a for _, spec in budgets for a in spec])
+    return await scripts.reserve(keys=keys, args=args)
 
 
 async def settle(scripts, org, rid: str, cost: int, budgets: list[tuple[str, str]]):
-    keys = [org.balance, org.reservations, org.reservation_expiry, org.rate_window(1), org.stream,
-            org.key_spend(1, "202701"), *(k for k, _ in budgets)]
-    return await scripts.settle(keys=keys, args=[rid, cost, 0, 1, 9, "ep1", b"x", *(f for _, f in budgets)])
+    keys, args = settle_call(org, rid, HELD[rid], cost, 0, 1, "ep1", b"x", 0, org.balance, False,
+                             [k for k, _ in budgets], [f for _, f in budgets])
+    return await scripts.settle(keys=keys, args=args)
 
 
 def rolling(org, now_ms: int, limit: int, period: str = "day"):
