@@ -24,7 +24,16 @@ from redis.exceptions import RedisError
 
 from proxy.errors import ProxyError
 from shared.apikeys import KeyRecord
-from shared.billing import BillingScripts, UsageEvent, lua_source, rebuild_balance, reserve_call, settle_call
+from shared.billing import (
+    BillingScripts,
+    UsageEvent,
+    lua_source,
+    rebuild_balance,
+    reserve_call,
+    settle_batch,
+    settle_call,
+    settle_entry,
+)
 from shared.budgets import Budget, BudgetCalendar, rolling_bucket
 from shared.money import PriceVersion, format_usd, worst_case_micros
 from shared.redis_keys import RedisKeys
@@ -91,6 +100,49 @@ class Reservation:
         self.budget_buckets = budget_buckets or []
 
 
+class SettleBatches:
+    """The settlements of one event-loop turn go to Redis in one script call per shard (the keys of a shard
+    share a cluster slot): one EVALSHA for many requests under load, and one request's alone when idle.
+    A failed call fails each of its requests, and each is retried on its own: settlement is idempotent, so
+    the ones the failed call did apply are not charged again."""
+
+    __slots__ = ("_calls", "_fast", "_pending")
+
+    def __init__(self, fast: PipelinedRedis) -> None:
+        self._fast = fast
+        self._pending: dict[str, list[tuple[tuple[list, list], asyncio.Future]]] = {}
+        self._calls: set[asyncio.Task] = set()  # in flight (the loop keeps only weak references to tasks)
+
+    def settle(self, shard: str, entry: tuple[list, list]) -> asyncio.Future:
+        loop = asyncio.get_running_loop()
+        batch = self._pending.get(shard)
+        if batch is None:
+            batch = self._pending[shard] = []
+            loop.call_soon(self._send, shard)
+        fut = loop.create_future()
+        batch.append((entry, fut))
+        return fut
+
+    def _send(self, shard: str) -> None:
+        batch = self._pending.pop(shard)
+        keys, args = settle_batch([entry for entry, _ in batch])
+        task = asyncio.get_running_loop().create_task(self._call(keys, args, [fut for _, fut in batch]))
+        self._calls.add(task)
+        task.add_done_callback(self._calls.discard)
+
+    async def _call(self, keys: list, args: list, futures: list[asyncio.Future]) -> None:
+        try:
+            results = await self._fast.evalsha(_SETTLE, keys, args)
+        except Exception as exc:  # every request of the call sees the failure (and retries on its own)
+            for fut in futures:
+                if not fut.done():
+                    fut.set_exception(exc)
+            return
+        for fut, result in zip(futures, results, strict=True):
+            if not fut.done():
+                fut.set_result(result)
+
+
 def _reset_in(now: float) -> bytes:
     return f"{60 - int(now) % 60}s".encode()
 
@@ -109,6 +161,7 @@ class Biller:
         self._calendar = BudgetCalendar(ZoneInfo(settings.budget_timezone))
         self._retries: set[asyncio.Task] = set()
         self._next_sweep: dict[int, float] = {}  # org id -> when this process next sweeps its reservations
+        self._batches = SettleBatches(fast)
 
     async def reserve(self, key: KeyRecord, request_id: str, prices: Sequence[PriceVersion], body_bytes: int,
                       max_output: int, started: float, headers: list[tuple[bytes, bytes]]) -> Reservation:
@@ -155,7 +208,7 @@ class Biller:
                 # The reply is lost, not necessarily the reservation (Redis may have run the script and died
                 # before answering, with it in its append-only file): release it in the background. Settle
                 # without an event is idempotent, and changes nothing when nothing was held.
-                self._in_background(self._retry_settle(*settle_call(
+                self._in_background(self._retry_settle(request_id, *settle_call(
                     org, request_id, amount, 0, 0, key.key_id, "", b"", window, spend_key, spend_cap > 0,
                     budget_keys, budget_buckets)))
             raise BillingUnavailable("Billing is temporarily unavailable; the request was not forwarded.") from None
@@ -221,16 +274,17 @@ class Biller:
         expire: the settle script is idempotent, so a retry never charges twice.
         """
         cost = event.cost_micros if event is not None else 0
-        keys, args = settle_call(
-            self._keys.org(res.org_id), res.request_id, res.amount, cost, actual_tokens - res.est_tokens,
-            res.key_id, res.epoch, _encode_event(event) if event is not None else b"",  # b"": release only
+        org = self._keys.org(res.org_id)
+        entry = settle_entry(
+            org, res.request_id, res.amount, cost, actual_tokens - res.est_tokens, res.key_id, res.epoch,
+            _encode_event(event) if event is not None else b"",  # b"": release only
             res.window, res.spend_key, res.spend_capped, res.budget_keys, res.budget_buckets)
         try:
-            await self._fast.evalsha(_SETTLE, keys, args)
+            await self._batches.settle(org.tag, entry)
         except (RedisError, OSError) as exc:
             log.error("settlement of %s failed (%s: %s); retrying in the background", res.request_id,
                       type(exc).__name__, exc, extra={"request_id": res.request_id})
-            self._in_background(self._retry_settle(keys, args))
+            self._in_background(self._retry_settle(res.request_id, *settle_batch([entry])))
         return cost
 
     def _in_background(self, retry: Coroutine[None, None, None]) -> None:
@@ -238,7 +292,7 @@ class Biller:
         self._retries.add(task)
         task.add_done_callback(self._retries.discard)
 
-    async def _retry_settle(self, keys: list, args: list) -> None:
+    async def _retry_settle(self, request_id: str, keys: list, args: list) -> None:
         deadline = time.monotonic() + self._settings.reservation_ttl_s - self._settings.max_request_duration_s
         delay = 0.1
         while time.monotonic() < deadline:
@@ -248,7 +302,7 @@ class Biller:
                 return
             except (RedisError, OSError):
                 delay = min(delay * 2, 5.0)
-        log.error("settlement abandoned after retries: request %s", args[0], extra={"request_id": args[0]})
+        log.error("settlement abandoned after retries: request %s", request_id, extra={"request_id": request_id})
 
     async def close(self) -> None:
         """Wait briefly for background settlement retries (graceful shutdown)."""

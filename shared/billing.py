@@ -2,7 +2,8 @@
 
 - `BillingScripts`: the Lua scripts (in `shared/lua/`), loaded once per client and called by SHA
   (redis-py's `Script` re-loads them on NOSCRIPT).
-- `reserve_call` / `settle_call`: the keys and arguments of the two hot-path scripts, in one place.
+- `reserve_call` / `settle_entry` / `settle_batch`: the keys and arguments of the two hot-path scripts, in
+  one place.
 - `UsageEvent`: what the settle script appends to the billing stream, msgpack-encoded.
 - `rebuild_balance`: (re)creates an org's live Redis balance from PostgreSQL plus un-flushed events.
 - `apply_ledger_entry`: top-ups and adjustments: PostgreSQL ledger first, then the live balance
@@ -35,7 +36,9 @@ __all__ = [
     "rebuild_balance",
     "record_ledger_entry",
     "reserve_call",
+    "settle_batch",
     "settle_call",
+    "settle_entry",
 ]
 
 _LUA = Path(__file__).with_name("lua")
@@ -81,14 +84,34 @@ def reserve_call(org: OrgKeys, request_id: str, amount: int, est_tokens: int, ke
              1 if sweep else 0, len(budget_keys), *budget_args])
 
 
+def settle_entry(org: OrgKeys, request_id: str, held: int, cost: int, token_delta: int, key_id: int,
+                 epoch: str, payload: bytes, window: int, spend_key: str, spend_capped: bool,
+                 budget_keys: list[str], budget_buckets: list[str]) -> tuple[list, list]:
+    """The KEYS and ARGV of one request in a `settle.lua` call: `held` is what its reservation holds (it
+    names it), `window` the minute it was counted in, `payload` the encoded UsageEvent (b"": release only)."""
+    return ([org.balance, org.reservations, org.stream, spend_key, *budget_keys],
+            [len(budget_keys), request_id, held, cost, token_delta, key_id, org.org_id, epoch, payload, window,
+             1 if spend_capped else 0, *budget_buckets])
+
+
+def settle_batch(entries: list[tuple[list, list]]) -> tuple[list, list]:
+    """One `settle.lua` call for several `settle_entry`s (of one shard: their keys share a cluster slot);
+    its reply is one result per entry (1: charged, 0: already settled)."""
+    keys: list = []
+    args: list = [len(entries)]
+    for entry_keys, entry_args in entries:
+        keys += entry_keys
+        args += entry_args
+    return keys, args
+
+
 def settle_call(org: OrgKeys, request_id: str, held: int, cost: int, token_delta: int, key_id: int,
                 epoch: str, payload: bytes, window: int, spend_key: str, spend_capped: bool,
                 budget_keys: list[str], budget_buckets: list[str]) -> tuple[list, list]:
-    """KEYS and ARGV of `settle.lua`: `held` is what the reservation holds (it names it), `window` the
-    minute it was counted in, `payload` the encoded UsageEvent (b"": release only)."""
-    return ([org.balance, org.reservations, org.stream, spend_key, *budget_keys],
-            [request_id, held, cost, token_delta, key_id, org.org_id, epoch, payload, window,
-             1 if spend_capped else 0, *budget_buckets])
+    """A `settle.lua` call for one request (see `settle_entry`)."""
+    keys, args = settle_entry(org, request_id, held, cost, token_delta, key_id, epoch, payload, window,
+                              spend_key, spend_capped, budget_keys, budget_buckets)
+    return keys, [1, *args]
 
 
 def lua_source(name: str) -> str:

@@ -8,7 +8,7 @@ import pytest_asyncio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from shared.billing import BillingScripts, reserve_call, settle_call
+from shared.billing import BillingScripts, reserve_call, settle_batch, settle_call, settle_entry
 from shared.redis_keys import RedisKeys
 
 BIG = 10**15  # a billion dollars in micro-units: Lua must not write it as 1e+15
@@ -40,7 +40,8 @@ async def _reserve(scripts, org, rid: str, amount: int):
 
 async def _settle(scripts, org, rid: str, cost: int, payload: bytes = b"x", epoch: str = "ep1"):
     keys, args = settle_call(org, rid, HELD[rid], cost, 0, 1, epoch, payload, 0, org.balance, False, [], [])
-    return await scripts.settle(keys=keys, args=args)
+    (result,) = await scripts.settle(keys=keys, args=args)  # one result per request of the call
+    return result
 
 
 async def test_big_balances_and_zero_costs_stay_integers(org, redis) -> None:
@@ -128,7 +129,7 @@ async def test_token_counters_are_corrected_at_settlement_only_in_their_own_minu
     limits = (0, 1_000, 0, 5_000)
     await _reserve_at(scripts, keys, "a", 1, minute, tokens=900, limits=limits)
     s_keys, s_args = settle_call(keys, "a", 1, 1, -800, 1, "ep1", b"x", window, keys.balance, False, [], [])
-    assert await scripts.settle(keys=s_keys, args=s_args) == 1
+    assert await scripts.settle(keys=s_keys, args=s_args) == [1]
     assert [int(v) for v in await redis.hmget(keys.balance, "o:t", "k1:t")] == [100, 100]
     reply = await _reserve_at(scripts, keys, "b", 1, minute + 1, tokens=950, limits=limits)
     assert reply[0] == 1 and reply[1:] == [b"tokens", 1_000, 900]  # the key's minute has 900 left
@@ -189,3 +190,26 @@ async def test_reserved_is_always_the_sum_of_live_reservations(org, redis, ops) 
                 for m in await redis.zrangebyscore(keys.reservations, now, "+inf")}
         assert int(state[b"reserved"]) == sum(held.values()) == sum(live.values())
         assert int(state[b"balance"]) == balance
+
+
+async def test_one_call_settles_the_requests_of_several_orgs_of_a_shard_each_once(org, redis) -> None:
+    scripts, keys = org
+    other = RedisKeys(keys.tag.split("{")[0], 4).org(11)  # 11 mod 4 == 7 mod 4: the same shard, one slot
+    assert other.tag == keys.tag
+    await redis.delete(other.balance, other.reservations)
+    for who in (keys, other):
+        await scripts.rebuild(keys=[who.balance, who.reservations, who.stream, who.pending_credits,
+                                    who.applied_credits], args=[1_000, 0, "0-0", who.org_id, "ep1", "0"])
+    await _reserve(scripts, keys, "a", 100)
+    await _reserve(scripts, other, "b", 200)
+    await _reserve(scripts, keys, "c", 300)
+    assert await _settle(scripts, keys, "c", 30) == 1  # settled before: the batch must not charge it again
+    before = await redis.xlen(keys.stream)
+    entries = [settle_entry(who, rid, HELD[rid], cost, 0, 1, "ep1", b"x", 0, who.balance, False, [], [])
+               for who, rid, cost in ((keys, "a", 10), (other, "b", 20), (keys, "c", 30))]
+    batch_keys, batch_args = settle_batch(entries)
+    assert await scripts.settle(keys=batch_keys, args=batch_args) == [1, 1, 0]
+    assert [int(v) for v in await redis.hmget(keys.balance, "balance", "reserved")] == [1_000 - 40, 0]
+    assert [int(v) for v in await redis.hmget(other.balance, "balance", "reserved")] == [1_000 - 20, 0]
+    assert await redis.xlen(keys.stream) == before + 2
+    await redis.delete(other.balance, other.reservations)

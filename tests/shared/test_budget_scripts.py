@@ -43,7 +43,8 @@ async def reserve(scripts, org, rid: str, amount: int, now_ms: int, budgets: lis
 async def settle(scripts, org, rid: str, cost: int, budgets: list[tuple[str, str]]):
     keys, args = settle_call(org, rid, HELD[rid], cost, 0, 1, "ep1", b"x", 0, org.balance, False,
                              [k for k, _ in budgets], [f for _, f in budgets])
-    return await scripts.settle(keys=keys, args=args)
+    (result,) = await scripts.settle(keys=keys, args=args)  # one result per request of the call
+    return result
 
 
 def rolling(org, now_ms: int, limit: int, period: str = "day"):
