@@ -23,14 +23,16 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from proxy.errors import ProxyError
+from proxy.script_batches import ScriptBatches
 from shared.apikeys import KeyRecord
 from shared.billing import (
+    RESERVE_SWEEP_ARG,
     BillingScripts,
     UsageEvent,
+    batch_call,
     lua_source,
     rebuild_balance,
-    reserve_call,
-    settle_batch,
+    reserve_entry,
     settle_call,
     settle_entry,
 )
@@ -46,7 +48,6 @@ log = logging.getLogger("rocket_relay.billing")
 _encode_event = msgspec.msgpack.Encoder().encode
 _RESERVE = LuaScript(lua_source("reserve"))
 _SETTLE = LuaScript(lua_source("settle"))
-_SWEEP_ARG = 12  # reserve.lua's ARGV[13], as laid out by shared.billing.reserve_call
 _ROLLING_NAMES = {"day": "24 hours", "week": "7 days", "month": "30 days"}
 
 
@@ -100,49 +101,6 @@ class Reservation:
         self.budget_buckets = budget_buckets or []
 
 
-class SettleBatches:
-    """The settlements of one event-loop turn go to Redis in one script call per shard (the keys of a shard
-    share a cluster slot): one EVALSHA for many requests under load, and one request's alone when idle.
-    A failed call fails each of its requests, and each is retried on its own: settlement is idempotent, so
-    the ones the failed call did apply are not charged again."""
-
-    __slots__ = ("_calls", "_fast", "_pending")
-
-    def __init__(self, fast: PipelinedRedis) -> None:
-        self._fast = fast
-        self._pending: dict[str, list[tuple[tuple[list, list], asyncio.Future]]] = {}
-        self._calls: set[asyncio.Task] = set()  # in flight (the loop keeps only weak references to tasks)
-
-    def settle(self, shard: str, entry: tuple[list, list]) -> asyncio.Future:
-        loop = asyncio.get_running_loop()
-        batch = self._pending.get(shard)
-        if batch is None:
-            batch = self._pending[shard] = []
-            loop.call_soon(self._send, shard)
-        fut = loop.create_future()
-        batch.append((entry, fut))
-        return fut
-
-    def _send(self, shard: str) -> None:
-        batch = self._pending.pop(shard)
-        keys, args = settle_batch([entry for entry, _ in batch])
-        task = asyncio.get_running_loop().create_task(self._call(keys, args, [fut for _, fut in batch]))
-        self._calls.add(task)
-        task.add_done_callback(self._calls.discard)
-
-    async def _call(self, keys: list, args: list, futures: list[asyncio.Future]) -> None:
-        try:
-            results = await self._fast.evalsha(_SETTLE, keys, args)
-        except Exception as exc:  # every request of the call sees the failure (and retries on its own)
-            for fut in futures:
-                if not fut.done():
-                    fut.set_exception(exc)
-            return
-        for fut, result in zip(futures, results, strict=True):
-            if not fut.done():
-                fut.set_result(result)
-
-
 def _reset_in(now: float) -> bytes:
     return f"{60 - int(now) % 60}s".encode()
 
@@ -161,7 +119,8 @@ class Biller:
         self._calendar = BudgetCalendar(ZoneInfo(settings.budget_timezone))
         self._retries: set[asyncio.Task] = set()
         self._next_sweep: dict[int, float] = {}  # org id -> when this process next sweeps its reservations
-        self._batches = SettleBatches(fast)
+        self._reserves = ScriptBatches(fast, _RESERVE)
+        self._settles = ScriptBatches(fast, _SETTLE)
 
     async def reserve(self, key: KeyRecord, request_id: str, prices: Sequence[PriceVersion], body_bytes: int,
                       max_output: int, started: float, headers: list[tuple[bytes, bytes]]) -> Reservation:
@@ -188,29 +147,38 @@ class Biller:
             if len(self._next_sweep) > 100_000:
                 self._next_sweep.clear()
             self._next_sweep[key.org_id] = started + 1.0
-        keys, args = reserve_call(
+        entry = reserve_entry(
             org, request_id, amount, est_tokens, key.key_id,
             (key.rpm_limit or 0, key.tpm_limit or 0, key.org_rpm_limit or self._default_org_rpm,
              key.org_tpm_limit or self._default_org_tpm),
             now_ms, self._ttl_ms, spend_key, spend_cap, sweep, budget_keys, budget_args)
+
+        def release() -> None:
+            # Held or maybe held, and nobody will settle it: released in the background. Settle without an
+            # event is idempotent, and changes nothing when nothing was held.
+            self._in_background(self._retry_settle(request_id, *settle_call(
+                org, request_id, amount, 0, 0, key.key_id, "", b"", window, spend_key, spend_cap > 0,
+                budget_keys, budget_buckets)))
+
+        def orphaned(answer: list) -> None:  # the request was cancelled while its reservation was made
+            if answer[0] == 3:
+                release()
+
         try:
-            reply = await self._fast.evalsha(_RESERVE, keys, args)
+            reply = await self._reserves.call(org.tag, entry, orphaned)
             if reply[0] == 0:  # no live balance yet (or Redis lost it): rebuild from PostgreSQL, then retry
                 if await rebuild_balance(self._pool, self._scripts, self._keys, key.org_id) is None:
                     raise BillingUnavailable("This organization has no balance account.")
-                reply = await self._fast.evalsha(_RESERVE, keys, args)
+                reply = await self._reserves.call(org.tag, entry, orphaned)
             if reply[0] == 2 and not sweep:  # refused for the balance: never because of a dead proxy's hold
-                args[_SWEEP_ARG] = 1
-                reply = await self._fast.evalsha(_RESERVE, keys, args)
+                entry[1][RESERVE_SWEEP_ARG] = 1
+                reply = await self._reserves.call(org.tag, entry, orphaned)
         except (RedisError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             log.warning("reservation failed: %s", type(exc).__name__, extra={"request_id": request_id})
             if isinstance(exc, RedisError | OSError):
                 # The reply is lost, not necessarily the reservation (Redis may have run the script and died
-                # before answering, with it in its append-only file): release it in the background. Settle
-                # without an event is idempotent, and changes nothing when nothing was held.
-                self._in_background(self._retry_settle(request_id, *settle_call(
-                    org, request_id, amount, 0, 0, key.key_id, "", b"", window, spend_key, spend_cap > 0,
-                    budget_keys, budget_buckets)))
+                # before answering, with it in its append-only file).
+                release()
             raise BillingUnavailable("Billing is temporarily unavailable; the request was not forwarded.") from None
         status = reply[0]
         if status == 3:
@@ -280,11 +248,11 @@ class Biller:
             _encode_event(event) if event is not None else b"",  # b"": release only
             res.window, res.spend_key, res.spend_capped, res.budget_keys, res.budget_buckets)
         try:
-            await self._batches.settle(org.tag, entry)
+            await self._settles.call(org.tag, entry)
         except (RedisError, OSError) as exc:
             log.error("settlement of %s failed (%s: %s); retrying in the background", res.request_id,
                       type(exc).__name__, exc, extra={"request_id": res.request_id})
-            self._in_background(self._retry_settle(res.request_id, *settle_batch([entry])))
+            self._in_background(self._retry_settle(res.request_id, *batch_call([entry])))
         return cost
 
     def _in_background(self, retry: Coroutine[None, None, None]) -> None:
@@ -305,7 +273,9 @@ class Biller:
         log.error("settlement abandoned after retries: request %s", request_id, extra={"request_id": request_id})
 
     async def close(self) -> None:
-        """Wait briefly for background settlement retries (graceful shutdown)."""
+        """Wait briefly for the script calls in flight and background settlement retries (graceful shutdown)."""
+        await self._reserves.close()
+        await self._settles.close()
         if self._retries:
             await asyncio.wait(self._retries, timeout=5.0)
 

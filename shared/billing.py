@@ -2,8 +2,8 @@
 
 - `BillingScripts`: the Lua scripts (in `shared/lua/`), loaded once per client and called by SHA
   (redis-py's `Script` re-loads them on NOSCRIPT).
-- `reserve_call` / `settle_entry` / `settle_batch`: the keys and arguments of the two hot-path scripts, in
-  one place.
+- `reserve_entry` / `settle_entry` / `batch_call`: the keys and arguments of the two hot-path scripts (each
+  call carries one or more requests), in one place.
 - `UsageEvent`: what the settle script appends to the billing stream, msgpack-encoded.
 - `rebuild_balance`: (re)creates an org's live Redis balance from PostgreSQL plus un-flushed events.
 - `apply_ledger_entry`: top-ups and adjustments: PostgreSQL ledger first, then the live balance
@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import msgspec
@@ -25,6 +26,7 @@ from shared.redis_keys import OrgKeys, RedisKeys
 
 __all__ = [
     "CREDIT_KINDS",
+    "RESERVE_SWEEP_ARG",
     "BillingScripts",
     "ExternalIdTaken",
     "LedgerResult",
@@ -32,11 +34,12 @@ __all__ = [
     "UsageEvent",
     "apply_ledger_entry",
     "apply_live_credit",
+    "batch_call",
     "lua_source",
     "rebuild_balance",
     "record_ledger_entry",
     "reserve_call",
-    "settle_batch",
+    "reserve_entry",
     "settle_call",
     "settle_entry",
 ]
@@ -74,14 +77,17 @@ class UsageEvent(msgspec.Struct, frozen=True, array_like=True):
     estimated: bool = False  # no usage from the upstream (a stream cut short): estimated by the relay
 
 
-def reserve_call(org: OrgKeys, request_id: str, amount: int, est_tokens: int, key_id: int,
-                 limits: tuple[int, int, int, int], now_ms: int, ttl_ms: int, spend_key: str, spend_cap: int,
-                 sweep: bool, budget_keys: list[str], budget_args: list) -> tuple[list, list]:
-    """KEYS and ARGV of `reserve.lua`. `limits`: key rpm, key tpm, org rpm, org tpm (0: none);
-    `budget_args`: four per budget key (see the script)."""
+def reserve_entry(org: OrgKeys, request_id: str, amount: int, est_tokens: int, key_id: int,
+                  limits: tuple[int, int, int, int], now_ms: int, ttl_ms: int, spend_key: str, spend_cap: int,
+                  sweep: bool, budget_keys: list[str], budget_args: list) -> tuple[list, list]:
+    """The KEYS and ARGV of one request in a `reserve.lua` call. `limits`: key rpm, key tpm, org rpm, org tpm
+    (0: none); `budget_args`: four per budget key (see the script)."""
     return ([org.balance, org.reservations, spend_key, *budget_keys],
-            [request_id, amount, est_tokens, key_id, *limits, now_ms, ttl_ms, spend_cap, now_ms // 60_000,
-             1 if sweep else 0, len(budget_keys), *budget_args])
+            [len(budget_keys), request_id, amount, est_tokens, key_id, *limits, now_ms, ttl_ms, spend_cap,
+             now_ms // 60_000, 1 if sweep else 0, *budget_args])
+
+
+RESERVE_SWEEP_ARG = 13  # where `sweep` is in a `reserve_entry`'s ARGV
 
 
 def settle_entry(org: OrgKeys, request_id: str, held: int, cost: int, token_delta: int, key_id: int,
@@ -94,9 +100,9 @@ def settle_entry(org: OrgKeys, request_id: str, held: int, cost: int, token_delt
              1 if spend_capped else 0, *budget_buckets])
 
 
-def settle_batch(entries: list[tuple[list, list]]) -> tuple[list, list]:
-    """One `settle.lua` call for several `settle_entry`s (of one shard: their keys share a cluster slot);
-    its reply is one result per entry (1: charged, 0: already settled)."""
+def batch_call(entries: list[tuple[list, list]]) -> tuple[list, list]:
+    """One `reserve.lua` or `settle.lua` call for several requests' entries (of one shard: their keys share
+    a cluster slot); its reply is one answer per entry, in order."""
     keys: list = []
     args: list = [len(entries)]
     for entry_keys, entry_args in entries:
@@ -105,13 +111,14 @@ def settle_batch(entries: list[tuple[list, list]]) -> tuple[list, list]:
     return keys, args
 
 
-def settle_call(org: OrgKeys, request_id: str, held: int, cost: int, token_delta: int, key_id: int,
-                epoch: str, payload: bytes, window: int, spend_key: str, spend_capped: bool,
-                budget_keys: list[str], budget_buckets: list[str]) -> tuple[list, list]:
-    """A `settle.lua` call for one request (see `settle_entry`)."""
-    keys, args = settle_entry(org, request_id, held, cost, token_delta, key_id, epoch, payload, window,
-                              spend_key, spend_capped, budget_keys, budget_buckets)
-    return keys, [1, *args]
+def reserve_call(*entry: Any) -> tuple[list, list]:
+    """A `reserve.lua` call for one request (the arguments of `reserve_entry`)."""
+    return batch_call([reserve_entry(*entry)])
+
+
+def settle_call(*entry: Any) -> tuple[list, list]:
+    """A `settle.lua` call for one request (the arguments of `settle_entry`)."""
+    return batch_call([settle_entry(*entry)])
 
 
 def lua_source(name: str) -> str:

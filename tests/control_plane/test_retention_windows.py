@@ -83,7 +83,8 @@ async def test_a_crashed_requests_reservation_goes_after_the_reservation_ttl(fac
     async def reserve(request_id: str, now_ms: int) -> list:
         keys, args = reserve_call(org, request_id, 600_000, 1, 1, (0, 0, 0, 0), now_ms, ttl_ms, org.balance, 0,
                                   True, [], [])
-        return await scripts.reserve(keys=keys, args=args)
+        (answer,) = await scripts.reserve(keys=keys, args=args)  # one answer per request of the call
+        return answer
 
     assert (await reserve("crashed", start))[0] == 3  # held, never settled
     assert (await reserve("second", start + ttl_ms - 1))[0] == 2  # still held a millisecond before its TTL

@@ -351,7 +351,7 @@ async def test_reservation_of_a_crashed_request_expires_by_itself(
     # A proxy reserves 990,000 µ$ for a request, then dies without settling (reservation TTL: 1 ms).
     keys, args = reserve_call(org, "dead-request", 990_000, 1, t.key_id, (0, 0, 0, 0), now_ms, 1, org.balance, 0,
                               True, [], [])
-    reply = await scripts.reserve(keys=keys, args=args)
+    (reply,) = await scripts.reserve(keys=keys, args=args)
     assert reply[0] == 3
     assert (await live(redis, redis_keys, t.org_id))["reserved"] == 990_000
     await asyncio.sleep(0.01)

@@ -8,7 +8,7 @@ import pytest_asyncio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from shared.billing import BillingScripts, reserve_call, settle_batch, settle_call, settle_entry
+from shared.billing import BillingScripts, batch_call, reserve_call, settle_call, settle_entry
 from shared.redis_keys import RedisKeys
 
 BIG = 10**15  # a billion dollars in micro-units: Lua must not write it as 1e+15
@@ -35,7 +35,8 @@ async def _reserve(scripts, org, rid: str, amount: int):
     HELD[rid] = amount
     keys, args = reserve_call(org, rid, amount, 10, 1, (0, 0, 0, 0), int(time.time() * 1000), 60_000,
                               org.balance, 0, True, [], [])
-    return await scripts.reserve(keys=keys, args=args)
+    (answer,) = await scripts.reserve(keys=keys, args=args)  # one answer per request of the call
+    return answer
 
 
 async def _settle(scripts, org, rid: str, cost: int, payload: bytes = b"x", epoch: str = "ep1"):
@@ -105,7 +106,8 @@ async def _reserve_at(scripts, org, rid: str, amount: int, now_ms: int, *, token
                       limits: tuple[int, int, int, int] = (0, 0, 0, 0), sweep: bool = True, ttl_ms: int = 60_000):
     HELD[rid] = amount
     keys, args = reserve_call(org, rid, amount, tokens, 1, limits, now_ms, ttl_ms, org.balance, 0, sweep, [], [])
-    return await scripts.reserve(keys=keys, args=args)
+    (answer,) = await scripts.reserve(keys=keys, args=args)  # one answer per request of the call
+    return answer
 
 
 async def test_rate_counters_count_per_minute_and_a_new_minute_starts_at_zero(org, redis) -> None:
@@ -207,7 +209,7 @@ async def test_one_call_settles_the_requests_of_several_orgs_of_a_shard_each_onc
     before = await redis.xlen(keys.stream)
     entries = [settle_entry(who, rid, HELD[rid], cost, 0, 1, "ep1", b"x", 0, who.balance, False, [], [])
                for who, rid, cost in ((keys, "a", 10), (other, "b", 20), (keys, "c", 30))]
-    batch_keys, batch_args = settle_batch(entries)
+    batch_keys, batch_args = batch_call(entries)
     assert await scripts.settle(keys=batch_keys, args=batch_args) == [1, 1, 0]
     assert [int(v) for v in await redis.hmget(keys.balance, "balance", "reserved")] == [1_000 - 40, 0]
     assert [int(v) for v in await redis.hmget(other.balance, "balance", "reserved")] == [1_000 - 20, 0]

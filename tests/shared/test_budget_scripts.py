@@ -37,7 +37,8 @@ async def reserve(scripts, org, rid: str, amount: int, now_ms: int, budgets: lis
     HELD[rid] = amount
     keys, args = reserve_call(org, rid, amount, 1, 1, (0, 0, 0, 0), now_ms, 60_000, org.balance, 0, True,
                               [k for k, _ in budgets], [a for _, spec in budgets for a in spec])
-    return await scripts.reserve(keys=keys, args=args)
+    (answer,) = await scripts.reserve(keys=keys, args=args)  # one answer per request of the call
+    return answer
 
 
 async def settle(scripts, org, rid: str, cost: int, budgets: list[tuple[str, str]]):
