@@ -13,7 +13,10 @@ batch), then reads new entries. Each batch is written in one transaction:
 and only then acknowledged. A crash before the commit leaves the entries pending (re-read, written once);
 a crash after the commit and before the ACK re-reads them and inserts nothing. PostgreSQL down: the batch
 is retried with backoff while the entries wait in the stream. Entries are processed in stream order, so
-the watermark says "everything up to here is in PostgreSQL, nothing after" — what balance rebuilds use.
+the watermark says "everything up to here is in PostgreSQL, nothing after" — what balance rebuilds use,
+and what the usage recovery (shared/workers/recovery.py) waits for before it bills, from the request log, an
+answer whose event Redis lost. Both write through one statement (shared/workers/usage_ledger.py), so a
+usage record either of them inserted first makes the other's insert, and its debit, nothing.
 
 Poison events. An event that decodes but that PostgreSQL refuses (a NUL in its model string, a token count
 out of range, an org deleted since) would fail its batch forever and stop the shard: no event after it would
