@@ -26,6 +26,7 @@ from shared.redis_keys import OrgKeys, RedisKeys
 
 __all__ = [
     "CREDIT_KINDS",
+    "RECOVERED_USAGE_REASON",
     "RESERVE_SWEEP_ARG",
     "BillingScripts",
     "ExternalIdTaken",
@@ -46,6 +47,10 @@ __all__ = [
 
 _LUA = Path(__file__).with_name("lua")
 CREDIT_KINDS = ("topup", "refund", "adjustment", "payment_reversal")
+# The reason of the 'usage' transactions of usage recovered from the request log (shared/workers/recovery.py).
+# Unlike the flusher's, they reach the live balance the way credits do (`apply_live_credit`), so a rebuild
+# must know which of them its snapshot holds already.
+RECOVERED_USAGE_REASON = "usage recovered"
 
 
 class UsageEvent(msgspec.Struct, frozen=True, array_like=True):
@@ -148,8 +153,9 @@ class RebuildResult:
 
 
 async def _snapshot(pool: asyncpg.Pool, org_id: int, shard: int) -> tuple[int, int, str, list[str]] | None:
-    """The org's PostgreSQL balance, credit limit, the shard's flush watermark and recent credit ids,
-    read in one snapshot (so the watermark and the balance agree)."""
+    """The org's PostgreSQL balance, credit limit, the shard's flush watermark and the ids of its recent
+    transactions that are applied to live balances apart from the stream (credits, recovered usage), read in
+    one snapshot (so the watermark and the balance agree)."""
     async with pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
         row = await conn.fetchrow(
             """select b.balance_micros, o.credit_limit_micros from org_balances b
@@ -158,8 +164,9 @@ async def _snapshot(pool: asyncpg.Pool, org_id: int, shard: int) -> tuple[int, i
             return None
         mark = await conn.fetchrow("select last_ms, last_seq from billing_watermarks where shard = $1", shard)
         credits = await conn.fetch(
-            """select id from balance_transactions where org_id = $1 and kind <> 'usage'
-               and created_at > now() - interval '1 hour'""", org_id)
+            """select id from balance_transactions where org_id = $1
+               and (kind <> 'usage' or reason = $2) and created_at > now() - interval '1 hour'""",
+            org_id, RECOVERED_USAGE_REASON)
     watermark = f"{mark['last_ms']}-{mark['last_seq']}" if mark else "0-0"
     return row["balance_micros"], row["credit_limit_micros"], watermark, [str(r["id"]) for r in credits]
 

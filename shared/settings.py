@@ -92,6 +92,12 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     flusher_block_ms: int = 500
     flusher_interval_ms: int = 200  # a shard's stream is read at most this often unless it has a backlog
     flusher_lease_ms: int = 10_000
+    # Usage recovery (rr-worker, shared/workers/recovery.py): billed answers whose usage event Redis lost are
+    # billed from the request log, once a settle for them can no longer be under way nor their event still
+    # be waiting in the stream: this long after the request started (at least the reservation lifetime,
+    # which bounds a settle's retries, plus a margin for clock skew between hosts). Looked for this often.
+    usage_recovery_grace_s: float = 3900.0
+    usage_recovery_interval_s: float = 60.0
     # Metrics (shared/metrics/, docs/metrics.md). `GET /metrics` of every process answers only to
     # `Authorization: Bearer <metrics_token>`; with no token set, metrics are off (404, no worker listener).
     # The granian workers of one proxy or control plane leave a snapshot in `metrics_dir` every
@@ -264,6 +270,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             raise SettingsError(f"{ENV_NAMES['portal_secure_cookies']} must be auto, always or never")
         if self.jwt_secret and len(self.jwt_secret) < 32:
             raise SettingsError(f"{ENV_NAMES['jwt_secret']} must be at least 32 characters")
+        _check_positive(self, "usage_recovery_interval_s")
+        if self.usage_recovery_grace_s < self.reservation_ttl_s:
+            # Sooner, a settle still retrying could append the event after the recovery billed the answer.
+            raise SettingsError(f"{ENV_NAMES['usage_recovery_grace_s']} must be at least "
+                                f"{ENV_NAMES['reservation_ttl_s']}")
         if self.max_request_duration_s >= self.reservation_ttl_s:
             raise SettingsError(f"{ENV_NAMES['max_request_duration_s']} must be below {ENV_NAMES['reservation_ttl_s']}")
         if len(self.key_pepper) < 16:

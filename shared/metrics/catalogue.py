@@ -84,6 +84,8 @@ CATALOGUE: tuple[MetricDef, ...] = (
     MetricDef("rr_billing_events_flushed_total", COUNTER, "Usage events the billing flusher wrote to the ledger."),
     MetricDef("rr_billing_events_held_total", COUNTER, "Usage events PostgreSQL refused (poison events), held for "
               "repair in rejected_rows with their ledger effect."),
+    MetricDef("rr_usage_records_recovered_total", COUNTER, "Billed answers whose usage event Redis lost, billed "
+              "from the request log by the usage recovery (usage records marked recovered)."),
     MetricDef("rr_partition_check_timestamp_seconds", GAUGE, "Unix time of the partition manager's last "
               "successful check (partitions of this month and the next two exist)."),
     MetricDef("rr_mail_queue_depth", GAUGE, "Alert mails waiting to be sent (set by the alert mailer)."),

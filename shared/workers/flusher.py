@@ -13,7 +13,10 @@ batch), then reads new entries. Each batch is written in one transaction:
 and only then acknowledged. A crash before the commit leaves the entries pending (re-read, written once);
 a crash after the commit and before the ACK re-reads them and inserts nothing. PostgreSQL down: the batch
 is retried with backoff while the entries wait in the stream. Entries are processed in stream order, so
-the watermark says "everything up to here is in PostgreSQL, nothing after" — what balance rebuilds use.
+the watermark says "everything up to here is in PostgreSQL, nothing after" — what balance rebuilds use,
+and what the usage recovery (shared/workers/recovery.py) waits for before it bills, from the request log, an
+answer whose event Redis lost. Both write through one statement (shared/workers/usage_ledger.py), so a
+usage record either of them inserted first makes the other's insert, and its debit, nothing.
 
 Poison events. An event that decodes but that PostgreSQL refuses (a NUL in its model string, a token count
 out of range, an org deleted since) would fail its batch forever and stop the shard: no event after it would
@@ -61,6 +64,7 @@ from shared.redis_keys import RedisKeys
 from shared.settings import Settings
 from shared.workers import sleep_unless_stopped
 from shared.workers.budget_alerts import emit_budget_events
+from shared.workers.usage_ledger import USAGE_COLUMNS, usage_ledger_sql
 
 __all__ = ["BillingFlusher"]
 
@@ -71,9 +75,7 @@ _decode_event = msgspec.msgpack.Decoder(UsageEvent).decode
 _COMPONENT_COLUMNS = ("cached_input_tokens", "cache_write_5m_tokens", "cache_write_1h_tokens", "reasoning_tokens",
                       "input_image_tokens", "input_audio_tokens", "output_image_tokens", "output_audio_tokens",
                       "service_tier", "estimated")
-_STAGE_COLUMNS = ("created_at", "request_id", "org_id", "api_key_id", "model", "provider", "route_id",
-                  "prompt_tokens", "completion_tokens", "cost_micros", "price_id", "byok", "uncharged_micros",
-                  *_COMPONENT_COLUMNS)
+_STAGE_COLUMNS = USAGE_COLUMNS
 _STAGE_DDL = """create temp table if not exists usage_stage (
     created_at timestamptz, request_id text, org_id bigint, api_key_id bigint, model text, provider text,
     route_id bigint, prompt_tokens integer, completion_tokens integer, cost_micros bigint, price_id bigint,
@@ -99,34 +101,8 @@ with txn as (
 )
 update rejected_rows set transaction_id = (select id from txn) where id = $3
 """
-_WRITE_SQL = """
-with txn as (
-    select org_id, nextval(pg_get_serial_sequence('balance_transactions', 'id')) as id
-    from (select distinct org_id from usage_stage) o
-), ins as (
-    insert into usage_records (created_at, request_id, org_id, api_key_id, model, provider, route_id,
-                               prompt_tokens, completion_tokens, cost_micros, price_id, byok, uncharged_micros,
-                               cached_input_tokens, cache_write_5m_tokens, cache_write_1h_tokens, reasoning_tokens,
-                               input_image_tokens, input_audio_tokens, output_image_tokens, output_audio_tokens,
-                               service_tier, estimated, transaction_id)
-    select s.created_at, s.request_id, s.org_id, s.api_key_id, s.model, s.provider, s.route_id,
-           s.prompt_tokens, s.completion_tokens, s.cost_micros, s.price_id, s.byok, s.uncharged_micros,
-           s.cached_input_tokens, s.cache_write_5m_tokens, s.cache_write_1h_tokens, s.reasoning_tokens,
-           s.input_image_tokens, s.input_audio_tokens, s.output_image_tokens, s.output_audio_tokens,
-           s.service_tier, s.estimated, t.id
-    from usage_stage s join txn t using (org_id)
-    on conflict do nothing
-    returning org_id, transaction_id, cost_micros
-), agg as (
-    select org_id, transaction_id, sum(cost_micros)::bigint as total, count(*)::int as n from ins group by 1, 2
-), ledger as (
-    insert into balance_transactions (id, org_id, kind, amount_micros, request_count, reason)
-    select transaction_id, org_id, 'usage', -total, n, 'usage' from agg
-    returning org_id, amount_micros
-)
-update org_balances b set balance_micros = b.balance_micros + l.amount_micros, updated_at = now()
-from ledger l where b.org_id = l.org_id
-"""
+# The ledger path shared with the usage recovery (shared/workers/usage_ledger.py).
+_WRITE_SQL = usage_ledger_sql("select * from usage_stage", "usage")
 _TABLE = StagedTable("usage_records", "usage_stage", _STAGE_DDL, _STAGE_COLUMNS, _WRITE_SQL)
 _WATERMARK_SQL = """
 insert into billing_watermarks (shard, last_ms, last_seq) values ($1, $2, $3)

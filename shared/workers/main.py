@@ -1,12 +1,13 @@
-"""`rr-worker`: the background workers of one process — the billing flusher, the partition manager,
-retention (expired partitions dropped, request logs past each org's retention deleted in batches), the
-model-quality probe runner (`RR_PROBE_ENABLED`; see shared/workers/probes.py), payments (Stripe events
-left behind by a webhook request, live credits a dead process never applied) and notifications
-(`RR_NOTIFY_ENABLED`: org events out to signed webhooks and mail; see shared/workers/notify.py).
+"""`rr-worker`: the background workers of one process — the billing flusher, the usage recovery (billed
+answers whose usage event Redis lost, billed from the request log; see shared/workers/recovery.py), the
+partition manager, retention (expired partitions dropped, request logs past each org's retention deleted
+in batches), the model-quality probe runner (`RR_PROBE_ENABLED`; see shared/workers/probes.py), payments
+(Stripe events left behind by a webhook request, live credits a dead process never applied) and
+notifications (`RR_NOTIFY_ENABLED`: org events out to signed webhooks and mail; see shared/workers/notify.py).
 
 Stateless apart from PostgreSQL and Redis: run as many copies as you like; the flusher's shard leases
-keep them from stepping on each other, and one retention pass runs at a time. SIGTERM/SIGINT stop it after
-the batch in hand.
+keep them from stepping on each other, and one retention pass (and one recovery pass per shard) runs at a
+time. SIGTERM/SIGINT stop it after the batch in hand.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from shared.workers.metrics import WorkerMetrics
 from shared.workers.notify import run_notify
 from shared.workers.payments import process_payments
 from shared.workers.probes import ProbeRunner
+from shared.workers.recovery import UsageRecovery
 from shared.workers.retention import enforce_retention
 
 log = logging.getLogger("rocket_relay.worker")
@@ -89,10 +91,13 @@ async def run_workers(settings: Settings) -> None:
     metrics = WorkerMetrics(settings)
     metrics.total("rr_billing_events_flushed_total", flusher, "flushed")
     metrics.total("rr_billing_events_held_total", flusher, "held")
+    recovery = UsageRecovery(settings, pool, redis)
+    metrics.total("rr_usage_records_recovered_total", recovery, "recovered")
     tasks = [asyncio.create_task(flusher.run()), asyncio.create_task(manage_partitions(pool, stop, metrics)),
              asyncio.create_task(metrics.watch_backlog(redis, RedisKeys(settings.redis_prefix, settings.billing_shards),
                                                        stop)),
              asyncio.create_task(enforce_retention(pool, settings, stop)),
+             asyncio.create_task(recovery.run(stop)),
              asyncio.create_task(process_payments(pool, redis, settings, stop))]
     if settings.probe_enabled:
         tasks.append(asyncio.create_task(ProbeRunner(settings, pool, redis).run(stop)))
@@ -101,8 +106,8 @@ async def run_workers(settings: Settings) -> None:
     port = metrics.serve()
     if port is not None:
         log.info("worker metrics at http://%s:%d/metrics", settings.worker_metrics_host, port)
-    log.info("worker started: billing flusher (%d shards), partition manager, payments, retention every %.0f s, "
-             "probes %s, notifications %s", settings.billing_shards, settings.retention_interval_s,
+    log.info("worker started: billing flusher (%d shards), usage recovery, partition manager, payments, retention "
+             "every %.0f s, probes %s, notifications %s", settings.billing_shards, settings.retention_interval_s,
              f"every {settings.probe_interval_s:.0f} s" if settings.probe_enabled else "off",
              "on" if settings.notify_enabled else "off")
     await stop.wait()

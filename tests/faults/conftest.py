@@ -49,6 +49,9 @@ from tests.invariants import OrgExpectation, assert_money_invariants
 # this, so the suite can check "nothing reserved" a few seconds after a kill instead of an hour.
 RESERVATION_TTL_S = 8
 MAX_REQUEST_DURATION_S = 5
+# Usage recovery (shared/workers/recovery.py): the reservation lifetime plus 2 s (one host, one clock), looked
+# for every second, so the FLUSHALL test sees lost events billed within its wait.
+RECOVERY_GRACE_S = RESERVATION_TTL_S + 2
 
 
 @dataclass
@@ -124,7 +127,8 @@ def fault_stack() -> Iterator[FaultStack]:
         log_flush_interval_ms=50, key_cache_ttl_s=2.0, breaker_cooldown_s=1.0, breaker_threshold=3,
         upstream_read_timeout_s=2.0, upstream_connect_timeout_s=1.0, redis_timeout_s=1.0, probe_enabled=False,
         reservation_ttl_s=RESERVATION_TTL_S, max_request_duration_s=MAX_REQUEST_DURATION_S,
-        flusher_lease_ms=3000, failover_budget_s=6.0,
+        flusher_lease_ms=3000, failover_budget_s=6.0, usage_recovery_grace_s=RECOVERY_GRACE_S,
+        usage_recovery_interval_s=1.0,
     )
     stack = FaultStack(tmp, pg, redis_server, settings, disk)
     try:
