@@ -1,9 +1,10 @@
 """The control plane's ASGI application (Litestar): controllers, the error handlers, OpenAPI, lifespan.
 
 Nothing happens at import time; `create_app` builds the app, and its start-up hook opens the PostgreSQL
-pool and Redis client that hang off `app.state.cp` until shutdown. `create_app` also checks that every
-endpoint carries exactly one `require(...)` guard — an endpoint nobody thought to protect can't ship — and
-documents the shared error responses and the bearer-token security of each operation from that guard.
+pools (the primary's, and the read replica's if one is set) and the Redis client that hang off
+`app.state.cp` until shutdown. `create_app` also checks that every endpoint carries exactly one
+`require(...)` guard — an endpoint nobody thought to protect can't ship — and documents the shared error
+responses and the bearer-token security of each operation from that guard.
 """
 
 from __future__ import annotations
@@ -135,7 +136,14 @@ def create_app(settings: Settings | None = None) -> Litestar:
     async def start(app: Litestar) -> None:
         pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=10, command_timeout=30,
                                          init=_init_connection)
-        app.state.cp = ControlPlane(settings, pool, connect_redis(settings.redis_url, cluster=settings.redis_cluster))
+        read_pool = None
+        if settings.database_read_url:
+            # Small, and opened lazily (min_size=0): a replica that is down fails only the listings that read
+            # from it, never the start-up, sign-in or top-ups, which use the primary.
+            read_pool = await asyncpg.create_pool(settings.database_read_url, min_size=0, max_size=4,
+                                                  command_timeout=30, init=_init_connection)
+        app.state.cp = ControlPlane(settings, pool, connect_redis(settings.redis_url, cluster=settings.redis_cluster),
+                                    read_pool)
         if metrics.writer is not None:
             metrics.writer.start()
 

@@ -2,6 +2,11 @@
 
 It also authenticates and authorizes requests (`authorize`, called by the `require(...)` guard), since
 that needs the token service, Redis and PostgreSQL it holds.
+
+Two PostgreSQL pools: `pool` on the primary, for every write and every read that must see a write (the
+caller's own, a moment ago: balances, keys, members, sessions, authorization); and `read_pool`, for the heavy
+listings that tolerate a replica's lag (usage, request logs, the audit log, admin usage). Without
+`RR_DATABASE_READ_URL` both are the same pool.
 """
 
 from __future__ import annotations
@@ -37,9 +42,12 @@ where u.id = $1
 
 
 class ControlPlane:
-    def __init__(self, settings: Settings, pool: asyncpg.Pool, redis: Redis) -> None:
+    def __init__(self, settings: Settings, pool: asyncpg.Pool, redis: Redis,
+                 read_pool: asyncpg.Pool | None = None) -> None:
         self.settings = settings
         self.pool = pool
+        # Possibly seconds behind the primary: only for reads whose page says "as of a moment ago".
+        self.read_pool = read_pool or pool
         self.redis = redis
         self.keys = RedisKeys(settings.redis_prefix, settings.billing_shards)
         self.cp_keys = ControlPlaneKeys(settings.redis_prefix)
@@ -58,6 +66,8 @@ class ControlPlane:
     async def close(self) -> None:
         await self.stripe_http.close_async()
         await self.redis.aclose()
+        if self.read_pool is not self.pool:
+            await self.read_pool.close()
         await self.pool.close()
 
     def client_ip(self, connection) -> str | None:

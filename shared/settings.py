@@ -26,6 +26,9 @@ class SettingsError(Exception):
 
 class Settings(msgspec.Struct, frozen=True, kw_only=True):
     database_url: str
+    # A read-only copy (a streaming replica) for the control plane's heavy, lag-tolerant reads: usage, request
+    # logs, the audit log, admin usage. Empty: those reads use database_url too.
+    database_read_url: str = ""
     redis_url: str
     # Server-side secret mixed into API key hashes (HMAC-SHA256); rotating it invalidates every key.
     key_pepper: str
@@ -296,6 +299,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         for scheme, field in (("postgres", "database_url"), ("redis", "redis_url")):
             if not getattr(self, field).startswith((scheme, "unix")):
                 raise SettingsError(f"{ENV_NAMES[field]} must be a {scheme} URL")
+        if self.database_read_url and not self.database_read_url.startswith(("postgres", "unix")):
+            raise SettingsError(f"{ENV_NAMES['database_read_url']} must be a postgres URL (postgresql://…), or "
+                                f"empty to read from {ENV_NAMES['database_url']}")
 
     def __repr__(self) -> str:
         # Settings end up in tracebacks and debug prints: never show the secrets.
@@ -330,7 +336,7 @@ def _check_positive(settings: Settings, *fields: str) -> None:
 
 
 _SECRET_FIELDS = frozenset({"key_pepper", "master_key", "old_master_keys", "jwt_secret", "database_url",
-                            "redis_url", "metrics_token"})
+                            "database_read_url", "redis_url", "metrics_token"})
 
 ENV_NAMES: dict[str, str] = {
     name: (name.upper() if name in ("database_url", "redis_url") else f"RR_{name.upper()}")

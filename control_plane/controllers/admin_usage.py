@@ -55,7 +55,7 @@ class AdminUsageController(Controller):
         start = utc(start) if start else end - datetime.timedelta(days=30)
         if start > end or end - start > MAX_RANGE:
             raise Invalid("start must not be after end, and the range at most 366 days.")
-        rows = await cp.pool.fetch(
+        rows = await cp.read_pool.fetch(  # a scan of usage_records: the replica, if any
             """select org_id, model, provider, route_id, count(*)::int as requests,
                       sum(cost_micros)::bigint as charged_micros, sum(uncharged_micros)::bigint as uncharged_micros,
                       max(created_at) as last_at

@@ -43,7 +43,8 @@ async def _page(cp: ControlPlane, limit: int, before_id: int | None, **filters: 
         if value is not None:
             args.append(value)
             where.append(f"{column} ${len(args)}")
-    rows = await cp.pool.fetch(
+    # The replica (if any): an entry may show a moment after its change, never in place of it.
+    rows = await cp.read_pool.fetch(
         f"""select id, created_at, actor_user_id, actor_email, actor_role, org_id, action, target_type, target_id,
                    changes, host(ip) as ip
             from audit_log where {' and '.join(where)} order by id desc limit $1""", *args)

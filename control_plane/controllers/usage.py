@@ -1,4 +1,9 @@
-"""Balance, balance transactions, usage per day × model × key, and request logs of an org."""
+"""Balance, balance transactions, usage per day × model × key, and request logs of an org.
+
+Usage and request logs read from `cp.read_pool` (a replica, when one is set): they are scans of the
+partitioned tables, already behind the answers by the flush interval, so a replica's lag only adds to that.
+The balance and the ledger stay on the primary: a top-up must show at once.
+"""
 
 from __future__ import annotations
 
@@ -183,7 +188,7 @@ class UsageController(Controller):
         except OverflowError:
             raise Invalid("The date range is out of bounds.") from None
         sql, args = usage_query(UsageFilter(org_id, lower, upper, key_id, model))
-        rows = await cp.pool.fetch(sql, *args)
+        rows = await cp.read_pool.fetch(sql, *args)
         prices = await _prices(cp, {r["price_id"] for r in rows})
         merged: dict[tuple, dict] = {}
         for r in rows:  # one row per price row and credential: priced, then merged per day × model × key
@@ -203,7 +208,7 @@ class UsageController(Controller):
     async def request_log(self, cp: CP, org_id: IdParam,
                           request_id: Annotated[str, Parameter(max_length=64)]) -> Generation:
         """One request's record, with tokens and cost per usage component."""
-        record = await fetch_generation(cp.pool, org_id, request_id)
+        record = await fetch_generation(cp.read_pool, org_id, request_id)
         if record is None:
             raise NotFound("No such request (records appear a moment after the answer).")
         tokens = record.pop("tokens")
@@ -234,7 +239,7 @@ class UsageController(Controller):
             if position is None:
                 raise Invalid("cursor is not a cursor this API returned.", code="invalid_cursor")
         sql, args = request_log_query(LogFilter(org_id, start, end, limit, key_id, model, status, position))
-        rows = await cp.pool.fetch(sql, *args)
+        rows = await cp.read_pool.fetch(sql, *args)
         data = [RequestLog(**dict(r)) for r in rows[:limit]]
         last = data[-1] if len(rows) > limit else None
         return RequestLogPage(data, encode_cursor(last.created_at, last.request_id) if last else None)
@@ -244,7 +249,7 @@ async def _prices(cp: CP, ids: set[int | None]) -> dict[int, Price]:
     wanted = [i for i in ids if i is not None]
     if not wanted:
         return {}
-    rows = await cp.pool.fetch(f"select {', '.join(_PRICE_FIELDS)}, extract(epoch from effective_from)::float8 "
+    rows = await cp.read_pool.fetch(f"select {', '.join(_PRICE_FIELDS)}, extract(epoch from effective_from)::float8 "
                                "as effective_from from model_prices where id = any($1)", wanted)
     return {r["id"]: Price(**dict(r)) for r in rows}
 

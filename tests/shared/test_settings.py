@@ -57,3 +57,16 @@ def test_repr_hides_secrets() -> None:
         assert secret not in text
     assert "proxy_port=8080" in text
     assert isinstance(load_settings(BASE), Settings)
+
+
+def test_read_url_defaults_to_the_primary_and_must_be_postgres() -> None:
+    assert load_settings(BASE).database_read_url == ""  # empty: the control plane reads from DATABASE_URL
+    replica = "postgresql://reader:replpass@replica.internal/db?application_name=rr-cp-read"
+    settings = load_settings({**BASE, "RR_DATABASE_READ_URL": replica})
+    assert settings.database_read_url == replica
+    assert "replpass" not in repr(settings)  # a replica's URL can carry a password too
+    for bad in ("mysql://replica/db", "replica.internal:5432/db", "http://replica/db"):
+        with pytest.raises(SettingsError) as info:
+            load_settings({**BASE, "RR_DATABASE_READ_URL": bad})
+        assert str(info.value) == ("RR_DATABASE_READ_URL must be a postgres URL (postgresql://…), or empty to "
+                                   "read from DATABASE_URL")
