@@ -139,8 +139,9 @@ def create_app(settings: Settings | None = None) -> Litestar:
         read_pool = None
         if settings.database_read_url:
             # Small, and opened lazily (min_size=0): a replica that is down fails only the listings that read
-            # from it, never the start-up, sign-in or top-ups, which use the primary.
-            read_pool = await asyncpg.create_pool(settings.database_read_url, min_size=0, max_size=4,
+            # from it, never the start-up, sign-in or top-ups, which use the primary; one that does not
+            # answer fails them after 5 s (asyncpg's connect timeout is 60 s).
+            read_pool = await asyncpg.create_pool(settings.database_read_url, min_size=0, max_size=4, timeout=5,
                                                   command_timeout=30, init=_init_connection)
         app.state.cp = ControlPlane(settings, pool, connect_redis(settings.redis_url, cluster=settings.redis_cluster),
                                     read_pool)

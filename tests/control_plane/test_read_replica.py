@@ -21,6 +21,7 @@ import httpx
 import pytest
 import pytest_asyncio
 
+from shared.embedded import free_port
 from shared.settings import Settings
 from tests.conftest import Server, ensure_partitions
 from tests.control_plane.conftest import Portal, start_control_plane
@@ -161,3 +162,20 @@ async def test_writes_and_what_must_see_them_use_the_primary(replica_portal: Por
     # The audit log (the replica) shows the writes: this "replica" has no lag.
     actions = [e["action"] for e in _ok(await _get(replica_portal, f"{org}/audit-log/", owner))["data"]]
     assert actions.count("balance.adjust") == 2 and "api_key.create" in actions
+
+
+async def test_a_replica_that_is_down_fails_only_the_listings(settings: Settings) -> None:
+    closed = f"postgresql://postgres@127.0.0.1:{free_port()}/nothing"  # nothing listens there
+    server = start_control_plane(settings, database_read_url=closed)  # starts: /readyz needs the primary only
+    try:
+        async with httpx.AsyncClient(timeout=20.0) as http:
+            portal = Portal(server, http, settings)
+            owner = await portal.signup()
+            org = f"/v1/orgs/{owner.org_id}"
+            assert (await _get(portal, f"{org}/usage", owner)).status_code == 500
+            assert (await _get(portal, f"{org}/audit-log/", owner)).status_code == 500
+            assert _ok(await _get(portal, f"{org}/balance", owner))["balance_micros"] == 0
+            created = await portal.request("POST", f"{org}/keys", owner, json={"name": "while-replica-down"})
+            assert created.status_code == 201, created.text
+    finally:
+        server.stop()
