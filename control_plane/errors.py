@@ -4,17 +4,20 @@ Handlers raise `ApiError` subclasses; the framework's own exceptions (unknown ro
 and database constraint errors are mapped here too, so no endpoint formats an error itself. Status codes:
 401 no or bad credentials; 403 signed in but not allowed; 404 no such object *or* an object of an org the
 caller is not a member of (never reveal that it exists); 409 conflicts with current state; 422 invalid
-input; 429 too many attempts. Messages never echo secrets or request bodies.
+input; 429 too many attempts; 503 a database it needs is unreachable. Messages never echo secrets or request bodies.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 
 import asyncpg
 import msgspec
 from litestar import Request, Response
 from litestar.exceptions import HTTPException, ValidationException
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 __all__ = [
     "ApiError",
@@ -152,6 +155,25 @@ def _database_error(_: Request, exc: asyncpg.PostgresError) -> Response:
     return _respond(500, "internal_error", "Internal error.")
 
 
+_UNREACHABLE_ERRNOS = {errno.ECONNREFUSED, errno.ECONNRESET, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ETIMEDOUT}
+
+
+def _unreachable_error(request: Request, exc: Exception) -> Response:
+    """A store we depend on (PostgreSQL, its read replica, Redis) cannot be reached: say so, and when to
+    retry, instead of a bare 500; anything else that is an OSError stays an internal error."""
+    unreachable = isinstance(exc, (ConnectionError, TimeoutError, asyncpg.InterfaceError,
+                                   asyncpg.CannotConnectNowError, asyncpg.ConnectionDoesNotExistError,
+                                   RedisConnectionError, RedisTimeoutError))
+    if not unreachable and isinstance(exc, OSError):
+        # asyncpg reports a refused connection to every address as one OSError without its own subclass.
+        unreachable = exc.errno in _UNREACHABLE_ERRNOS or "Connect call failed" in str(exc)
+    if not unreachable:
+        return _internal_error(request, exc)
+    log.error("a store is unreachable (%s) on %s %s", type(exc).__name__, request.method, request.url.path)
+    return _respond(503, "service_unavailable", "A database the control plane needs is unreachable; retry shortly.",
+                    {"retry-after": "5"})
+
+
 def _unicode_error(_: Request, exc: UnicodeError) -> Response:
     return _respond(422, "invalid_value", "The request holds text that is not valid Unicode.")
 
@@ -178,7 +200,13 @@ exception_handlers = {
     ApiError: _api_error,
     ValidationException: _validation_error,
     HTTPException: _http_error,
+    asyncpg.CannotConnectNowError: _unreachable_error,
+    asyncpg.ConnectionDoesNotExistError: _unreachable_error,
     asyncpg.PostgresError: _database_error,
+    asyncpg.InterfaceError: _unreachable_error,
+    OSError: _unreachable_error,  # ConnectionError and TimeoutError are OSErrors
+    RedisConnectionError: _unreachable_error,
+    RedisTimeoutError: _unreachable_error,
     UnicodeError: _unicode_error,
     OverflowError: _overflow_error,
     RecursionError: _recursion_error,
