@@ -252,6 +252,10 @@ async def test_platform_admin_approves_a_crypto_top_up_and_changes_a_price(
     for path in ("orgs", "supply", "quality", "audit", "stripe"):
         await admin.goto(f"/portal/admin/{path}")
         await admin.check(f"admin-{path}")
+    route_id = await db.fetchval("select id from routes where model = $1", model)
+    await admin.goto(f"/portal/admin/quality/{route_id}")  # one route's probe status and history
+    assert model in await page.locator("main").inner_text()
+    await admin.check("admin-quality-route")
 
     # Mail: settings pointing at an SMTP catcher on loopback, then a test mail that arrives.
     await admin.goto("/portal/admin/mail")
