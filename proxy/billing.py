@@ -1,10 +1,11 @@
-"""Money on the hot path: one Redis call before forwarding (rate limits + reservation) and one after
-(settlement + usage event). Both are Lua scripts in `shared/lua/`; see `shared.billing`.
+"""Money on the hot path: one script call before forwarding (rate limits + reservation) and one after
+(settlement + usage event), each shared with the other requests of the same event-loop turn
+(`proxy.script_batches`). Both are Lua scripts in `shared/lua/`; see `shared.billing`.
 
 The reservation holds the worst case: every body byte as a prompt token (a token is at least one byte)
 plus `max_tokens` (or the configured cap) of output, at the price in force when the request started.
-Settlement charges the real cost from the upstream's usage; without usage (a stream cut short) it charges a
-documented estimate: prompt = body bytes / 4, completion = the number of content events forwarded.
+Settlement charges the real cost from the upstream's usage; without usage (a stream cut short) it charges
+the estimate of `proxy.estimate` (the model's tokenizer on the prompt, the content the client received).
 """
 
 from __future__ import annotations
