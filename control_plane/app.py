@@ -42,7 +42,7 @@ from control_plane.metrics import ControlPlaneMetrics, MetricsController, Reques
 from control_plane.permissions import Scope, scope_of
 from control_plane.portal import portal_router, session_middleware, static_router, template_config
 from control_plane.state import ControlPlane
-from shared.redis_client import connect_redis
+from shared.redis_client import open_redis
 from shared.settings import Settings, load_settings
 
 __all__ = ["CONTROLLERS", "create_app", "endpoint_actions", "page_actions"]
@@ -143,8 +143,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
             # answer fails them after 5 s (asyncpg's connect timeout is 60 s).
             read_pool = await asyncpg.create_pool(settings.database_read_url, min_size=0, max_size=4, timeout=5,
                                                   command_timeout=30, init=_init_connection)
-        app.state.cp = ControlPlane(settings, pool, connect_redis(settings.redis_url, cluster=settings.redis_cluster),
-                                    read_pool)
+        redis = await open_redis(settings.redis_url, cluster=settings.redis_cluster)
+        app.state.cp = ControlPlane(settings, pool, redis, read_pool)
         if metrics.writer is not None:
             metrics.writer.start()
 

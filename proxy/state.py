@@ -22,7 +22,7 @@ from proxy.upstream import UpstreamClient
 from shared.crypto import box_from_settings
 from shared.metrics.recorder import Recorder
 from shared.metrics.snapshots import SnapshotWriter
-from shared.redis_client import connect_redis
+from shared.redis_client import open_redis
 from shared.redis_keys import RedisKeys
 from shared.redis_pipeline import pipelined_redis
 from shared.settings import Settings
@@ -102,10 +102,9 @@ class ProxyState:
 async def start_state(settings: Settings) -> ProxyState:
     started = time.perf_counter()
     pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=4, command_timeout=30)
-    redis = connect_redis(settings.redis_url, cluster=settings.redis_cluster)
-    if settings.redis_cluster:
-        # redis-py's cluster pub/sub reads the slot map without loading it first: load it before subscribing.
-        await redis.initialize()
+    # A cluster's slot map is loaded before anything shares the client (shared/redis_client.py); redis-py's
+    # cluster pub/sub also reads it without loading it first.
+    redis = await open_redis(settings.redis_url, cluster=settings.redis_cluster)
     state = ProxyState(settings, pool, redis)
     await state.start()
     log.info("proxy worker ready in %.0f ms", (time.perf_counter() - started) * 1000)

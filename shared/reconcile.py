@@ -20,7 +20,7 @@ import asyncpg
 
 from shared.billing import BillingScripts, rebuild_balance
 from shared.money import format_usd
-from shared.redis_client import connect_redis
+from shared.redis_client import open_redis
 from shared.redis_keys import RedisKeys
 from shared.settings import Settings, SettingsError, load_settings
 
@@ -47,7 +47,7 @@ class Drift:
 
 async def reconcile(settings: Settings, *, repair: bool = False) -> list[Drift]:
     pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=2)
-    redis = connect_redis(settings.redis_url, cluster=settings.redis_cluster)
+    redis = await open_redis(settings.redis_url, cluster=settings.redis_cluster)
     keys = RedisKeys(settings.redis_prefix, settings.billing_shards)
     scripts = BillingScripts(redis)
     drifts: list[Drift] = []

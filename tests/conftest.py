@@ -38,7 +38,7 @@ from shared.embedded import (
     start_embedded_postgres,
     start_embedded_redis,
 )
-from shared.redis_client import connect_redis
+from shared.redis_client import connect_redis, open_redis
 from shared.redis_keys import RedisKeys
 from shared.settings import ENV_NAMES, Settings, load_settings
 
@@ -243,7 +243,7 @@ async def db(settings: Settings) -> AsyncIterator[asyncpg.Pool]:
 
 @pytest_asyncio.fixture(scope="session")
 async def redis(settings: Settings) -> AsyncIterator[Redis]:
-    client = connect_redis(settings.redis_url, cluster=settings.redis_cluster)
+    client = await open_redis(settings.redis_url, cluster=settings.redis_cluster)
     yield client
     await client.aclose()
 

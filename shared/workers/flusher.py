@@ -47,6 +47,7 @@ import logging
 import os
 import socket
 import time
+import traceback
 from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
@@ -168,6 +169,15 @@ class BillingFlusher:
                 log.warning("shard %d: lease lost; re-acquiring", shard)
             except (RedisError, OSError) as exc:
                 log.warning("shard %d: Redis unavailable (%s)", shard, type(exc).__name__)
+                await self._sleep(1.0)
+            except Exception as exc:
+                # Never let a shard's loop die while the process lives on: its stream would not be flushed again
+                # and nothing would say so. redis-py's cluster client, closing its connections under in-flight
+                # commands (CLUSTERDOWN, a lost slot), fails them with RuntimeError or AttributeError. The
+                # class and the place only: a message could quote an event.
+                where = traceback.extract_tb(exc.__traceback__)[-1]
+                log.error("shard %d: unexpected %s at %s:%d; retrying", shard, type(exc).__name__,
+                          os.path.basename(where.filename), where.lineno)
                 await self._sleep(1.0)
 
     async def _sleep(self, seconds: float) -> None:

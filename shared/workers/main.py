@@ -20,9 +20,11 @@ import time
 from datetime import UTC, datetime
 
 import asyncpg
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from shared.logs import configure_logging
-from shared.redis_client import connect_redis
+from shared.redis_client import connect_redis, load_slot_map
 from shared.redis_keys import RedisKeys
 from shared.settings import Settings, SettingsError, load_settings
 from shared.workers import sleep_unless_stopped
@@ -78,6 +80,21 @@ async def open_pool(settings: Settings, stop: asyncio.Event) -> asyncpg.Pool | N
     return None
 
 
+async def wait_for_slot_map(redis: Redis, stop: asyncio.Event) -> bool:
+    """Load a Redis Cluster client's slot map before the worker's tasks share the client, waiting for the
+    cluster if it is not up yet (nothing to do for a single server). False: stopped meanwhile."""
+    delay = 0.5
+    while not stop.is_set():
+        try:
+            await load_slot_map(redis)
+            return True
+        except (RedisError, OSError) as exc:
+            log.warning("Redis Cluster unavailable at start-up (%s); retrying", type(exc).__name__)
+            await sleep_unless_stopped(stop, delay)
+            delay = min(delay * 2, 5.0)
+    return False
+
+
 async def run_workers(settings: Settings) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -87,6 +104,10 @@ async def run_workers(settings: Settings) -> None:
     if pool is None:
         return
     redis = connect_redis(settings.redis_url, cluster=settings.redis_cluster)
+    if not await wait_for_slot_map(redis, stop):
+        await redis.aclose()
+        await pool.close()
+        return
     flusher = BillingFlusher(settings, pool, redis)
     metrics = WorkerMetrics(settings)
     metrics.total("rr_billing_events_flushed_total", flusher, "flushed")
