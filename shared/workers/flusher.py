@@ -47,7 +47,6 @@ import logging
 import os
 import socket
 import time
-import traceback
 from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
@@ -63,7 +62,7 @@ from shared.db.staged_copy import Rejected, StagedTable, write_staged
 from shared.notify.alerts import check_balance_alerts
 from shared.redis_keys import RedisKeys
 from shared.settings import Settings
-from shared.workers import sleep_unless_stopped
+from shared.workers import sleep_unless_stopped, unexpected_error
 from shared.workers.budget_alerts import emit_budget_events
 from shared.workers.usage_ledger import USAGE_COLUMNS, usage_ledger_sql
 
@@ -173,11 +172,8 @@ class BillingFlusher:
             except Exception as exc:
                 # Never let a shard's loop die while the process lives on: its stream would not be flushed again
                 # and nothing would say so. redis-py's cluster client, closing its connections under in-flight
-                # commands (CLUSTERDOWN, a lost slot), fails them with RuntimeError or AttributeError. The
-                # class and the place only: a message could quote an event.
-                where = traceback.extract_tb(exc.__traceback__)[-1]
-                log.error("shard %d: unexpected %s at %s:%d; retrying", shard, type(exc).__name__,
-                          os.path.basename(where.filename), where.lineno)
+                # commands (CLUSTERDOWN, a lost slot), fails them with RuntimeError or AttributeError.
+                log.error("shard %d: unexpected %s; retrying", shard, unexpected_error(exc))
                 await self._sleep(1.0)
 
     async def _sleep(self, seconds: float) -> None:

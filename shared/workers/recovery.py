@@ -55,7 +55,7 @@ from redis.exceptions import RedisError
 from shared.billing import RECOVERED_USAGE_REASON, BillingScripts, apply_live_credit
 from shared.redis_keys import RedisKeys
 from shared.settings import Settings
-from shared.workers import sleep_unless_stopped
+from shared.workers import sleep_unless_stopped, unexpected_error
 from shared.workers.usage_ledger import usage_ledger_sql
 
 __all__ = ["UsageRecovery"]
@@ -108,6 +108,9 @@ class UsageRecovery:
                 await self.recover_once()
             except (OSError, RedisError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 log.warning("usage recovery pass failed (%s); the next one tries again", type(exc).__name__)
+            except Exception as exc:  # e.g. redis-py's cluster client closing connections under it: carry on
+                log.error("usage recovery pass failed (unexpected %s); the next one tries again",
+                          unexpected_error(exc))
             await sleep_unless_stopped(stop, self._settings.usage_recovery_interval_s)
 
     async def recover_once(self, now: float | None = None) -> int:
