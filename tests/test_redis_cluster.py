@@ -20,15 +20,12 @@ MONEY_TESTS = [
     "tests/shared/test_flusher.py",
     "tests/proxy/test_ledger_durability.py",
 ]
-# Known to fail on the cluster (see the branch report): a flusher killed after its commit is not redelivered
-# the batch, and deleting every key of a deployment on a cluster leaves the flusher without its group.
-KNOWN_GAPS = "not after_commit and not test_redis_flushed_balances_rebuilt"
 
 
 def test_money_tests_pass_on_a_redis_cluster() -> None:
     env = {**os.environ, "RR_TEST_REDIS_CLUSTER": "1"}
     done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:randomly", "-p", "no:cacheprovider",
-                           "-k", KNOWN_GAPS, *MONEY_TESTS], cwd=ROOT, env=env, capture_output=True, text=True,
+                           *MONEY_TESTS], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=900)
     output = done.stdout + done.stderr
     assert "CROSSSLOT" not in output, output[-4000:]
