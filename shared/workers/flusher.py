@@ -53,7 +53,7 @@ from zoneinfo import ZoneInfo
 import asyncpg
 import msgspec
 from redis.asyncio import Redis
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import RedisClusterException, RedisError, ResponseError
 
 from shared import failpoints
 from shared.billing import UsageEvent
@@ -166,7 +166,7 @@ class BillingFlusher:
                     await self._sleep(lease_ms / 3000)
             except LeaseLost:
                 log.warning("shard %d: lease lost; re-acquiring", shard)
-            except (RedisError, OSError) as exc:
+            except (RedisError, RedisClusterException, OSError) as exc:  # the last: no cluster node reached
                 log.warning("shard %d: Redis unavailable (%s)", shard, type(exc).__name__)
                 await self._sleep(1.0)
             except Exception as exc:

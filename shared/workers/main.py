@@ -21,7 +21,7 @@ from datetime import UTC, datetime
 
 import asyncpg
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from shared.logs import configure_logging
 from shared.redis_client import connect_redis, load_slot_map
@@ -88,7 +88,7 @@ async def wait_for_slot_map(redis: Redis, stop: asyncio.Event) -> bool:
         try:
             await load_slot_map(redis)
             return True
-        except (RedisError, OSError) as exc:
+        except (RedisError, RedisClusterException, OSError) as exc:  # no node reached: not a RedisError
             log.warning("Redis Cluster unavailable at start-up (%s); retrying", type(exc).__name__)
             await sleep_unless_stopped(stop, delay)
             delay = min(delay * 2, 5.0)

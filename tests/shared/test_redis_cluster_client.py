@@ -19,10 +19,12 @@ import pytest
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
+from shared.embedded import free_port
 from shared.redis_client import connect_redis, open_redis
 from shared.redis_keys import RedisKeys
 from shared.settings import Settings
 from shared.workers.flusher import BillingFlusher
+from shared.workers.main import wait_for_slot_map
 from tests.conftest import Factory
 from tests.redis_cluster import RedisClusterServers
 from tests.shared.test_flusher import _encode, _event
@@ -100,3 +102,21 @@ async def test_a_flusher_outlives_its_cluster_client_closing_under_it(
         await redis.aclose()
     rows = await db.fetch("select org_id from usage_records where org_id = any($1::bigint[])", orgs)
     assert sorted(r["org_id"] for r in rows) == sorted(orgs)
+
+
+async def test_the_worker_waits_for_the_cluster_and_then_loads_its_map(cluster: RedisClusterServers) -> None:
+    """Unreachable, the cluster is waited for (redis-py raises RedisClusterException, not a RedisError) until
+    the worker is stopped; reachable, its slot map is loaded."""
+    stop = asyncio.Event()
+    down = connect_redis(f"redis://127.0.0.1:{free_port()}/0", cluster=True)
+    asyncio.get_running_loop().call_later(0.3, stop.set)
+    try:
+        assert await wait_for_slot_map(down, stop) is False
+    finally:
+        await down.aclose()
+    up = connect_redis(cluster.url, cluster=True)
+    try:
+        assert await wait_for_slot_map(up, asyncio.Event()) is True
+        assert up.get_default_node() is not None
+    finally:
+        await up.aclose()
