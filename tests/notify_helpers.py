@@ -12,6 +12,7 @@ from email.message import EmailMessage
 
 from aiohttp import web
 from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import AuthResult, LoginPassword
 
 from shared.embedded import free_port
 
@@ -36,13 +37,21 @@ class CaughtMail:
 
 
 class MailCatcher:
-    """A real SMTP server (aiosmtpd, in a thread); `refuse_next` makes it answer 451 to that many mails."""
+    """A real SMTP server (aiosmtpd, in a thread); `refuse_next` makes it answer 451 to that many mails.
+    With `login` (username, password) it takes mail only after AUTH with exactly those (plain text is allowed:
+    it listens on loopback, as the relay's `tls_mode` none requires)."""
 
-    def __init__(self) -> None:
+    def __init__(self, login: tuple[str, str] | None = None) -> None:
         self.mails: list[CaughtMail] = []
         self.refuse_next = 0
         self.port = free_port()
-        self._controller = Controller(self, hostname="127.0.0.1", port=self.port)
+        self._login = login
+        auth = {"authenticator": self._authenticate, "auth_required": True, "auth_require_tls": False} if login else {}
+        self._controller = Controller(self, hostname="127.0.0.1", port=self.port, **auth)
+
+    def _authenticate(self, server, session, envelope, mechanism: str, data: object) -> AuthResult:
+        ok = isinstance(data, LoginPassword) and (data.login.decode(), data.password.decode()) == self._login
+        return AuthResult(success=ok, handled=False)  # aiosmtpd answers 235 or 535
 
     def start(self) -> MailCatcher:
         self._controller.start()

@@ -1,23 +1,28 @@
 """The canary, everywhere: a unique string sent in every client-controlled field, through every endpoint and
 path, appears nowhere we keep anything — a `pg_dump` of the whole database, every Redis key and stream entry,
 every log of our processes, every mail the relay sent (caught by a real SMTP server) and every webhook body it
-delivered (to a real receiver) — and neither does any secret in clear. The scanners are shown to find a
-deliberate leak in each of those places (`test_the_scanner_finds_a_deliberate_leak`), so a pass means
-something.
+delivered (to a real receiver) — and neither does any secret in clear: the tenant's API keys, portal tokens,
+BYOK and provider keys, a webhook signing secret, the SMTP password, Stripe's secret key and webhook secret, a
+user's password, the metrics token, the master key and the key pepper. The scanners are shown to find a
+deliberate leak in each of those places (`test_the_scanner_finds_a_deliberate_leak`), and end to end: a proxy
+made to log request bodies (`tests/bodyleak`) is caught (`test_a_proxy_that_logs_bodies_is_caught`), so a pass
+means something.
 
 The stack is this module's own: a database and Redis prefix of its own (so the dump holds only what these
 requests left), a proxy, a worker (billing flusher) and a control plane started for it. The mock upstream
-is a provider: it receives prompts by design, so its log is not searched.
+and the local Stripe are providers: they receive prompts and keys by design, so their logs are not searched.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import secrets
 import subprocess
+import sys
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from email.message import EmailMessage
 from pathlib import Path
 
@@ -32,10 +37,20 @@ from shared.crypto import box_from_settings, store_secret
 from shared.embedded import free_port
 from shared.notify.mail import save_smtp_config
 from shared.notify.webhooks import new_signing_secret
+from shared.payments.stripe_account import save_stripe_config
 from shared.redis_keys import RedisKeys
 from shared.settings import Settings
-from tests.conftest import Factory, Server, start_proxy, start_worker, stop_process, wait_for_rows
-from tests.control_plane.conftest import isolated_database, start_control_plane
+from tests.conftest import (
+    Factory,
+    Server,
+    settings_env,
+    start_proxy,
+    start_server,
+    start_worker,
+    stop_process,
+    wait_for_rows,
+)
+from tests.control_plane.conftest import LocalStripe, isolated_database, start_control_plane, start_local_stripe
 from tests.notify_helpers import CaughtMail, MailCatcher, Received, Receiver
 from tests.proxy.test_endpoints import configure_mock
 
@@ -43,6 +58,10 @@ CANARY = f"CANARY-{secrets.token_hex(8)}"
 BYOK_SECRET = f"sk-byok-{secrets.token_hex(12)}"
 PROVIDER_SECRET = f"sk-provider-{secrets.token_hex(12)}"
 PASSWORD = f"pw-{secrets.token_hex(10)}"
+SMTP_LOGIN = ("relay-canary", f"smtp-pw-{secrets.token_hex(10)}")
+STRIPE_SECRET = f"sk_test_canary{secrets.token_hex(12)}"
+STRIPE_WEBHOOK_SECRET = f"whsec_canary{secrets.token_hex(12)}"
+BODYLEAK = Path(__file__).resolve().parent / "bodyleak"
 
 
 @dataclass
@@ -56,8 +75,10 @@ class Stack:
     factory: Factory
     mail: MailCatcher
     hooks: Receiver
+    stripe: LocalStripe
     worker_metrics: str = ""  # the worker's /metrics URL
     metrics_dir: Path = Path()
+    more_logs: list[Path] = field(default_factory=list)  # of processes a test added to the stack
 
 
 METRICS_TOKEN = "canary-metrics-" + secrets.token_hex(8)
@@ -85,16 +106,21 @@ async def stack(canary_settings: Settings, tmp_path_factory: pytest.TempPathFact
     db = await asyncpg.create_pool(canary_settings.database_url, min_size=1, max_size=4)
     redis = Redis.from_url(canary_settings.redis_url)
     factory = Factory(db, redis, RedisKeys(canary_settings.redis_prefix), canary_settings)
-    mail = MailCatcher().start()
+    # The mail catcher takes mail only with the SMTP login; the local Stripe is the platform's Stripe account.
+    mail = MailCatcher(login=SMTP_LOGIN).start()
     hooks = await Receiver().start()
+    stripe = LocalStripe(start_local_stripe(), STRIPE_SECRET, STRIPE_WEBHOOK_SECRET)
     box = box_from_settings(canary_settings.master_key_bytes, canary_settings.master_key_id)
     async with db.acquire() as conn, conn.transaction():
-        await save_smtp_config(conn, box, host="127.0.0.1", port=mail.port, tls_mode="none", username=None,
-                               from_address="relay@example.com")
+        await save_smtp_config(conn, box, host="127.0.0.1", port=mail.port, tls_mode="none", username=SMTP_LOGIN[0],
+                               password=SMTP_LOGIN[1], from_address="relay@example.com")
+        await save_stripe_config(conn, box, secret_key=STRIPE_SECRET, webhook_secret=STRIPE_WEBHOOK_SECRET,
+                                 api_base=stripe.server.url)
     try:
-        yield Stack(canary_settings, proxy, control_plane, worker.log_path, db, redis, factory, mail, hooks,
+        yield Stack(canary_settings, proxy, control_plane, worker.log_path, db, redis, factory, mail, hooks, stripe,
                     f"http://127.0.0.1:{worker_port}/metrics", metrics_dir)
     finally:
+        stripe.server.stop()
         mail.stop()
         await hooks.stop()
         await db.close()
@@ -151,7 +177,8 @@ async def dump_redis(redis: Redis, prefix: str) -> bytes:
 
 
 def logs(stack: Stack) -> str:
-    return "\n".join((stack.proxy.log(), stack.control_plane.log(), stack.worker_log.read_text(errors="replace")))
+    paths = [stack.proxy.log_path, stack.control_plane.log_path, stack.worker_log, *stack.more_logs]
+    return "\n".join(path.read_text(errors="replace") for path in paths)
 
 
 def outbound(stack: Stack) -> tuple[str, bytes]:
@@ -172,23 +199,20 @@ async def scrape_metrics(stack: Stack) -> str:
     return "\n".join(p.text for p in pages)
 
 
-async def leaks(stack: Stack, needle: str) -> list[str]:
-    """Where `needle` was found: 'postgres', 'redis', 'logs', 'mail', 'webhooks', 'metrics'."""
-    found = []
-    if needle in await asyncio.to_thread(dump_postgres, stack.settings):
-        found.append("postgres")
-    if needle.encode() in await dump_redis(stack.redis, stack.settings.redis_prefix):
-        found.append("redis")
-    if needle in logs(stack):
-        found.append("logs")
+async def leaks_of(stack: Stack, needles: list[str]) -> dict[str, list[str]]:
+    """Where each needle was found, of 'postgres', 'redis', 'logs', 'mail', 'webhooks', 'metrics' (every store
+    read once for all the needles)."""
     mails, hooks = outbound(stack)
-    if needle in mails:
-        found.append("mail")
-    if needle.encode() in hooks:
-        found.append("webhooks")
-    if needle in await scrape_metrics(stack):
-        found.append("metrics")
-    return found
+    stores: dict[str, str | bytes] = {
+        "postgres": await asyncio.to_thread(dump_postgres, stack.settings),
+        "redis": await dump_redis(stack.redis, stack.settings.redis_prefix), "logs": logs(stack),
+        "mail": mails, "webhooks": hooks, "metrics": await scrape_metrics(stack)}
+    return {needle: [name for name, text in stores.items()
+                     if (needle.encode() if isinstance(text, bytes) else needle) in text] for needle in needles}
+
+
+async def leaks(stack: Stack, needle: str) -> list[str]:
+    return (await leaks_of(stack, [needle]))[needle]
 
 
 # --- the traffic ------------------------------------------------------------------------------------------
@@ -210,7 +234,8 @@ async def _tenant(stack: Stack, mock: Server) -> dict:
     # and a webhook endpoint for every event type: the notifications this traffic causes are searched too.
     org_id = await f.org(balance_micros=10_000_000, low_balance_threshold_micros=10_000_000 - 1,
                          alert_emails=["alerts@example.com"], billing_email="billing@example.com")
-    hook_secret = await store_secret(f.db, box, "webhook_signing_secret", new_signing_secret(), org_id=org_id)
+    signing_secret = new_signing_secret()
+    hook_secret = await store_secret(f.db, box, "webhook_signing_secret", signing_secret, org_id=org_id)
     await f.db.execute(
         """insert into webhook_endpoints (org_id, url, event_types, secret_id)
            values ($1, $2, '{balance.low,balance.depleted,key.created,key.revoked,payment.succeeded,payment.failed}',
@@ -228,7 +253,7 @@ async def _tenant(stack: Stack, mock: Server) -> dict:
     for model in (chat, claude, embed):
         await f.publish_config(stack.proxy, key, model)
     return {"chat": chat, "claude": claude, "embed": embed, "key": key, "limited": limited, "poor": poor,
-            "budgeted": budgeted, "a": f"a-{tag}", "org_id": org_id}
+            "budgeted": budgeted, "a": f"a-{tag}", "org_id": org_id, "signing_secret": signing_secret}
 
 
 def _everywhere(model: str, **extra: object) -> dict:
@@ -241,8 +266,9 @@ def _everywhere(model: str, **extra: object) -> dict:
             **extra}
 
 
-async def send_everything(stack: Stack, mock: Server) -> int:
-    """Every endpoint and path; returns how many requests were made."""
+async def send_everything(stack: Stack, mock: Server) -> tuple[int, list[str]]:
+    """Every endpoint and path; returns how many requests were made to the proxy, and the secrets in clear
+    that the tenant and the user were given (API keys, webhook signing secret, portal tokens)."""
     t = await _tenant(stack, mock)
     base = stack.proxy.url + "/v1"
     auth = {"authorization": f"Bearer {t['key']}", "x-canary-header": CANARY}
@@ -310,13 +336,29 @@ async def send_everything(stack: Stack, mock: Server) -> int:
         assert {r.status_code for r in claims} == {422}, [r.text for r in claims]  # refused as malformed
         await http.post(cp + f"/v1/orgs/{org}/payments/stripe-checkout", headers=owner,
                         json={"amount_micros": CANARY})
+        await _paid_at_stripe(stack, http, owner, org)
         await http.patch(cp + f"/v1/orgs/{org}", headers=owner, json={"name": "x" * 300 + CANARY})
         budgets = [await http.post(cp + f"/v1/orgs/{org}/budgets", headers=owner, json=body) for body in (
             {"period": CANARY, "limit_micros": 5}, {"period": "day", "window": CANARY, "limit_micros": 5},
             {"period": "day", "limit_micros": CANARY}, {"period": "day", "limit_micros": 5, "note": CANARY})]
         assert {r.status_code for r in budgets} == {422}, [r.text for r in budgets]
         await _through_the_portal(cp, email, org)
-    return len(calls) + 6
+    keys = [t[name] for name in ("key", "limited", "poor", "budgeted", "signing_secret")]
+    tokens = signup.json()["tokens"]
+    return len(calls) + 6, [*keys, tokens["access_token"], tokens["refresh_token"]]
+
+
+async def _paid_at_stripe(stack: Stack, http: httpx.AsyncClient, owner: dict, org: int) -> None:
+    """A card top-up paid at the local Stripe: the control plane calls it with the secret key, and its webhook
+    comes back signed with the webhook secret (both read from the database, decrypted)."""
+    stack.stripe.register_webhook(f"canary-{org}", stack.control_plane.url + "/v1/webhooks/stripe",
+                                  ["checkout.session.completed", "payment_intent.succeeded"])
+    started = await http.post(stack.control_plane.url + f"/v1/orgs/{org}/payments/stripe-checkout", headers=owner,
+                              json={"amount_micros": 5_000_000})
+    assert started.status_code == 201, started.text
+    await asyncio.to_thread(stack.stripe.pay, started.json()["url"])
+    paid = "select 1 from payments where org_id = $1 and status = 'succeeded'"
+    assert await wait_for_rows(stack.db, paid, org, timeout=20), "the paid top-up was not recorded"
 
 
 async def _through_the_portal(cp: str, email: str, org: int) -> None:
@@ -349,21 +391,23 @@ async def _through_the_portal(cp: str, email: str, org: int) -> None:
 
 
 async def test_the_canary_and_the_secrets_are_stored_nowhere(stack: Stack, mock_upstream: Server) -> None:
-    made = await send_everything(stack, mock_upstream)
+    made, given = await send_everything(stack, mock_upstream)
     rows = await wait_for_rows(stack.db, "select 1 from request_logs", count=made - 1, timeout=15)
     assert len(rows) >= made - 1  # the disconnected stream may still be settling
     # The billing flusher's batches (the worker may still be starting on a busy machine), then its last one.
     assert len(await wait_for_rows(stack.db, "select 1 from usage_records", count=5, timeout=60)) >= 5
     await asyncio.sleep(1.0)
-    # The balance alert went out by mail and by webhook before anything is searched.
+    # The balance alert went out by mail (the SMTP login worked) and by webhook before anything is searched.
     assert await stack.mail.wait_for("alerts@example.com", 1, timeout=30)
     for _ in range(100):
         if stack.hooks.requests:
             break
         await asyncio.sleep(0.1)
     assert any(b'"balance.low"' in r.body for r in stack.hooks.requests)
-    for needle in (CANARY, BYOK_SECRET, PROVIDER_SECRET, PASSWORD, METRICS_TOKEN):
-        assert await leaks(stack, needle) == [], needle[:12]
+    needles = [CANARY, BYOK_SECRET, PROVIDER_SECRET, PASSWORD, METRICS_TOKEN, SMTP_LOGIN[1], STRIPE_SECRET,
+               STRIPE_WEBHOOK_SECRET, stack.settings.master_key, stack.settings.key_pepper, *given]
+    found = {needle[:14]: where for needle, where in (await leaks_of(stack, needles)).items() if where}
+    assert found == {}
 
 
 @pytest.mark.parametrize("store", ["postgres", "redis", "logs", "mail", "webhooks", "metrics"])
@@ -400,3 +444,32 @@ async def test_the_scanner_finds_a_deliberate_leak(stack: Stack, store: str) -> 
             stack.hooks.requests.pop()
         elif store == "metrics":
             (stack.metrics_dir / "proxy" / "1.snapshot").unlink()
+
+
+def start_leaky_proxy(settings: Settings) -> Server:
+    """A proxy of the stack that logs every request body (tests/bodyleak): what a careless change would do."""
+    port = free_port()
+    env = settings_env(settings, proxy_port=port)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(BODYLEAK), env.get("PYTHONPATH")]))
+    env["RR_TEST_LOG_BODIES"] = "1"
+    return start_server([sys.executable, "-m", "proxy.main"], env, port, "/readyz", "leaky-proxy")
+
+
+async def test_a_proxy_that_logs_bodies_is_caught(stack: Stack, mock_upstream: Server) -> None:
+    """End to end: one real request whose body a proxy logs is found in the logs, and only there."""
+    leaky = start_leaky_proxy(stack.settings)
+    stack.more_logs.append(leaky.log_path)
+    try:
+        f = stack.factory
+        model = await f.model(await f.provider(mock_upstream.url + "/v1"))
+        _, key = await f.key(await f.org())
+        await f.publish_config(leaky, key, model)
+        leak = f"LEAK-{secrets.token_hex(8)}"
+        async with httpx.AsyncClient(timeout=30) as http:
+            resp = await http.post(leaky.url + "/v1/chat/completions", headers={"authorization": f"Bearer {key}"},
+                                   json={"model": model, "messages": [{"role": "user", "content": leak}]})
+        assert resp.status_code == 200, resp.text
+        assert await wait_for_rows(stack.db, "select 1 from request_logs where model = $1", model, timeout=15)
+        assert await leaks(stack, leak) == ["logs"]
+    finally:
+        leaky.stop()
