@@ -87,10 +87,13 @@ class Received:
 @dataclass
 class Receiver:
     """A webhook receiver on 127.0.0.1: records every request; fails the first `fail_first` with 500, or
-    answers every request with a redirect to `redirect_to`."""
+    answers every request with a redirect to `redirect_to`; `delay_s` holds each answer back that long (a
+    slow receiver, so a delivery batch stays in flight), `in_flight` counts the requests being held."""
 
     fail_first: int = 0
     redirect_to: str | None = None
+    delay_s: float = 0.0
+    in_flight: int = 0
     requests: list[Received] = field(default_factory=list)
     port: int = field(default_factory=free_port)
     _runner: web.AppRunner | None = None
@@ -113,6 +116,12 @@ class Receiver:
 
     async def _handle(self, request: web.Request) -> web.Response:
         self.requests.append(Received({k.lower(): v for k, v in request.headers.items()}, await request.read()))
+        if self.delay_s:
+            self.in_flight += 1
+            try:
+                await asyncio.sleep(self.delay_s)
+            finally:
+                self.in_flight -= 1
         if self.redirect_to:
             return web.Response(status=307, headers={"location": self.redirect_to})
         if len(self.requests) <= self.fail_first:

@@ -129,6 +129,10 @@ def fault_stack() -> Iterator[FaultStack]:
         reservation_ttl_s=RESERVATION_TTL_S, max_request_duration_s=MAX_REQUEST_DURATION_S,
         flusher_lease_ms=3000, failover_budget_s=6.0, usage_recovery_grace_s=RECOVERY_GRACE_S,
         usage_recovery_interval_s=1.0,
+        # Notifications to a receiver and a mail catcher on loopback (hence insecure); short attempt timeouts
+        # keep the lease of an attempt a worker died in (2 × timeout + 30 s, shared/workers/notify.py) short.
+        notify_interval_s=0.2, webhook_allow_insecure=True, webhook_timeout_s=3.0, smtp_timeout_s=3.0,
+        webhook_backoff_base_s=1.0, mail_backoff_base_s=1.0,
     )
     stack = FaultStack(tmp, pg, redis_server, settings, disk)
     try:
