@@ -175,7 +175,8 @@ class Biller:
                 entry[1][RESERVE_SWEEP_ARG] = 1
                 reply = await self._reserves.call(org.tag, entry, orphaned)
         except (RedisError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-            log.warning("reservation failed: %s", type(exc).__name__, extra={"request_id": request_id})
+            # The reason, cut short: Redis and PostgreSQL errors name keys and states, never a secret.
+            log.warning("reservation failed: %s: %.160s", type(exc).__name__, exc, extra={"request_id": request_id})
             if isinstance(exc, RedisError | OSError):
                 # The reply is lost, not necessarily the reservation (Redis may have run the script and died
                 # before answering, with it in its append-only file).

@@ -108,6 +108,16 @@ class FaultStack:
     def start_postgres(self) -> None:
         self.pg = start_embedded_postgres(self.tmp / "pg")
 
+    def log_lines(self, request_ids: list[str | None], limit: int = 20) -> list[str]:
+        """The proxy's log lines that name one of `request_ids` (a failing assertion shows why)."""
+        wanted = [rid for rid in request_ids if rid]
+        lines = []
+        for path in sorted(self.disk.path.glob("rr-proxy-*.log")):
+            for line in path.read_text(errors="replace").splitlines():
+                if any(rid in line for rid in wanted):
+                    lines.append(line)
+        return lines[-limit:]
+
     def print(self, line: str) -> None:
         self.figures.append(line)
         print(line)
@@ -125,7 +135,7 @@ def fault_stack() -> Iterator[FaultStack]:
         {}, database_url=db_url, redis_url=redis_server.url, key_pepper=secrets.token_urlsafe(24),
         master_key=base64.b64encode(secrets.token_bytes(32)).decode(), redis_prefix="rrfault:",
         log_flush_interval_ms=50, key_cache_ttl_s=2.0, breaker_cooldown_s=1.0, breaker_threshold=3,
-        upstream_read_timeout_s=2.0, upstream_connect_timeout_s=1.0, redis_timeout_s=1.0, probe_enabled=False,
+        upstream_read_timeout_s=2.0, upstream_connect_timeout_s=1.0, redis_timeout_s=3.0, probe_enabled=False,
         reservation_ttl_s=RESERVATION_TTL_S, max_request_duration_s=MAX_REQUEST_DURATION_S,
         flusher_lease_ms=3000, failover_budget_s=6.0, usage_recovery_grace_s=RECOVERY_GRACE_S,
         usage_recovery_interval_s=1.0,

@@ -214,7 +214,8 @@ async def test_upstream_misbehaves(fault_stack: FaultStack, ffactory, fdb, fredi
     a, b = await with_fallback.stop(), await alone.stop()
     assert faulty.seen[mode] > 0, f"the faulty upstream never saw a request in mode {mode}"
     unserved_a = [o for o in a if not o.served and not o.partial]  # a stream cut after it began cannot fail over
-    assert not unserved_a, f"{mode}: with a healthy fallback route every request must be served: {unserved_a[:3]}"
+    assert not unserved_a, (f"{mode}: with a healthy fallback route every request must be served: {unserved_a[:3]}"
+                            f"\n{chr(10).join(stack.log_lines([o.request_id for o in unserved_a[:3]]))}")
     if mode != "extra_bytes":  # a correct answer with trailing bytes is served (the connection is dropped)
         assert any(not o.served and o.started < healed for o in b), f"{mode}: the faulty route's answers were served"
         assert all(o.status in (200, 502, 503, 504) for o in b if not o.served), [o for o in b if not o.served][:3]
