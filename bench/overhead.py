@@ -211,11 +211,11 @@ http {{
     return f"http://127.0.0.1:{up}/v1"
 
 
-def relay_settings(stack: Stack, port: int = 8080, workers: int = 1) -> Settings:
+def relay_settings(stack: Stack, port: int = 8080, workers: int = 1, metrics: bool = True) -> Settings:
     # Metrics on, as in a deployment (docker-compose.yml sets a token): the workers write their snapshots.
     return load_settings({}, database_url=stack.db_url, redis_url=stack.redis_url, redis_prefix=stack.prefix,
                          key_pepper=stack.key_pepper, proxy_port=port, proxy_workers=workers,
-                         master_key=stack.master_key, metrics_token=secrets.token_urlsafe(24))
+                         master_key=stack.master_key, metrics_token=secrets.token_urlsafe(24) if metrics else "")
 
 
 async def add_budgets(settings: Settings, org_id: int, api_key: str) -> None:
@@ -233,13 +233,13 @@ async def add_budgets(settings: Settings, org_id: int, api_key: str) -> None:
         await conn.close()
 
 
-def start_relay(stack: Stack, upstream_base: str, workers: int, budgets: bool = False) -> None:
+def start_relay(stack: Stack, upstream_base: str, workers: int, budgets: bool = False, metrics: bool = True) -> None:
     """Seed the demo org/key/routes to the upstream, start `python -m proxy.main`, check one request.
 
     Called again on the same stack (after `stop_relay`), it keeps the demo key and points the demo provider
     at `upstream_base`."""
     port = free_port()
-    settings = relay_settings(stack, port, workers)
+    settings = relay_settings(stack, port, workers, metrics)
     seed = asyncio.run(seed_demo(settings, upstream_base_url=upstream_base, demo_api_key=stack.api_key or None))
     stack.api_key = seed.api_key
     if budgets:
@@ -557,6 +557,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="after the peak runs, measure latency at this fixed total rate over 8 connections (0: skip)")
     p.add_argument("--budgets", action="store_true",
                    help="give the demo org and key four budgets (calendar and rolling) that never refuse")
+    p.add_argument("--no-metrics", action="store_true",
+                   help="run the relay with metrics off (no token), to measure what the metrics cost")
     args = p.parse_args(argv)
     conns = sorted({int(c) for c in args.connections.split(",")})
     if shutil.which("wrk") is None:
@@ -568,7 +570,7 @@ def main(argv: list[str] | None = None) -> None:
     with bench_stack(args.keep_tmp) as stack, Redis.from_url(stack.redis_url) as redis:
         asyncio.run(create_database(stack))
         upstream_base = start_upstream(stack)
-        start_relay(stack, upstream_base, args.proxy_workers, budgets=args.budgets)
+        start_relay(stack, upstream_base, args.proxy_workers, budgets=args.budgets, metrics=not args.no_metrics)
         start_peers(stack, peer_names, upstream_base, args.proxy_workers)
         print(f"upstream: {'nginx' if 'nginx' in stack.procs else 'bench.mock_upstream'}; relay workers: "
               f"{args.proxy_workers}; wrk threads: {args.threads}; {args.duration} s per run"

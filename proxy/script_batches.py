@@ -15,6 +15,8 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
+from redis.exceptions import ResponseError
+
 from shared.billing import batch_call
 from shared.redis_pipeline import LuaScript, PipelinedRedis
 
@@ -22,6 +24,11 @@ __all__ = ["ScriptBatches"]
 
 Entry = tuple[list, list]
 Orphaned = Callable[[Any], None]
+Batched = tuple[Entry, asyncio.Future, Orphaned | None]
+
+# Replies after which the call goes again through `evalsha`, which handles them (script not loaded yet, or
+# a Redis Cluster slot that moved).
+_RETRY_WITH_EVALSHA = ("NOSCRIPT", "MOVED", "ASK")
 
 
 class ScriptBatches:
@@ -32,8 +39,8 @@ class ScriptBatches:
     def __init__(self, fast: PipelinedRedis, script: LuaScript) -> None:
         self._fast = fast
         self._script = script
-        self._pending: dict[str, list[tuple[Entry, asyncio.Future, Orphaned | None]]] = {}
-        self._calls: set[asyncio.Task] = set()  # in flight (the loop keeps only weak references to tasks)
+        self._pending: dict[str, list[Batched]] = {}
+        self._calls: set[asyncio.Future] = set()  # in flight (the loop keeps only weak references to tasks)
 
     def call(self, shard: str, entry: Entry, orphaned: Orphaned | None = None) -> asyncio.Future:
         """Queue one request's entry; the future gets its answer. `orphaned(answer)` is told of an answer
@@ -49,26 +56,53 @@ class ScriptBatches:
 
     def _send(self, shard: str) -> None:
         batch = self._pending.pop(shard)
-        task = asyncio.get_running_loop().create_task(self._run(batch))
+        keys, args = batch_call([entry for entry, _, _ in batch])
+        # Straight onto an open connection: no task and no coroutine per call (most calls).
+        reply = self._fast.evalsha_now(self._script, keys, args)
+        if reply is None:
+            self._in_task(batch, keys, args)
+            return
+        self._calls.add(reply)
+        reply.add_done_callback(lambda done: self._replied(batch, keys, args, done))
+
+    def _replied(self, batch: list[Batched], keys: list, args: list, reply: asyncio.Future) -> None:
+        self._calls.discard(reply)
+        exc = reply.exception() if not reply.cancelled() else asyncio.CancelledError()
+        if isinstance(exc, ResponseError) and str(exc).startswith(_RETRY_WITH_EVALSHA):
+            self._in_task(batch, keys, args)  # loads the script, or follows the slot's new owner
+        elif exc is not None:
+            _fail(batch, exc)
+        else:
+            _answer(batch, reply.result())
+
+    def _in_task(self, batch: list[Batched], keys: list, args: list) -> None:
+        task = asyncio.get_running_loop().create_task(self._run(batch, keys, args))
         self._calls.add(task)
         task.add_done_callback(self._calls.discard)
 
-    async def _run(self, batch: list[tuple[Entry, asyncio.Future, Orphaned | None]]) -> None:
-        keys, args = batch_call([entry for entry, _, _ in batch])
+    async def _run(self, batch: list[Batched], keys: list, args: list) -> None:
         try:
             answers = await self._fast.evalsha(self._script, keys, args)
         except Exception as exc:
-            for _, fut, _ in batch:
-                if not fut.done():
-                    fut.set_exception(exc)
+            _fail(batch, exc)
             return
-        for (_, fut, orphaned), answer in zip(batch, answers, strict=True):
-            if not fut.done():
-                fut.set_result(answer)
-            elif orphaned is not None:
-                orphaned(answer)
+        _answer(batch, answers)
 
     async def close(self) -> None:
         """Wait for the calls in flight (graceful shutdown)."""
         if self._calls:
             await asyncio.wait(self._calls, timeout=5.0)
+
+
+def _fail(batch: list[Batched], exc: BaseException) -> None:
+    for _, fut, _ in batch:
+        if not fut.done():
+            fut.set_exception(exc)
+
+
+def _answer(batch: list[Batched], answers: list) -> None:
+    for (_, fut, orphaned), answer in zip(batch, answers, strict=True):
+        if not fut.done():
+            fut.set_result(answer)
+        elif orphaned is not None:
+            orphaned(answer)

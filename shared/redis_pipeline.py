@@ -132,6 +132,16 @@ class PipelinedRedis:
         await self._call(_pack(("SCRIPT", "LOAD", script.source)))
         return await self._call(command)
 
+    def evalsha_now(self, script: LuaScript, keys: list, args: list) -> asyncio.Future | None:
+        """`evalsha` without a coroutine or a task: the reply's future, or None when the connection it would
+        use is not open (then call `evalsha`). A NOSCRIPT reply is the caller's to retry with `evalsha`."""
+        slot = self._next
+        conn = self._conns[slot]
+        if conn is None or conn.closed:
+            return None
+        self._next = (slot + 1) % self._size
+        return conn.send(_pack(("EVALSHA", script.sha, len(keys), *keys, *args)), self._loop)  # type: ignore[arg-type]
+
     async def execute(self, *parts: Any) -> Any:
         """Run one plain command (for tests and health checks)."""
         return await self._call(_pack(parts))
@@ -213,6 +223,17 @@ class ClusterPipelinedRedis:
 
     async def evalsha(self, script: LuaScript, keys: list, args: list) -> Any:
         return await self._routed(keys[0], lambda node: node.evalsha(script, keys, args))
+
+    def evalsha_now(self, script: LuaScript, keys: list, args: list) -> asyncio.Future | None:
+        """`PipelinedRedis.evalsha_now` on the master of the first key's slot (None before the slot map is
+        read); a MOVED/ASK reply is the caller's to retry with `evalsha`."""
+        if not self._loaded:
+            return None
+        try:
+            node = self._node(keys[0])
+        except RedisConnectionError:
+            return None
+        return node.evalsha_now(script, keys, args)
 
     async def execute(self, *parts: Any) -> Any:
         """One plain command; routed by its first argument (its key), else sent to any master."""
