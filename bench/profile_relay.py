@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import re
 import subprocess
 import sys
 import time
@@ -41,6 +42,9 @@ def profile(duration: int, conns: int, out: Path) -> None:
     summarize(out)
 
 
+_PROJECT_FRAME = re.compile(r"(\((?:proxy|shared)/[^:)]+):\d+\)")
+
+
 def summarize(path: Path, top: int = 25) -> None:
     own: collections.Counter[str] = collections.Counter()
     inclusive: collections.Counter[str] = collections.Counter()
@@ -51,9 +55,9 @@ def summarize(path: Path, top: int = 25) -> None:
         total += n
         frames = stack.split(";")
         own[frames[-1]] += n
-        for frame in set(frames):
-            if "rocket" in frame or "/proxy/" in frame or "/shared/" in frame:
-                inclusive[frame] += n
+        # Per function, not per line; py-spy names the project's files relative to it ("(proxy/app.py:75)").
+        for function in {_PROJECT_FRAME.sub(r"\1)", frame) for frame in frames if _PROJECT_FRAME.search(frame)}:
+            inclusive[function] += n
     print(f"\n{total} samples; own time:")
     for frame, n in own.most_common(top):
         print(f"  {100 * n / total:5.1f}%  {frame}")

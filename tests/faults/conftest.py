@@ -120,7 +120,20 @@ class FaultStack:
 
     def print(self, line: str) -> None:
         self.figures.append(line)
+        _FIGURES.append(line)
         print(line)
+
+
+# Every fault's figures (ledger checked, recovery time, …), printed at the end of the run, pass or fail: the
+# output of `make test` shows them, not only a failing test's captured output.
+_FIGURES: list[str] = []
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if _FIGURES:
+        terminalreporter.section("fault suite figures")
+        for line in _FIGURES:
+            terminalreporter.write_line(line)
 
 
 @pytest.fixture(scope="module")
