@@ -10,6 +10,7 @@ import secrets
 
 import httpx
 import pytest
+from playwright.async_api import expect
 
 from control_plane.seed import ensure_platform_admin
 from shared.billing import BillingScripts, apply_ledger_entry
@@ -83,7 +84,8 @@ async def test_customer_signs_up_uses_a_key_tops_up_and_revokes_it(
     api_key = await page.locator("#new-key-value").input_value()
     assert api_key.startswith("rr-")
     await page.click("[data-copy=new-key-value]")
-    assert await page.locator("[data-copy=new-key-value]").inner_text() == "Copied"
+    # The clipboard write is asynchronous on a secure origin: wait for the button to say so.
+    await expect(page.locator("[data-copy=new-key-value]")).to_have_text("Copied", timeout=5_000)
     await visit.check("keys-created")
     await visit.goto(f"/portal/orgs/{org_id}/keys")  # shown once: not on the next view of the page
     assert await page.locator("#new-key-value").count() == 0
