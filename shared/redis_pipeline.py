@@ -35,6 +35,10 @@ _SLOTS = 16384
 _pack = hiredis.pack_command
 
 
+def _evalsha_command(script: LuaScript, keys: list, args: list) -> bytes:
+    return _pack(("EVALSHA", script.sha, len(keys), *keys, *args))
+
+
 class LuaScript:
     """A script's source and SHA-1, so calls send the SHA and the source only after a NOSCRIPT."""
 
@@ -123,7 +127,7 @@ class PipelinedRedis:
 
     async def evalsha(self, script: LuaScript, keys: list, args: list) -> Any:
         """Run `script` and return its reply (bytes, ints and lists, as redis-py returns them)."""
-        command = _pack(("EVALSHA", script.sha, len(keys), *keys, *args))
+        command = _evalsha_command(script, keys, args)
         try:
             return await self._call(command)
         except ResponseError as exc:
@@ -140,7 +144,7 @@ class PipelinedRedis:
         if conn is None or conn.closed:
             return None
         self._next = (slot + 1) % self._size
-        return conn.send(_pack(("EVALSHA", script.sha, len(keys), *keys, *args)), self._loop)  # type: ignore[arg-type]
+        return conn.send(_evalsha_command(script, keys, args), self._loop)  # type: ignore[arg-type]
 
     async def execute(self, *parts: Any) -> Any:
         """Run one plain command (for tests and health checks)."""

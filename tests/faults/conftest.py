@@ -20,7 +20,7 @@ import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import asyncpg
@@ -64,7 +64,6 @@ class FaultStack:
     proxy: Server | None = None
     worker: subprocess.Popen | None = None
     mock: Server | None = None
-    figures: list[str] = field(default_factory=list)
 
     # ---- processes -------------------------------------------------------------------------------------
 
@@ -119,7 +118,6 @@ class FaultStack:
         return lines[-limit:]
 
     def print(self, line: str) -> None:
-        self.figures.append(line)
         _FIGURES.append(line)
         print(line)
 
@@ -173,7 +171,6 @@ def fault_stack() -> Iterator[FaultStack]:
         stack.redis_server.stop()
         stack.pg.stop()
         disk.close(keep_in=tmp / "kept-logs" if os.environ.get("RR_FAULTS_KEEP") else None)
-        print("\n".join(["", "fault suite figures:", *stack.figures]))
         if not os.environ.get("RR_FAULTS_KEEP"):  # keep the logs of a failing run: RR_FAULTS_KEEP=1
             shutil.rmtree(tmp, ignore_errors=True)
 
